@@ -1,0 +1,18 @@
+"""The thin shared core: mechanics identical for all seven algorithms. The algorithms live in the scripts."""
+
+from .diffusion import (
+    Trajectory,
+    add_noise,
+    ddim_step_with_logprob,
+    decode,
+    encode_prompts,
+    guided_eps,
+    initial_latents,
+    predict_x0,
+    sample_images,
+    sample_trajectory,
+)
+from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale
+from .models import ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters
+from .prompts import PROMPT_SETS, load_prompts, sample_prompts
+from .run import Tracker, device_and_dtype, make_run_dir, save_grid, seed_everything

@@ -1,0 +1,163 @@
+"""The sampling mechanics every algorithm shares: prompt encoding, the guided policy, the DDIM step with its
+log-probability, a no-grad trajectory sampler for the RL scripts, and differentiable decoding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+
+def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
+    # half-precision UNet/VAE outputs are promoted to float32; float64 (the gradient tests) is kept
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """CLIP text embeddings [B, 77, D] as SD1.4 computes them (padded to 77 tokens, last hidden state)."""
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0]
+
+
+def guided_eps(
+    pipe,
+    latents: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    guidance_scale: float,
+    use_checkpoint: bool = False,
+) -> torch.Tensor:
+    """The policy: ε̂ = ε(x,t,∅) + w·(ε(x,t,c) − ε(x,t,∅)), one UNet call on the doubled batch.
+
+    `uncond` is the empty-prompt embedding ([1, 77, D] or [B, 77, D]); `t` a scalar or a per-sample [B]
+    tensor. With `use_checkpoint`, the UNet's activations are not stored but recomputed in the backward pass
+    (only the inputs are kept): this is what makes backprop through 50 steps fit in memory.
+    Returns float32 for a half-precision UNet (float64 stays float64).
+    """
+    unet = pipe.unet
+    b = latents.shape[0]
+    t = torch.as_tensor(t, device=latents.device)
+    t = t.expand(b) if t.ndim == 0 else t
+    x = torch.cat([latents, latents]).to(unet.dtype)
+    emb = torch.cat([uncond.expand(b, -1, -1), cond]).to(unet.dtype)
+
+    def call(x, t, emb):
+        return unet(x, t, encoder_hidden_states=emb).sample
+
+    if use_checkpoint and torch.is_grad_enabled():
+        out = checkpoint(call, x, torch.cat([t, t]), emb, use_reentrant=False)
+    else:
+        out = call(x, torch.cat([t, t]), emb)
+    eps_uncond, eps_cond = _at_least_f32(out).chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def _randn(shape, generator, device) -> torch.Tensor:
+    # Draw on the generator's device (a CPU generator gives the same numbers on any machine), then move.
+    gen_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=gen_device).to(device)
+
+
+def _alpha_prev(scheduler, prev_t: torch.Tensor) -> torch.Tensor:
+    alphas = scheduler.alphas_cumprod.to(prev_t.device)
+    return torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(prev_t.device))
+
+
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
+    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
+
+    Same arithmetic as diffusers' `DDIMScheduler.step` (epsilon prediction, no clipping), but `timestep` may
+    be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
+    DDPO's clip range ε = 1e-4 is calibrated to the mean). With `prev_sample` given (re-evaluating a stored
+    trajectory) it is used instead of drawing one, and treated as a constant. η = 0 is deterministic and has
+    no density: log_prob is None. The log-prob is differentiable w.r.t. the model through μ.
+    """
+    sample, model_output = _at_least_f32(sample), _at_least_f32(model_output)
+    b = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    t = t.expand(b) if t.ndim == 0 else t
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    shape = (b,) + (1,) * (sample.ndim - 1)
+    alpha_t = scheduler.alphas_cumprod.to(sample.device)[t].view(shape)
+    alpha_prev = _alpha_prev(scheduler, prev_t).view(shape)
+
+    x0 = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * model_output
+
+    if prev_sample is None:
+        noise = _randn(sample.shape, generator, sample.device)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.detach().to(sample.dtype)
+    if eta == 0:
+        return prev_sample, None
+    log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+
+
+def predict_x0(scheduler, model_output, timestep, sample) -> torch.Tensor:
+    """The one-step prediction x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t."""
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    alpha_t = scheduler.alphas_cumprod.to(sample.device)[t].view(-1, *([1] * (sample.ndim - 1)))
+    return (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """The forward process q(x_t | x0): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (t scalar or per-sample)."""
+    t = torch.as_tensor(timestep, device=x0.device).long()
+    alpha_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+
+
+def initial_latents(pipe, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """x_T ~ N(0, I) in float32, shaped for this pipeline's UNet."""
+    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+    return _randn((batch_size, c, s, s), generator, pipe.unet.device)
+
+
+@dataclass
+class Trajectory:
+    latents: torch.Tensor  # [B, T+1, C, H, W] float32: x_T ... x_0
+    log_probs: torch.Tensor  # [B, T] log p_old(x_{t-1} | x_t, c)
+    timesteps: torch.Tensor  # [T] the schedule, first (noisiest) to last
+
+
+@torch.no_grad()
+def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latents=None, generator=None) -> Trajectory:
+    """Sample with the current policy, keeping what the RL algorithms train on: every latent, its log-prob
+    and the timesteps. Latents are stored in float32 whatever the UNet's dtype, so that re-evaluating them
+    with unchanged weights reproduces the stored log-probs (ratio 1)."""
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(num_steps, device=cond.device)
+    x = initial_latents(pipe, cond.shape[0], generator) if latents is None else latents.float()
+    all_latents, log_probs = [x], []
+    for t in scheduler.timesteps:
+        eps = guided_eps(pipe, x, t, cond, uncond, guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta, generator=generator)
+        all_latents.append(x)
+        log_probs.append(log_prob)
+    lp = torch.stack(log_probs, 1) if eta > 0 else torch.zeros(x.shape[0], 0, device=x.device)
+    return Trajectory(torch.stack(all_latents, 1), lp, scheduler.timesteps.clone())
+
+
+def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """Differentiable VAE decoding to images in [0, 1], [B, 3, H, W], float32 (or float64)."""
+    vae = pipe.vae
+    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    return (_at_least_f32(images) / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], seed: int, num_steps: int, guidance_scale: float, eta: float = 0.0):
+    """Images for fixed prompts and a fixed seed (sample grids, evaluation): same seed, same initial noise."""
+    generator = torch.Generator().manual_seed(seed)
+    cond = encode_prompts(pipe, prompts)
+    uncond = encode_prompts(pipe, [""])
+    traj = sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, generator=generator)
+    return decode(pipe, traj.latents[:, -1])

@@ -1,0 +1,187 @@
+"""Loading Stable Diffusion 1.4 (or the offline `tiny` model) with a trainable LoRA on the UNet."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import os
+from pathlib import Path
+
+import torch
+
+SD14 = "CompVis/stable-diffusion-v1-4"
+
+# LoRA targets (ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
+# feed-forward layers (the DRaFT paper found FF + cross-attention slightly better than attention alone).
+ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
+
+# SD1.4's noise schedule as a DDIM scheduler. Used for `tiny`; hub/local models have the same values in
+# their scheduler config, which we check rather than trust.
+SD14_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    timestep_spacing="leading",
+    prediction_type="epsilon",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """The real CLIP BPE tokenizer (as SD1.4's `tokenizer/`), rebuilt offline from open_clip's vocabulary file.
+
+    open_clip ships `bpe_simple_vocab_16e6.txt.gz`, the merges list OpenAI's CLIP was trained with. The
+    vocabulary is derived from it exactly as CLIP does: 256 byte symbols, the same with the end-of-word
+    marker, one token per merge, then the two special tokens (ids 49406, 49407).
+    """
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+    from transformers import CLIPTokenizer
+
+    bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.open(bpe_file).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
+    tok.model_max_length = 77
+    return tok
+
+
+def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """A Stable-Diffusion-shaped model small enough for a CPU: same classes as SD1.4, random weights.
+
+    UNet with two blocks (one with cross-attention), a 2-block VAE (32×32 images ↔ 16×16×4 latents) and a
+    2-layer CLIP text encoder. Deterministic from `seed`; nothing is downloaded.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=32,
+        scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    if dtype != torch.float32:
+        unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
+    return dict(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=DDIMScheduler(**SD14_SCHEDULER),
+    )
+
+
+def _from_pretrained(model: str, dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    local = os.path.isdir(model)
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, EnvironmentError) as e:
+        where = (
+            f"the local folder {model!r} is not a diffusers Stable Diffusion folder"
+            if local
+            else f"{model!r} could not be fetched from the Hugging Face Hub and is not in the local cache"
+        )
+        raise RuntimeError(
+            f"Could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {e}).\n"
+            f"On a machine with network: `hf download {SD14 if local else model}` (about 5 GB; the cache "
+            "is reused offline), or pass --model /path/to/folder with unet/, vae/, text_encoder/, tokenizer/ "
+            "and scheduler/ in diffusers' format. For a CPU smoke test without weights use --model tiny."
+        ) from e
+
+
+def load_pipeline(
+    model: str = SD14,
+    lora_rank: int = 4,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    lora_targets: tuple[str, ...] = ATTENTION_TARGETS,
+    seed: int = 0,
+):
+    """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
+
+    `model`: hub id, local diffusers folder, or "tiny". `dtype` is the frozen base weights' dtype (fp16/bf16
+    on CUDA for speed); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
+    text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny`.
+    """
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from peft import LoraConfig
+
+    device = torch.device(device)
+    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"{dtype} base weights need CUDA; on the CPU use float32 (--mixed-precision no).")
+    if model == "tiny":
+        pipe = StableDiffusionPipeline(
+            **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    else:
+        pipe = _from_pretrained(model, dtype)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        cfg = pipe.scheduler.config
+        bad = {k: (cfg[k], v) for k, v in SD14_SCHEDULER.items() if k in cfg and cfg[k] != v}
+        if bad:
+            print(f"note: {model} scheduler differs from SD1.4's DDIM config (found, SD1.4): {bad}")
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    if lora_rank > 0:
+        # B is zero-initialised ("gaussian" inits A only), so the adapted UNet starts exactly at the base model;
+        # alpha = rank makes the LoRA scale 1, the convention of diffusers' LoRA training scripts.
+        config = LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=list(lora_targets)
+        )
+        pipe.unet.add_adapter(config)
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    return pipe.to(device)
+
+
+def lora_parameters(pipe) -> list[torch.nn.Parameter]:
+    """The trainable (LoRA) parameters of the UNet."""
+    return [p for p in pipe.unet.parameters() if p.requires_grad]

@@ -1,0 +1,91 @@
+"""Run bookkeeping shared by the seven scripts: run directory, seeding, precision, logging, sample grids."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
+    """CUDA when present. Half precision applies to the frozen base weights only (LoRA stays float32)."""
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"--mixed-precision must be one of {list(PRECISIONS)}, got {mixed_precision!r}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and mixed_precision != "no":
+        raise ValueError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; on the CPU use --mixed-precision no")
+    return device, PRECISIONS[mixed_precision]
+
+
+def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int) -> Path:
+    """`output_dir`, or runs/{script}__{reward}__{seed}__{time}. Refuses a directory holding another run."""
+    run_dir = Path(output_dir or f"runs/{script}__{reward.replace(':', '').replace(',', '+')}__{seed}__{int(time.time())}")
+    if (run_dir / "metrics.jsonl").exists():
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir")
+    return run_dir
+
+
+class Tracker:
+    """metrics.jsonl (one object per optimizer step), TensorBoard scalars, and optionally wandb."""
+
+    def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = dataclasses.asdict(args)
+        (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
+        self.writer = SummaryWriter(str(run_dir))
+        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        self.wandb = None
+        if track:
+            import wandb
+
+            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, dir=str(run_dir))
+        self.start = time.time()
+
+    def log(self, step: int, charts: dict, losses: dict) -> dict:
+        """Write one optimizer step. Values may be tensors; `seconds` since the start is added."""
+        charts = {k: float(v) for k, v in charts.items()}
+        losses = {k: float(v) for k, v in losses.items()}
+        row = {"step": step, **charts, **losses, "seconds": round(time.time() - self.start, 3)}
+        self.metrics.write(json.dumps(row) + "\n")
+        self.metrics.flush()
+        scalars = {f"charts/{k}": v for k, v in charts.items()} | {f"losses/{k}": v for k, v in losses.items()}
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        return row
+
+    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
+        self.writer.add_image(tag, grid, step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_grid(images: torch.Tensor, path: Path, nrow: int = 4) -> torch.Tensor:
+    """Save images [B,3,H,W] in [0,1] as one PNG grid; returns the grid for TensorBoard."""
+    from torchvision.utils import make_grid, save_image
+
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return grid

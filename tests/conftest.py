@@ -1,0 +1,27 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_pipe():
+    import common
+
+    return common.load_pipeline("tiny", lora_rank=4)
+
+
+def randomize_lora(pipe, std=0.05, seed=0):
+    """Give the zero-initialised LoRA B matrices non-zero values so that the adapter changes the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)

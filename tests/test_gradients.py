@@ -1,0 +1,98 @@
+"""Gradients through the sampling chain: checkpointed = plain, and finite differences in float64."""
+
+import torch
+
+import common
+from conftest import randomize_lora
+
+
+def chain_reward(pipe, weights, num_steps=5, window=3, use_checkpoint=False, dtype=torch.float32):
+    """DDIM η=0 from fixed noise; the last `window` steps with gradient; decode; a fixed linear reward."""
+    cond = common.encode_prompts(pipe, ["a red cube", "a dog"]).to(dtype)
+    uncond = common.encode_prompts(pipe, [""]).to(dtype)
+    pipe.scheduler.set_timesteps(num_steps)
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
+    for i, t in enumerate(pipe.scheduler.timesteps):
+        with torch.set_grad_enabled(i >= num_steps - window):
+            eps = common.guided_eps(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint).to(dtype)
+            x, _ = _step_keep_grad(pipe.scheduler, eps, t, x)
+    images = common.decode(pipe, x.to(pipe.vae.dtype))
+    return (images.to(weights.dtype) * weights).sum()
+
+
+def _step_keep_grad(scheduler, eps, t, x):
+    # η = 0: x_prev = μ, a differentiable function of ε̂ and x (the gradient scripts' path)
+    x0 = common.predict_x0(scheduler, eps, t, x)
+    prev_t = t - 1000 // scheduler.num_inference_steps
+    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
+    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, None
+
+
+def lora_grads(pipe):
+    return [p.grad.clone() for p in common.lora_parameters(pipe)]
+
+
+def test_step_keep_grad_matches_ddim_step():
+    from diffusers import DDIMScheduler
+
+    from common.models import SD14_SCHEDULER
+
+    s = DDIMScheduler(**SD14_SCHEDULER)
+    s.set_timesteps(5)
+    x, eps = torch.randn(2, 1, 4, 8, 8).unbind(0)
+    for t in s.timesteps:
+        torch.testing.assert_close(_step_keep_grad(s, eps, t, x)[0], common.ddim_step_with_logprob(s, eps, t, x, 0.0)[0])
+
+
+def test_checkpointed_equals_plain_gradients(tiny_pipe):
+    randomize_lora(tiny_pipe)
+    weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    calls = {"n": 0}
+    forward = tiny_pipe.unet.forward
+
+    def counting_forward(*args, **kwargs):  # module hooks are muted during checkpoint recomputation
+        calls["n"] += 1
+        return forward(*args, **kwargs)
+
+    tiny_pipe.unet.forward = counting_forward
+
+    chain_reward(tiny_pipe, weights, use_checkpoint=False).backward()
+    plain, plain_calls = lora_grads(tiny_pipe), calls["n"]
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+    calls["n"] = 0
+    chain_reward(tiny_pipe, weights, use_checkpoint=True).backward()
+    ckpt, ckpt_calls = lora_grads(tiny_pipe), calls["n"]
+
+    assert plain_calls == 5 and ckpt_calls == 5 + 3  # the 3 checkpointed calls are recomputed in backward
+    assert sum(g.abs().sum() for g in plain) > 0
+    for a, b in zip(plain, ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_finite_differences_float64(tiny_pipe):
+    pipe = tiny_pipe
+    pipe.unet.to(torch.float64)
+    pipe.vae.to(torch.float64)
+    pipe.text_encoder.to(torch.float64)
+    randomize_lora(pipe, std=0.02)
+    params = common.lora_parameters(pipe)
+    assert all(p.dtype == torch.float64 for p in params)
+    weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+
+    f = lambda: chain_reward(pipe, weights, window=5, use_checkpoint=True, dtype=torch.float64)
+    f().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        up = f().item()
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        down = f().item()
+    numeric = (up - down) / (2 * h)
+    assert abs(analytic) > 1e-3
+    assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), (analytic, numeric)
