@@ -3,6 +3,7 @@
 from .diffusion import (
     Trajectory,
     add_noise,
+    ddim_step,
     ddim_step_with_logprob,
     decode,
     encode_prompts,

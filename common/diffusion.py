@@ -68,15 +68,8 @@ def _alpha_prev(scheduler, prev_t: torch.Tensor) -> torch.Tensor:
     return torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(prev_t.device))
 
 
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
-    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
-
-    Same arithmetic as diffusers' `DDIMScheduler.step` (epsilon prediction, no clipping), but `timestep` may
-    be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
-    DDPO's clip range ε = 1e-4 is calibrated to the mean). With `prev_sample` given (re-evaluating a stored
-    trajectory) it is used instead of drawing one, and treated as a constant. η = 0 is deterministic and has
-    no density: log_prob is None. The log-prob is differentiable w.r.t. the model through μ.
-    """
+def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
+    """μ and σ of the DDIM step x_t → x_{t−1} (Song et al. 2021, eq. 12), t scalar or per-sample [B]."""
     sample, model_output = _at_least_f32(sample), _at_least_f32(model_output)
     b = sample.shape[0]
     t = torch.as_tensor(timestep, device=sample.device).long()
@@ -90,15 +83,33 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * model_output
+    return mean, std
 
+
+def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
+    """Deterministic DDIM (η = 0), differentiable w.r.t. the noise prediction and the sample: the step the
+    gradient-based algorithms backpropagate through."""
+    return _ddim_mean_std(scheduler, model_output, timestep, sample, 0.0)[0]
+
+
+def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
+    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
+
+    Same arithmetic as diffusers' `DDIMScheduler.step` (epsilon prediction, no clipping), but `timestep` may
+    be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
+    DDPO's clip range ε = 1e-4 is calibrated to the mean). With `prev_sample` given (re-evaluating a stored
+    trajectory) it is used instead of drawing one. `prev_sample` is returned detached: a constant, as the RL
+    algorithms need; the log-prob is differentiable w.r.t. the model through μ. η = 0 is deterministic and
+    has no density: log_prob is None (use `ddim_step` to backpropagate through a deterministic step).
+    """
+    mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = _randn(sample.shape, generator, sample.device)
-        prev_sample = mean + std * noise
-    prev_sample = prev_sample.detach().to(sample.dtype)
+        prev_sample = mean + std * _randn(mean.shape, generator, mean.device)
+    prev_sample = prev_sample.detach().to(mean.dtype)
     if eta == 0:
         return prev_sample, None
     log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
-    return prev_sample, log_prob.mean(dim=tuple(range(1, sample.ndim)))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, mean.ndim)))
 
 
 def predict_x0(scheduler, model_output, timestep, sample) -> torch.Tensor:

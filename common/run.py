@@ -21,10 +21,13 @@ def seed_everything(seed: int) -> None:
 
 
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA when present. Half precision applies to the frozen base weights only (LoRA stays float32)."""
-    if mixed_precision not in PRECISIONS:
-        raise ValueError(f"--mixed-precision must be one of {list(PRECISIONS)}, got {mixed_precision!r}")
+    """CUDA when present. Half precision applies to the frozen base weights only (LoRA stays float32).
+    "auto" is fp16 on CUDA and float32 on the CPU."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if mixed_precision == "auto":
+        mixed_precision = "fp16" if device.type == "cuda" else "no"
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"--mixed-precision must be auto or one of {list(PRECISIONS)}, got {mixed_precision!r}")
     if device.type == "cpu" and mixed_precision != "no":
         raise ValueError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; on the CPU use --mixed-precision no")
     return device, PRECISIONS[mixed_precision]
@@ -45,6 +48,7 @@ class Tracker:
         from torch.utils.tensorboard import SummaryWriter
 
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         config = dataclasses.asdict(args)
         (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
         self.writer = SummaryWriter(str(run_dir))
@@ -59,8 +63,8 @@ class Tracker:
 
     def log(self, step: int, charts: dict, losses: dict) -> dict:
         """Write one optimizer step. Values may be tensors; `seconds` since the start is added."""
-        charts = {k: float(v) for k, v in charts.items()}
-        losses = {k: float(v) for k, v in losses.items()}
+        charts = {k: float(torch.as_tensor(v).detach()) for k, v in charts.items()}
+        losses = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
         row = {"step": step, **charts, **losses, "seconds": round(time.time() - self.start, 3)}
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
@@ -71,8 +75,16 @@ class Tracker:
             self.wandb.log(scalars, step=step)
         return row
 
-    def image(self, tag: str, grid: torch.Tensor, step: int) -> None:
-        self.writer.add_image(tag, grid, step)
+    def samples(self, step: int, images: torch.Tensor, scores: torch.Tensor) -> float:
+        """The fixed-prompt, fixed-seed sample grid: samples/step_XXXXXX.png (step 0 is the base model), the
+        grid in TensorBoard and the grid's mean reward as charts/eval_reward (also in eval.jsonl)."""
+        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
+        self.writer.add_image("samples", grid, step)
+        value = float(scores.float().mean())
+        self.writer.add_scalar("charts/eval_reward", value, step)
+        with open(self.run_dir / "eval.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "eval_reward": value, "scores": scores.float().tolist()}) + "\n")
+        return value
 
     def close(self) -> None:
         self.metrics.close()

@@ -1,0 +1,224 @@
+"""DDPO-SF: Denoising Diffusion Policy Optimization with the score-function (REINFORCE) gradient.
+
+Black, Janner, Du, Kostrikov & Levine, "Training Diffusion Models with Reinforcement Learning", ICLR 2024
+(arXiv:2305.13301).
+
+Idea: treat denoising as a T-step MDP whose policy is the guided noise prediction. A DDIM step with η > 0
+is a Gaussian, so each sampled step x_t → x_{t−1} has a log-probability that is differentiable in the
+weights. The reward of the final image, normalised per prompt into an advantage A, weights these
+log-probabilities: ∇J = E[A · Σ_t ∇log p_θ(x_{t−1} | x_t, c)]. The reward itself is a black box: it is
+never differentiated, so any scorer works (JPEG size, a VLM, a human).
+
+Sibling: `ddpo_is.py` (DDPO-IS) reuses each sampled batch for several updates with an importance ratio and
+PPO-style clipping; this file takes exactly one on-policy update per sampled batch, with no ratio.
+
+    python ddpo_sf.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
+    python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --num-inference-steps 10
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    exp_name: str = "ddpo_sf"
+    """name of this experiment (the run directory's prefix)"""
+    model: str = common.SD14
+    """hub id, local diffusers folder, or `tiny` (a random SD-shaped model for CPU smoke tests)"""
+    reward: str = "aesthetic"
+    """any reward of `rewards.REWARDS` (need not be differentiable), or a weighted sum `name:w,name:w`"""
+    prompts: str = "simple_animals"
+    """named prompt set (common.PROMPT_SETS): simple_animals (aesthetic), imagenet_animals (compressibility),
+    animal_activities (alignment)"""
+    prompt_file: Optional[str] = None
+    """a newline-separated prompt file; overrides --prompts"""
+    steps: int = 200
+    """number of optimizer updates; here one update per sampled batch"""
+    seed: int = 0
+    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
+    output_dir: Optional[str] = None
+    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    batch_size: int = 64
+    """images sampled per update (paper: 256 across 8 GPUs; 64 keeps a single-GPU step a few minutes)"""
+    sample_batch_size: int = 8
+    """images per sampling call (memory only; paper: 8 per GPU)"""
+    train_batch_size: int = 4
+    """images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
+    num_inference_steps: int = 50
+    """DDIM steps T (paper: 50)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance weight w; the guided prediction is the policy (paper: 5.0)"""
+    eta: float = 1.0
+    """DDIM stochasticity η; must be > 0 for the steps to have log-probabilities (paper: 1.0)"""
+    lora_rank: int = 4
+    """LoRA rank on the attention layers (paper: 4)"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (paper: 3e-4)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (DDPO's code: 1e-4)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (paper: 1.0)"""
+    adv_clip_max: float = 5.0
+    """advantages are clipped to ±this (paper: 5)"""
+    per_prompt_stat_tracking: bool = True
+    """normalise rewards by each prompt's running mean/std rather than the batch's (paper: on)"""
+    stat_buffer_size: int = 32
+    """rewards kept per prompt for the running statistics"""
+    stat_min_count: int = 16
+    """below this many rewards for a prompt, the batch mean/std are used instead"""
+    mixed_precision: str = "auto"
+    """dtype of the frozen base weights: auto (fp16 on CUDA, float32 on CPU), no, fp16, bf16; LoRA is float32"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    sample_every: int = 10
+    """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
+    num_sample_images: int = 8
+    """images in the sample grid (the first prompts of the set, seed fixed)"""
+    save_every: int = 50
+    """save the LoRA under checkpoints/step_N every this many updates (0: only at the end)"""
+
+
+class PerPromptStatTracker:
+    """Running reward statistics per prompt: A = (r − mean_prompt) / (std_prompt + 1e-6)."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffers = defaultdict(lambda: deque(maxlen=buffer_size))
+        self.min_count = min_count
+
+    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        prompts = np.array(prompts)
+        advantages = np.empty_like(rewards, dtype=np.float64)
+        for prompt in np.unique(prompts):
+            mine = prompts == prompt
+            buffer = self.buffers[prompt]
+            buffer.extend(rewards[mine].tolist())
+            if len(buffer) < self.min_count:  # too few samples of this prompt yet: batch statistics
+                mean, std = rewards.mean(), rewards.std()
+            else:
+                mean, std = np.mean(buffer), np.std(buffer)
+            advantages[mine] = (rewards[mine] - mean) / (std + 1e-6)
+        return advantages
+
+
+def compute_advantages(prompts, rewards_np, tracker, args) -> torch.Tensor:
+    if args.per_prompt_stat_tracking:
+        advantages = tracker.update(prompts, rewards_np)
+    else:
+        advantages = (rewards_np - rewards_np.mean()) / (rewards_np.std() + 1e-6)
+    return torch.as_tensor(advantages, dtype=torch.float32).clamp(-args.adv_clip_max, args.adv_clip_max)
+
+
+def accumulate_policy_gradient(pipe, traj, cond, uncond, advantages, args) -> dict:
+    """Backpropagate L = −mean_{i,t} A_i · log p_θ(x_{t−1} | x_t, c_i) over every sample and timestep.
+
+    Gradients are accumulated (no optimizer step here), so the log-probs are evaluated at exactly the
+    weights that generated the data: on-policy, no ratio needed.
+    """
+    n, num_steps = traj.log_probs.shape
+    loss_sum, kl_sum = 0.0, 0.0
+    for s in range(0, n, args.train_batch_size):
+        i = slice(s, s + args.train_batch_size)
+        for j, t in enumerate(traj.timesteps):
+            eps = common.guided_eps(pipe, traj.latents[i, j], t, cond[i], uncond, args.guidance_scale)
+            _, log_prob = common.ddim_step_with_logprob(
+                pipe.scheduler, eps, t, traj.latents[i, j], args.eta, prev_sample=traj.latents[i, j + 1]
+            )
+            # DDPO-SF: the score-function loss; its gradient is −A·∇log p. No ratio, no clipping.
+            loss = -(advantages[i] * log_prob).sum() / (n * num_steps)
+            loss.backward()
+            loss_sum += loss.item()
+            kl_sum += 0.5 * ((log_prob - traj.log_probs[i, j]) ** 2).sum().item() / (n * num_steps)
+    return dict(loss=loss_sum, approx_kl=kl_sum)
+
+
+def main(args: Args) -> None:
+    # Checks that need no model: fail before minutes of loading.
+    rewards.parse(args.reward)
+    if args.eta <= 0:
+        raise SystemExit("DDPO needs stochastic steps (--eta > 0): with η = 0 a DDIM step has no log-probability.")
+    for name in ("sample_batch_size", "train_batch_size"):
+        if args.batch_size % getattr(args, name):
+            raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --{name.replace('_', '-')} "
+                             f"{getattr(args, name)}")
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed)
+    device, dtype = common.device_and_dtype(args.mixed_precision)
+    tracker = common.Tracker(run_dir, args, args.track)
+    common.seed_everything(args.seed)
+    rng = random.Random(args.seed)
+
+    # Model, reward, optimizer
+    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=common.ATTENTION_TARGETS)
+    reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
+    params = common.lora_parameters(pipe)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    uncond = common.encode_prompts(pipe, [""])
+    sample_prompts = prompts[: args.num_sample_images]
+
+    def log_samples(step):
+        images = common.sample_images(pipe, sample_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+        return tracker.samples(step, images, reward_fn(images, sample_prompts))
+
+    log_samples(0)
+    reward_queries = 0
+    pbar = tqdm(range(1, args.steps + 1), desc=args.exp_name)
+    for step in pbar:
+        t0 = time.time()
+        # 1. Sample with the current policy, keeping every latent and its log-prob.
+        batch_prompts = common.sample_prompts(prompts, args.batch_size, rng)
+        cond = common.encode_prompts(pipe, batch_prompts)
+        chunks = [
+            common.sample_trajectory(pipe, cond[s : s + args.sample_batch_size], uncond, args.num_inference_steps,
+                                     args.guidance_scale, args.eta)
+            for s in range(0, args.batch_size, args.sample_batch_size)
+        ]
+        traj = common.Trajectory(torch.cat([c.latents for c in chunks]), torch.cat([c.log_probs for c in chunks]),
+                                 chunks[0].timesteps)
+        with torch.no_grad():
+            reward = reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float().cpu()
+        reward_queries += len(batch_prompts)
+
+        # 2. Rewards -> advantages.
+        advantages = compute_advantages(batch_prompts, reward.numpy(), stat_tracker, args).to(device)
+
+        # 3. One on-policy update.
+        optimizer.zero_grad(set_to_none=True)
+        stats = accumulate_policy_gradient(pipe, traj, cond, uncond, advantages, args)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        optimizer.step()
+
+        row = tracker.log(
+            step,
+            charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
+                        optimizer_steps=step, advantage_abs_mean=advantages.abs().mean(), grad_norm=grad_norm,
+                        step_seconds=time.time() - t0),
+            losses=stats,
+        )
+        pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
+        if step % args.sample_every == 0 or step == args.steps:
+            log_samples(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_lora(pipe, run_dir / "checkpoints" / f"step_{step}")
+
+    common.save_lora(pipe, run_dir)
+    tracker.close()
+    print(f"LoRA, metrics and sample grids in {run_dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
