@@ -15,33 +15,29 @@ def chain_reward(pipe, weights, num_steps=5, window=3, use_checkpoint=False, dty
     for i, t in enumerate(pipe.scheduler.timesteps):
         with torch.set_grad_enabled(i >= num_steps - window):
             eps = common.guided_eps(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint).to(dtype)
-            x, _ = _step_keep_grad(pipe.scheduler, eps, t, x)
+            x = common.ddim_step(pipe.scheduler, eps, t, x)
     images = common.decode(pipe, x.to(pipe.vae.dtype))
     return (images.to(weights.dtype) * weights).sum()
-
-
-def _step_keep_grad(scheduler, eps, t, x):
-    # η = 0: x_prev = μ, a differentiable function of ε̂ and x (the gradient scripts' path)
-    x0 = common.predict_x0(scheduler, eps, t, x)
-    prev_t = t - 1000 // scheduler.num_inference_steps
-    a_prev = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, None
 
 
 def lora_grads(pipe):
     return [p.grad.clone() for p in common.lora_parameters(pipe)]
 
 
-def test_step_keep_grad_matches_ddim_step():
+def test_ddim_step_is_diffusers_step_and_differentiable():
     from diffusers import DDIMScheduler
 
     from common.models import SD14_SCHEDULER
 
     s = DDIMScheduler(**SD14_SCHEDULER)
     s.set_timesteps(5)
-    x, eps = torch.randn(2, 1, 4, 8, 8).unbind(0)
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    eps = torch.randn(2, 4, 8, 8, requires_grad=True)
     for t in s.timesteps:
-        torch.testing.assert_close(_step_keep_grad(s, eps, t, x)[0], common.ddim_step_with_logprob(s, eps, t, x, 0.0)[0])
+        ours = common.ddim_step(s, eps, t, x)
+        torch.testing.assert_close(ours, s.step(eps, t, x, eta=0.0).prev_sample)
+    ours.sum().backward()
+    assert x.grad.abs().sum() > 0 and eps.grad.abs().sum() > 0
 
 
 def test_checkpointed_equals_plain_gradients(tiny_pipe):
