@@ -1,0 +1,247 @@
+"""RWR: reward-weighted regression, the DDPO paper's baseline for fine-tuning a diffusion model on rewards.
+
+Lee et al., "Aligning Text-to-Image Models using Human Feedback" (2023, arXiv:2302.12192) fine-tune on
+reward-weighted denoising; Black, Janner, Du, Kostrikov & Levine, "Training Diffusion Models with Reinforcement
+Learning", ICLR 2024 (arXiv:2305.13301), run it in rounds as the RWR baseline DDPO is compared against.
+
+Idea: fine-tune with the ordinary denoising (diffusion) loss on the model's own samples, each weighted by its
+reward: L = Σ_i w_i · mean_{CHW} ‖ε − ε̂_θ(x_t, t, c_i)‖² / B, with x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε and t ~ U{0..999}.
+Weights are exponentiated rewards normalised per prompt, w_i = softmax(β·r)_i · n_prompt (β on the reward's own
+scale), or with `--sparse` the filtered variant w_i = 1[r_i ≥ the prompt's 90th percentile]. DDPO reads this as
+RL on a one-step MDP (the whole generation is one action, fitted through the denoising loss as a surrogate of
+its likelihood), whereas DDPO optimises the exact likelihood of every denoising step. The reward is never
+differentiated, so any scorer works.
+
+What differs from `ddpo_sf.py` (marked `# RWR:` below): only the final latents x0 are kept (no log-probs, so
+any η works); rewards become per-prompt softmax weights instead of advantages; the loss is the weighted
+denoising loss at one random timestep per sample instead of −A·log p over the chain; each round's batch is
+reused for `num_epochs × num_minibatches` optimizer updates (default 4 × 4), so a round is sampled whenever the
+last one's updates are used up and `--steps` still counts optimizer updates.
+
+    python rwr.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
+    python rwr.py --model tiny --reward jpeg_compressibility --steps 4 --batch-size 4 --num-minibatches 2 \
+        --train-batch-size 2 --sample-batch-size 4 --num-inference-steps 10
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import tyro
+from tqdm import tqdm
+
+import common
+import rewards
+
+
+@dataclass
+class Args:
+    exp_name: str = "rwr"
+    """name of this experiment (the run directory's prefix)"""
+    model: str = common.SD14
+    """hub id, local diffusers folder, or `tiny` (a random SD-shaped model for CPU smoke tests)"""
+    reward: str = "aesthetic"
+    """any reward of `rewards.REWARDS` (need not be differentiable), or a weighted sum `name:w,name:w`"""
+    prompts: str = "simple_animals"
+    """named prompt set (common.PROMPT_SETS): simple_animals (aesthetic), imagenet_animals (compressibility),
+    animal_activities (alignment)"""
+    prompt_file: Optional[str] = None
+    """a newline-separated prompt file; overrides --prompts"""
+    steps: int = 3200
+    """number of optimizer updates; num_epochs × num_minibatches per round (3200 = 200 rounds of 64 images)"""
+    seed: int = 0
+    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
+    output_dir: Optional[str] = None
+    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    batch_size: int = 64
+    """images sampled per round (DDPO: 256 across 8 GPUs; 64 keeps a single-GPU round a few minutes)"""
+    images_per_prompt: int = 8
+    """RWR: images sampled per drawn prompt, so that each prompt's softmax compares several rewards (with one
+    image per prompt every weight would be 1 and the reward would be ignored)"""
+    sample_batch_size: int = 8
+    """images per sampling call (memory only)"""
+    train_batch_size: int = 4
+    """images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
+    # RWR: several passes of weighted regression over each round's samples.
+    num_epochs: int = 4
+    """passes over each round's samples, reshuffled every time"""
+    num_minibatches: int = 4
+    """optimizer updates per pass: batch_size / num_minibatches samples each"""
+    beta: float = 0.2
+    """inverse temperature β of the weights softmax(β·r), on the reward's own scale (DDPO: 0.2)"""
+    sparse: bool = False
+    """filtered RWR: weight 1 for rewards at or above the prompt's --percentile, 0 otherwise"""
+    percentile: float = 90.0
+    """per-prompt reward percentile kept by --sparse (DDPO: 90)"""
+    num_inference_steps: int = 50
+    """DDIM steps T of the sampler (DDPO: 50)"""
+    guidance_scale: float = 5.0
+    """classifier-free guidance weight w; the guided prediction is the model being regressed (DDPO: 5.0)"""
+    eta: float = 1.0
+    """DDIM stochasticity η of the sampler (DDPO's sampler: 1.0); no log-probs are needed, so η = 0 works too"""
+    lora_rank: int = 4
+    """LoRA rank on the attention layers (DDPO: 4)"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate (DDPO: 3e-4)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (DDPO's code: 1e-4)"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip (DDPO: 1.0)"""
+    mixed_precision: str = "auto"
+    """dtype of the frozen base weights: auto (fp16 on CUDA, float32 on CPU), no, fp16, bf16; LoRA is float32"""
+    track: bool = False
+    """also log to Weights & Biases"""
+    sample_every: int = 160
+    """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
+    num_sample_images: int = 8
+    """images in the sample grid (the first prompts of the set, seed fixed)"""
+    save_every: int = 800
+    """save the LoRA under checkpoints/step_N every this many updates (0: only at the end)"""
+
+
+# RWR: per-prompt reward weights replace the per-prompt advantage statistics.
+def rwr_weights(prompts: list[str], rewards: np.ndarray, beta: float, sparse: bool = False,
+                percentile: float = 90.0) -> np.ndarray:
+    """w_i = softmax(β·r)_i · n_prompt over the samples sharing prompt i's text (mean weight 1 per prompt);
+    `sparse`: w_i = 1[r_i ≥ np.percentile(r_prompt, percentile)]."""
+    prompts, rewards = np.array(prompts), np.asarray(rewards, dtype=np.float64)
+    weights = np.empty_like(rewards)
+    for prompt in np.unique(prompts):
+        mine = prompts == prompt
+        r = rewards[mine]
+        if sparse:
+            weights[mine] = (r >= np.percentile(r, percentile)).astype(np.float64)
+        else:
+            z = np.exp(beta * (r - r.max()))  # shifted by the max: same softmax, no overflow
+            weights[mine] = z / z.sum() * len(r)
+    return weights
+
+
+def weighted_denoising_loss(pipe, x0, cond, uncond, weights, timesteps, noise, guidance_scale, normaliser):
+    """Σ_i w_i · mean_{CHW} ‖ε_i − ε̂_guided(x_t, t_i, c_i)‖² / normaliser, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
+    x_t = common.add_noise(pipe.scheduler, x0, noise, timesteps)
+    eps = common.guided_eps(pipe, x_t, timesteps, cond, uncond, guidance_scale)
+    per_sample = ((noise - eps) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    return (weights * per_sample).sum() / normaliser
+
+
+def accumulate_regression_gradient(pipe, x0, cond, uncond, weights, samples, args) -> dict:
+    """Backpropagate the weighted denoising loss of the minibatch `samples`, each at a fresh t ~ U{0..999} and
+    noise ε, in chunks of train_batch_size; the caller takes one optimizer step afterwards."""
+    n = len(samples)
+    loss_sum = 0.0
+    for s in range(0, n, args.train_batch_size):
+        i = samples[s : s + args.train_batch_size]
+        # RWR: one random training timestep per sample, anywhere in the 1000-step forward process.
+        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(i),), device=x0.device)
+        noise = torch.randn_like(x0[i])
+        loss = weighted_denoising_loss(pipe, x0[i], cond[i], uncond, weights[i], t, noise, args.guidance_scale, n)
+        loss.backward()
+        loss_sum += loss.item()
+    return dict(loss=loss_sum)
+
+
+def main(args: Args) -> None:
+    # Checks that need no model: fail before minutes of loading.
+    rewards.parse(args.reward)
+    if args.eta < 0:
+        raise SystemExit(f"--eta must be >= 0, got {args.eta}")
+    # RWR: the round is split into minibatches, each into train_batch_size chunks.
+    if args.num_minibatches < 1 or args.num_epochs < 1:
+        raise SystemExit("--num-minibatches and --num-epochs must be at least 1")
+    if args.images_per_prompt < 1 or args.batch_size % args.images_per_prompt:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --images-per-prompt "
+                         f"{args.images_per_prompt}")
+    if args.batch_size % args.sample_batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --sample-batch-size "
+                         f"{args.sample_batch_size}")
+    if args.batch_size % args.num_minibatches:
+        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches "
+                         f"{args.num_minibatches}")
+    minibatch_size = args.batch_size // args.num_minibatches
+    if minibatch_size % args.train_batch_size:
+        raise SystemExit(f"the minibatch (--batch-size / --num-minibatches = {minibatch_size}) must be a multiple of "
+                         f"--train-batch-size {args.train_batch_size}")
+    if not 0 <= args.percentile <= 100:
+        raise SystemExit(f"--percentile must be in [0, 100], got {args.percentile}")
+    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed)
+    device, dtype = common.device_and_dtype(args.mixed_precision)
+    tracker = common.Tracker(run_dir, args, args.track)
+    common.seed_everything(args.seed)
+    rng = random.Random(args.seed)
+
+    # Model, reward, optimizer
+    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=common.ATTENTION_TARGETS)
+    reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
+    params = common.lora_parameters(pipe)
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    uncond = common.encode_prompts(pipe, [""])
+    sample_prompts = prompts[: args.num_sample_images]
+
+    def log_samples(step):
+        images = common.sample_images(pipe, sample_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+        return tracker.samples(step, images, reward_fn(images, sample_prompts))
+
+    log_samples(0)
+    reward_queries = 0
+    updates_per_round = args.num_epochs * args.num_minibatches  # RWR: several updates per sampled round
+    pbar = tqdm(range(1, args.steps + 1), desc=args.exp_name)
+    for step in pbar:
+        t0 = time.time()
+        if (step - 1) % updates_per_round == 0:  # RWR: a new round once the last one's updates are used up
+            # 1. Sample with the current model; RWR: only the final latents x0 are kept.
+            # RWR: each drawn prompt is repeated images_per_prompt times, for the per-prompt weights.
+            drawn = common.sample_prompts(prompts, args.batch_size // args.images_per_prompt, rng)
+            batch_prompts = [p for p in drawn for _ in range(args.images_per_prompt)]
+            cond = common.encode_prompts(pipe, batch_prompts)
+            x0 = torch.cat([
+                common.sample_trajectory(pipe, cond[s : s + args.sample_batch_size], uncond, args.num_inference_steps,
+                                         args.guidance_scale, args.eta).latents[:, -1]
+                for s in range(0, args.batch_size, args.sample_batch_size)
+            ])
+            with torch.no_grad():
+                reward = reward_fn(common.decode(pipe, x0), batch_prompts).float().cpu()
+            reward_queries += len(batch_prompts)
+
+            # 2. Rewards -> weights (RWR: instead of advantages).
+            w = rwr_weights(batch_prompts, reward.numpy(), args.beta, args.sparse, args.percentile)
+            weights = torch.as_tensor(w, dtype=torch.float32, device=device)
+            effective_sample_size = w.sum() ** 2 / max((w**2).sum(), 1e-12)
+
+            # RWR: per epoch, shuffle the samples and split them into minibatches.
+            plan = [mb for _ in range(args.num_epochs)
+                    for mb in torch.randperm(args.batch_size, device=device).chunk(args.num_minibatches)]
+
+        # 3. One weighted-regression update on the next minibatch.
+        optimizer.zero_grad(set_to_none=True)
+        minibatch = plan[(step - 1) % updates_per_round]
+        stats = accumulate_regression_gradient(pipe, x0, cond, uncond, weights, minibatch, args)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        optimizer.step()
+
+        row = tracker.log(
+            step,
+            charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
+                        optimizer_steps=step, weight_max=w.max(), effective_sample_size=effective_sample_size,
+                        grad_norm=grad_norm, step_seconds=time.time() - t0),
+            losses=stats,
+        )
+        pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
+        if step % args.sample_every == 0 or step == args.steps:
+            log_samples(step)
+        if args.save_every and step % args.save_every == 0:
+            common.save_lora(pipe, run_dir / "checkpoints" / f"step_{step}")
+
+    common.save_lora(pipe, run_dir)
+    tracker.close()
+    print(f"LoRA, metrics and sample grids in {run_dir}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,314 @@
+"""The RL scripts' math (ddpo_sf, ddpo_is, rwr), each checked against an independent computation in this file."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import ddpo_is
+import ddpo_sf
+import rwr
+from conftest import randomize_lora
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The tiny model's ops are too small to gain from threads, and on a busy 2-core machine two OpenMP threads
+    # waiting for each other made a UNet call ~40× slower (2.7 s instead of 0.07 s).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lora_grads(pipe):
+    return [p.grad.clone() for p in common.lora_parameters(pipe)]
+
+
+def small_batch(pipe, n=4, num_steps=5, seed=0):
+    prompts = ["a cat", "a dog", "a cat", "a fox"][:n]
+    cond = common.encode_prompts(pipe, prompts)
+    uncond = common.encode_prompts(pipe, [""])
+    g = torch.Generator().manual_seed(seed)
+    traj = common.sample_trajectory(pipe, cond, uncond, num_steps, 5.0, 1.0, generator=g)
+    return cond, uncond, traj
+
+
+# ---------------------------------------------------------------------------------------------- DDPO-IS
+
+
+def test_is_first_minibatch_gradient_equals_sf_gradient(tiny_pipe):
+    """At the weights that sampled the batch (ratio = 1) the clipped surrogate's gradient is −A·∇log p: DDPO-SF's."""
+    randomize_lora(tiny_pipe)
+    n, num_steps = 4, 5
+    cond, uncond, traj = small_batch(tiny_pipe, n, num_steps)
+    advantages = torch.tensor([1.3, -0.7, 0.2, -2.0])
+    params = common.lora_parameters(tiny_pipe)
+
+    ddpo_sf.accumulate_policy_gradient(tiny_pipe, traj, cond, uncond, advantages,
+                                       ddpo_sf.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0))
+    sf = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+
+    # The minibatch is the whole batch with every timestep, samples shuffled and each sample's timesteps in
+    # its own random order. L is a sum over (sample, timestep) pairs, so the order cannot change the gradient
+    # of one update; shuffling matters across updates (which pairs each minibatch sees, with
+    # timestep_fraction < 1 or num_minibatches > 1), where it decorrelates the updates.
+    g = torch.Generator().manual_seed(1)
+    samples = torch.randperm(n, generator=g)
+    timestep_idx = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n)])
+    args = ddpo_is.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0)
+    stats = ddpo_is.accumulate_clipped_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, args)
+    is_ = lora_grads(tiny_pipe)
+
+    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] < 1e-10
+    assert stats["loss"] == pytest.approx(-advantages.mean().item(), abs=1e-5)  # mean(−A·1)
+    assert len(sf) == len(is_) == len(params) and all(a.abs().max() > 0 for a in sf)
+    for a, b in zip(sf, is_):  # float32 sums in another order: equal up to rounding
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+def test_is_partial_minibatch_is_mean_over_its_pairs(tiny_pipe):
+    """A minibatch of some samples at some of their timesteps: the gradient of −mean A·log p over exactly those
+    (sample, timestep) pairs, computed here pair by pair."""
+    randomize_lora(tiny_pipe, seed=2)
+    cond, uncond, traj = small_batch(tiny_pipe, 4, 4, seed=3)
+    advantages = torch.tensor([0.5, -1.5, 2.0, 1.0])
+    samples = torch.tensor([3, 0])
+    timestep_idx = torch.tensor([[2, 0], [1, 3]])  # sample 3 at steps 2, 0; sample 0 at steps 1, 3
+    args = ddpo_is.Args(train_batch_size=1, guidance_scale=5.0, eta=1.0)
+    ddpo_is.accumulate_clipped_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, args)
+    ours = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+
+    loss = 0.0
+    for i, ks in [(3, [2, 0]), (0, [1, 3])]:
+        for k in ks:
+            x, t = traj.latents[i : i + 1, k], traj.timesteps[k]
+            eps = common.guided_eps(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
+            x_prev = traj.latents[i : i + 1, k + 1]
+            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, eps, t, x, 1.0, prev_sample=x_prev)
+            loss = loss - advantages[i] * lp.sum() / 4
+    loss.backward()
+    for a, b in zip(lora_grads(tiny_pipe), ours):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+EPS = 1e-4
+
+
+def surrogate_grad(log_prob, old, adv):
+    lp = log_prob.clone().requires_grad_(True)
+    loss, kl, clipfrac = ddpo_is.clipped_surrogate(lp, old, adv, EPS)
+    loss.backward()
+    return loss.detach(), kl, clipfrac, lp.grad
+
+
+def test_clipped_surrogate_inside_range_is_importance_weighted_score():
+    old = torch.tensor([-1.0, -2.0, 0.5, 3.0, -0.3])
+    delta = torch.tensor([0.5e-4, -0.9e-4, 0.0, 0.2e-4, -0.4e-4])  # |ratio − 1| < ε for all
+    adv = torch.tensor([1.0, -2.0, 0.7, -0.1, 3.0])
+    loss, kl, clipfrac, grad = surrogate_grad(old + delta, old, adv)
+    delta = ((old + delta) - old).double()  # the difference float32 actually sees
+    ratio = torch.exp(delta)
+    n = len(old)
+    torch.testing.assert_close(grad.double(), -adv.double() * ratio / n)  # d/dlog p of mean(−A·r) = −A·r/n
+    assert float(loss) == pytest.approx(float((-adv.double() * ratio).mean()), rel=1e-6)
+    assert float(clipfrac) == 0.0
+    assert float(kl) == pytest.approx(0.5 * float((delta**2).mean()), rel=1e-5)
+
+
+def test_clipped_surrogate_outside_range():
+    old = torch.zeros(6)
+    #                  A>0,r>1+ε  A<0,r<1−ε  A>0,r<1−ε  A<0,r>1+ε  A>0,inside  A<0,inside
+    delta = torch.tensor([1e-3, -1e-3, -1e-3, 1e-3, 0.3e-4, -0.3e-4])
+    adv = torch.tensor([2.0, -1.5, 0.8, -0.6, 1.0, -1.0])
+    loss, kl, clipfrac, grad = surrogate_grad(old + delta, old, adv)
+    n = len(old)
+    ratio = np.exp(delta.double().numpy())
+    expected = -adv.double().numpy() * ratio / n
+    expected[:2] = 0.0  # moved in the direction its advantage pushes it, past the clip: no gradient
+    np.testing.assert_allclose(grad.double().numpy(), expected, rtol=1e-6, atol=0)
+    assert grad[0] == 0 and grad[1] == 0  # exactly zero, not small
+    # loss: the clipped branch for the first two, the unclipped one for the rest
+    a, r = adv.double().numpy(), ratio
+    per = np.maximum(-a * r, -a * np.clip(r, 1 - EPS, 1 + EPS))
+    assert float(loss) == pytest.approx(per.mean(), rel=1e-6)
+    assert float(clipfrac) == pytest.approx(np.mean(np.abs(r - 1) > EPS))  # 4/6
+    assert float(clipfrac) == pytest.approx(4 / 6)
+    assert float(kl) == pytest.approx(0.5 * np.mean(delta.double().numpy() ** 2), rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- advantages
+
+
+def reference_advantages(history, prompts, r, buffer, min_count):
+    out = np.empty(len(r))
+    for p in set(prompts):
+        mine = np.array([q == p for q in prompts])
+        history.setdefault(p, []).extend(r[mine].tolist())
+        recent = history[p][-buffer:]
+        if len(recent) < min_count:
+            mean, std = r.mean(), r.std()
+        else:
+            mean, std = np.mean(recent), np.std(recent)
+        out[mine] = (r[mine] - mean) / (std + 1e-6)
+    return out
+
+
+@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+def test_per_prompt_advantages(module):
+    buffer, min_count = 5, 3
+    args = module.Args(stat_buffer_size=buffer, stat_min_count=min_count, adv_clip_max=1e9)
+    tracker = module.PerPromptStatTracker(buffer, min_count)
+    rng = np.random.default_rng(0)
+    history, fallbacks, tracked = {}, 0, 0
+    for _ in range(8):
+        prompts = list(rng.choice(["cat", "dog", "fox"], size=4))
+        r = rng.normal(size=4) * 3 + 1
+        before = {p: len(history.get(p, [])) for p in set(prompts)}
+        expected = reference_advantages(history, prompts, r, buffer, min_count)
+        for p in set(prompts):
+            n_now = min(buffer, before[p] + prompts.count(p))
+            fallbacks += n_now < min_count
+            tracked += n_now >= min_count
+        got = module.compute_advantages(prompts, r, tracker, args)
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert fallbacks > 0 and tracked > 0  # both the batch fallback and the per-prompt buffers were exercised
+
+
+@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+def test_advantage_clip_and_batch_normalisation(module):
+    r = np.array([0.0] * 49 + [100.0])
+    prompts = ["p"] * 50
+    args = module.Args(per_prompt_stat_tracking=False, adv_clip_max=5.0)
+    got = module.compute_advantages(prompts, r, None, args).numpy()
+    raw = (r - r.mean()) / (r.std() + 1e-6)
+    assert raw.max() > 5  # the outlier is clipped
+    np.testing.assert_allclose(got, np.clip(raw, -5, 5), rtol=1e-5)
+    assert got.max() == pytest.approx(5.0)
+
+    r = np.random.default_rng(1).normal(size=6)
+    args = module.Args(per_prompt_stat_tracking=False)
+    got = module.compute_advantages(["a", "b", "a", "b", "c", "a"], r, None, args)
+    np.testing.assert_allclose(got.numpy(), (r - r.mean()) / (r.std() + 1e-6), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- RWR
+
+
+PROMPTS = ["cat", "dog", "cat", "fox", "dog", "cat", "cat", "dog"]
+REWARDS = np.array([1.0, -2.0, 3.5, 0.3, 4.0, -1.0, 2.0, 0.0])
+
+
+def test_rwr_weights_are_per_prompt_softmax_times_count():
+    beta = 0.7
+    got = rwr.rwr_weights(PROMPTS, REWARDS, beta)
+    for p in set(PROMPTS):
+        idx = [i for i, q in enumerate(PROMPTS) if q == p]
+        denom = sum(math.exp(beta * REWARDS[j]) for j in idx)
+        for i in idx:
+            assert got[i] == pytest.approx(math.exp(beta * REWARDS[i]) / denom * len(idx), rel=1e-12)
+        assert got[idx].sum() == pytest.approx(len(idx))
+    assert got[PROMPTS.index("fox")] == pytest.approx(1.0)  # a prompt sampled once gets weight 1
+
+    np.testing.assert_allclose(rwr.rwr_weights(PROMPTS, REWARDS, 0.0), np.ones(8))
+    np.testing.assert_allclose(rwr.rwr_weights(PROMPTS, REWARDS, 1e-9), np.ones(8), rtol=1e-7)
+    big = rwr.rwr_weights(PROMPTS, REWARDS * 1e4, 0.2)  # no overflow on large rewards
+    assert np.isfinite(big).all()
+
+
+@pytest.mark.parametrize("percentile", [90.0, 50.0])
+def test_rwr_sparse_weights_are_percentile_indicators(percentile):
+    got = rwr.rwr_weights(PROMPTS, REWARDS, 0.2, sparse=True, percentile=percentile)
+    for p in set(PROMPTS):
+        idx = [i for i, q in enumerate(PROMPTS) if q == p]
+        threshold = np.percentile(REWARDS[idx], percentile)
+        for i in idx:
+            assert got[i] == float(REWARDS[i] >= threshold)
+    assert got[PROMPTS.index("cat")] == 0.0 and got[2] == 1.0  # cat: best of 4 (3.5) kept at 90%
+
+
+def test_rwr_loss_is_weighted_guided_denoising_mse(tiny_pipe):
+    tiny_pipe.unet.to(torch.float64)  # float64: batched and separate UNet calls agree far below the tolerance
+    randomize_lora(tiny_pipe, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(3, 4, 16, 16, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 4, 16, 16, generator=g, dtype=torch.float64)
+    t = torch.tensor([10, 500, 999])
+    w = torch.tensor([0.5, 1.2, 1.3], dtype=torch.float64)
+    cond = common.encode_prompts(tiny_pipe, ["a cat", "a dog", "a fox"]).double()
+    uncond = common.encode_prompts(tiny_pipe, [""]).double()
+
+    # these 3 samples as one train_batch_size chunk of a minibatch of B = 6: the sum is divided by 6
+    loss = rwr.weighted_denoising_loss(tiny_pipe, x0, cond, uncond, w, t, noise, 5.0, 6)
+    loss.backward()
+    ours = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+
+    ab = tiny_pipe.scheduler.alphas_cumprod[t].double().view(3, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    e_c = tiny_pipe.unet(x_t, t, encoder_hidden_states=cond).sample
+    e_u = tiny_pipe.unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
+    eps = e_u + 5.0 * (e_c - e_u)
+    reference = sum(w[i] * ((noise[i] - eps[i]) ** 2).mean() for i in range(3)) / 6
+    reference.backward()
+    loss, reference = loss.detach(), reference.detach()
+    assert loss.dtype == torch.float64 and float(loss) == pytest.approx(float(reference), rel=1e-7)
+    for a, b in zip(lora_grads(tiny_pipe), ours):  # (common keeps ᾱ_t in float32: ~1e-8 relative)
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
+
+
+# ------------------------------------------------------------------------------------- the loops, refusals
+
+
+def run_main(module, tmp_path, **kw):
+    out = tmp_path / "run"
+    base = dict(model="tiny", reward="jpeg_compressibility", steps=3, batch_size=4, num_minibatches=2,
+                train_batch_size=2, sample_batch_size=4, num_inference_steps=2, output_dir=str(out),
+                sample_every=100, num_sample_images=2, save_every=0)
+    module.main(module.Args(**(base | kw)))
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("module,extra", [(ddpo_is, {}), (rwr, {"num_epochs": 1, "images_per_prompt": 2})])
+def test_steps_count_optimizer_updates(module, extra, tmp_path):
+    """2 updates per sampled batch and --steps 3: exactly 3 updates, the second batch sampled for the third."""
+    out, rows = run_main(module, tmp_path, **extra)
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r["optimizer_steps"] for r in rows] == [1, 2, 3]
+    assert [r["reward_queries"] for r in rows] == [4, 4, 8]
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert (out / common.LORA_FILE).is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
+
+
+REFUSALS = [
+    (ddpo_is, dict(eta=0.0), "eta"),
+    (ddpo_is, dict(batch_size=6, num_minibatches=4, sample_batch_size=2), "num-minibatches"),
+    (ddpo_is, dict(batch_size=8, num_minibatches=2, train_batch_size=3, sample_batch_size=8), "train-batch-size"),
+    (ddpo_is, dict(batch_size=8, sample_batch_size=3), "sample-batch-size"),
+    (ddpo_is, dict(timestep_fraction=0.0), "timestep-fraction"),
+    (ddpo_is, dict(timestep_fraction=1.5), "timestep-fraction"),
+    (ddpo_is, dict(reward="no_such_reward"), "unknown reward"),
+    (rwr, dict(batch_size=6, num_minibatches=4, sample_batch_size=2, images_per_prompt=2), "num-minibatches"),
+    (rwr, dict(batch_size=8, num_minibatches=2, train_batch_size=3, sample_batch_size=8, images_per_prompt=2),
+     "train-batch-size"),
+    (rwr, dict(batch_size=8, sample_batch_size=3, images_per_prompt=2), "sample-batch-size"),
+    (rwr, dict(batch_size=6, images_per_prompt=4), "images-per-prompt"),
+    (rwr, dict(percentile=150.0, images_per_prompt=2), "percentile"),
+    (rwr, dict(reward="no_such_reward"), "unknown reward"),
+]
+
+
+@pytest.mark.parametrize("module,kw,message", REFUSALS, ids=[f"{m.__name__}-{msg}" for m, _, msg in REFUSALS])
+def test_refusals_before_anything_is_written(module, kw, message, tmp_path):
+    out = tmp_path / "run"
+    base = dict(model="tiny", reward="jpeg_compressibility", steps=1, batch_size=4, num_minibatches=2,
+                train_batch_size=2, sample_batch_size=4, output_dir=str(out))
+    with pytest.raises((SystemExit, ValueError)) as info:
+        module.main(module.Args(**(base | kw)))
+    assert message in str(info.value)
+    assert not out.exists()
