@@ -13,7 +13,8 @@ Sibling: `ddpo_is.py` (DDPO-IS) reuses each sampled batch for several updates wi
 PPO-style clipping; this file takes exactly one on-policy update per sampled batch, with no ratio.
 
     python ddpo_sf.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
-    python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --num-inference-steps 10
+    python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --sample-batch-size 4 \
+        --num-inference-steps 10
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ reused for `num_epochs × num_minibatches` optimizer updates (default 4 × 4), s
 last one's updates are used up and `--steps` still counts optimizer updates.
 
     python rwr.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
-    python rwr.py --model tiny --reward jpeg_compressibility --steps 4 --batch-size 4 --num-minibatches 2 \
-        --train-batch-size 2 --sample-batch-size 4 --num-inference-steps 10
+    python rwr.py --model tiny --reward jpeg_compressibility --steps 4 --batch-size 4 --images-per-prompt 2 \
+        --num-minibatches 2 --train-batch-size 2 --sample-batch-size 4 --num-inference-steps 10
 """
 
 from __future__ import annotations

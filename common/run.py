@@ -35,7 +35,8 @@ def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
 
 def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int) -> Path:
     """`output_dir`, or runs/{script}__{reward}__{seed}__{time}. Refuses a directory holding another run."""
-    run_dir = Path(output_dir or f"runs/{script}__{reward.replace(':', '').replace(',', '+')}__{seed}__{int(time.time())}")
+    name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
+    run_dir = Path(output_dir or f"runs/{script}__{name}__{seed}__{int(time.time())}")
     if (run_dir / "metrics.jsonl").exists():
         raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir")
     return run_dir
@@ -47,6 +48,12 @@ class Tracker:
     def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning"):
         from torch.utils.tensorboard import SummaryWriter
 
+        self.wandb = None
+        if track:
+            try:
+                import wandb
+            except ImportError as e:
+                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first (it is optional)") from e
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         config = dataclasses.asdict(args)
@@ -54,10 +61,7 @@ class Tracker:
         self.writer = SummaryWriter(str(run_dir))
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         self.metrics = open(run_dir / "metrics.jsonl", "a")
-        self.wandb = None
         if track:
-            import wandb
-
             self.wandb = wandb.init(project=project, name=run_dir.name, config=config, dir=str(run_dir))
         self.start = time.time()
 

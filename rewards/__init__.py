@@ -11,7 +11,7 @@
 | `hpsv2`, `hpsv21` | open_clip ViT-H-14 + HPS v2 / v2.1 checkpoint | cosine(image, text) |
 | `pickscore` | PickScore_v1 (CLIP-H) | logit_scale.exp() * cosine(image, text) |
 | `jpeg_compressibility`, `jpeg_incompressibility` | PIL JPEG, quality 95 | -/+ file size in kB; not differentiable |
-| `jpeg_compressibility_diff`, `jpeg_incompressibility_diff` | kornia's differentiable JPEG, q50 | -/+ MSE(x, JPEG(x)) |
+| `jpeg_compressibility_diff`, `jpeg_incompressibility_diff` | kornia's differentiable JPEG, q50 | -/+ mean over pixels of ((x - JPEG(x))·255)² |
 
 Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies
 are given as keyword arguments of `load` or environment variables (`REWARDS_` + the upper-cased name):
