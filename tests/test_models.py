@@ -1,0 +1,83 @@
+"""Loading: a diffusers folder on disk goes through the real from_pretrained path; offline errors; prompts."""
+
+import time
+
+import pytest
+import torch
+
+import common
+from conftest import randomize_lora
+
+
+def test_local_folder_loads_like_tiny(tmp_path):
+    """A diffusers-format folder (here: the tiny model saved with save_pretrained) loads through the same
+    code path as the SD1.4 hub id, with DDIM configured as SD1.4's and a fresh zero-initialised LoRA."""
+    tiny = common.load_pipeline("tiny", lora_rank=0)
+    tiny.save_pretrained(tmp_path / "sd")
+    pipe = common.load_pipeline(str(tmp_path / "sd"), lora_rank=4)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    for key, value in common.models.SD14_SCHEDULER.items():
+        assert pipe.scheduler.config[key] == value, key
+    assert common.lora_parameters(pipe) and not common.lora_parameters(tiny)
+    images = [common.sample_images(p, ["a cat", "a dog"], 0, 4, 7.5) for p in (tiny, pipe)]
+    torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
+    randomize_lora(pipe)
+    assert not torch.equal(common.sample_images(pipe, ["a cat", "a dog"], 0, 4, 7.5), images[0])
+
+
+def test_offline_hub_id_error_names_the_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    start = time.time()
+    with pytest.raises(RuntimeError) as info:
+        common.load_pipeline("CompVis/stable-diffusion-v1-4", lora_rank=4)
+    message = str(info.value)
+    assert "hf download CompVis/stable-diffusion-v1-4" in message and "--model" in message
+    assert time.time() - start < 30
+
+
+def test_local_folder_that_is_not_a_pipeline(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RuntimeError, match="not a diffusers Stable Diffusion folder"):
+        common.load_pipeline(str(tmp_path / "empty"))
+
+
+def test_half_precision_on_cpu_is_refused():
+    with pytest.raises(ValueError, match="CUDA"):
+        common.load_pipeline("tiny", dtype=torch.float16)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            common.device_and_dtype("fp16")
+        assert common.device_and_dtype("auto") == (torch.device("cpu"), torch.float32)
+
+
+def test_tiny_is_deterministic_and_sd_shaped():
+    a, b = common.load_pipeline("tiny"), common.load_pipeline("tiny")
+    for (n, p), (_, q) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(p, q), n
+    assert a.unet.config.sample_size == 16 and a.unet.config.in_channels == 4
+    assert a.vae_scale_factor == 2 and a.vae.config.scaling_factor == 0.18215
+    assert a.text_encoder.config.num_hidden_layers == 2
+    assert any("attn2" in n for n, _ in a.unet.named_modules())  # cross-attention
+
+
+def test_prompt_sets(tmp_path):
+    animals = common.load_prompts("simple_animals")
+    assert len(animals) == 45 and animals[0] == "cat"
+    assert len(common.load_prompts("imagenet_animals")) == 398
+    pairs = common.load_prompts("animal_activities")
+    assert len(pairs) == 135 and "a cat riding a bike" in pairs and "an ant playing chess" in pairs
+    f = tmp_path / "p.txt"
+    f.write_text("a red cube\n\n  a blue ball  \n")
+    assert common.load_prompts("ignored", prompt_file=str(f)) == ["a red cube", "a blue ball"]
+    f.write_text("\n \n")
+    with pytest.raises(ValueError, match="no prompts"):
+        common.load_prompts(prompt_file=str(f))
+    with pytest.raises(FileNotFoundError):
+        common.load_prompts(prompt_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        common.load_prompts("no_such_set")
