@@ -43,8 +43,9 @@ def guided_eps(
     b = latents.shape[0]
     t = torch.as_tensor(t, device=latents.device)
     t = t.expand(b) if t.ndim == 0 else t
-    x = torch.cat([latents, latents]).to(unet.dtype)
-    emb = torch.cat([uncond.expand(b, -1, -1), cond]).to(unet.dtype)
+    dtype = unet.conv_in.weight.dtype  # the base weights' dtype; `unet.dtype` walks every module, per call
+    x = torch.cat([latents, latents]).to(dtype)
+    emb = torch.cat([uncond.expand(b, -1, -1), cond]).to(dtype)
 
     def call(x, t, emb):
         return unet(x, t, encoder_hidden_states=emb).sample
@@ -104,7 +105,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     """
     mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        prev_sample = mean + std * _randn(mean.shape, generator, mean.device)
+        prev_sample = mean if eta == 0 else mean + std * _randn(mean.shape, generator, mean.device)
     prev_sample = prev_sample.detach().to(mean.dtype)
     if eta == 0:
         return prev_sample, None
