@@ -64,21 +64,22 @@ def _randn(shape, generator, device) -> torch.Tensor:
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-def _alpha_prev(scheduler, prev_t: torch.Tensor) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod.to(prev_t.device)
-    return torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], scheduler.final_alpha_cumprod.to(prev_t.device))
+def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
+    """ᾱ_t shaped to broadcast against `like` [B, ...]; t scalar or per-sample [B]; t < 0 (the step after the
+    last) is the scheduler's final ᾱ (SD1.4: set_alpha_to_one=False, so ᾱ_0)."""
+    t = torch.as_tensor(timestep, device=like.device).long()
+    t = t.expand(like.shape[0]) if t.ndim == 0 else t
+    alphas = scheduler.alphas_cumprod.to(like.device, torch.promote_types(like.dtype, torch.float32))
+    abar = torch.where(t >= 0, alphas[t.clamp(min=0)], scheduler.final_alpha_cumprod.to(alphas))
+    return abar.view(-1, *([1] * (like.ndim - 1)))
 
 
 def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     """μ and σ of the DDIM step x_t → x_{t−1} (Song et al. 2021, eq. 12), t scalar or per-sample [B]."""
     sample, model_output = _at_least_f32(sample), _at_least_f32(model_output)
-    b = sample.shape[0]
     t = torch.as_tensor(timestep, device=sample.device).long()
-    t = t.expand(b) if t.ndim == 0 else t
-    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    shape = (b,) + (1,) * (sample.ndim - 1)
-    alpha_t = scheduler.alphas_cumprod.to(sample.device)[t].view(shape)
-    alpha_prev = _alpha_prev(scheduler, prev_t).view(shape)
+    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    alpha_t, alpha_prev = _abar(scheduler, t, sample), _abar(scheduler, t - step, sample)
 
     x0 = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
@@ -115,15 +116,13 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
 
 def predict_x0(scheduler, model_output, timestep, sample) -> torch.Tensor:
     """The one-step prediction x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t."""
-    t = torch.as_tensor(timestep, device=sample.device).long()
-    alpha_t = scheduler.alphas_cumprod.to(sample.device)[t].view(-1, *([1] * (sample.ndim - 1)))
+    alpha_t = _abar(scheduler, timestep, sample)
     return (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
     """The forward process q(x_t | x0): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (t scalar or per-sample)."""
-    t = torch.as_tensor(timestep, device=x0.device).long()
-    alpha_t = scheduler.alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1)))
+    alpha_t = _abar(scheduler, timestep, x0)
     return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
 
 
