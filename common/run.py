@@ -37,7 +37,8 @@ def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int) ->
     """`output_dir`, or runs/{script}__{reward}__{seed}__{time}. Refuses a directory holding another run."""
     name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
     run_dir = Path(output_dir or f"runs/{script}__{name}__{seed}__{int(time.time())}")
-    if (run_dir / "metrics.jsonl").exists():
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:  # an empty one is a run that failed before its first step
         raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir")
     return run_dir
 

@@ -81,3 +81,16 @@ def test_prompt_sets(tmp_path):
         common.load_prompts(prompt_file=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="unknown prompt set"):
         common.load_prompts("no_such_set")
+
+
+def test_run_dir_refuses_a_previous_run_but_not_a_failed_start(tmp_path):
+    run = tmp_path / "run"
+    assert common.make_run_dir(str(run), "draft", "aesthetic", 0) == run
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # a run that stopped before its first update (e.g. weights missing)
+    assert common.make_run_dir(str(run), "draft", "aesthetic", 0) == run
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        common.make_run_dir(str(run), "draft", "aesthetic", 0)
+    default = common.make_run_dir(None, "draft", "hpsv2:1,aesthetic:0.1", 3)
+    assert default.parent.name == "runs" and default.name.startswith("draft__hpsv2-1+aesthetic-0.1__3__")
