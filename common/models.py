@@ -154,6 +154,8 @@ def load_pipeline(
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"{dtype} base weights need CUDA; on the CPU use float32 (--mixed-precision no).")
+    if model != "tiny" and not os.path.isdir(model) and model.count("/") != 1:
+        raise ValueError(f"unknown model {model!r}: expected `tiny`, a hub id such as {SD14!r}, or a local folder")
     if model == "tiny":
         pipe = StableDiffusionPipeline(
             **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False

@@ -40,6 +40,11 @@ def test_offline_hub_id_error_names_the_download(tmp_path, monkeypatch):
     assert time.time() - start < 30
 
 
+def test_unknown_model_name_is_refused_before_any_download():
+    with pytest.raises(ValueError, match="unknown model 'tny'"):
+        common.load_pipeline("tny")
+
+
 def test_local_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RuntimeError, match="not a diffusers Stable Diffusion folder"):
