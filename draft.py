@@ -113,11 +113,11 @@ def main(args: Args) -> None:
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     uncond = common.encode_prompts(pipe, [""])
-    sample_prompts = prompts[: args.num_sample_images]
+    grid_prompts = prompts[: args.num_sample_images]
 
     def log_samples(step):
-        images = common.sample_images(pipe, sample_prompts, 0, args.num_inference_steps, args.guidance_scale)
-        return tracker.samples(step, images, reward_fn(images, sample_prompts).detach())
+        images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale)
+        return tracker.samples(step, images, reward_fn(images, grid_prompts).detach())
 
     log_samples(0)
     reward_queries = 0
