@@ -1,4 +1,4 @@
-"""Loading Stable Diffusion 1.4 (or the offline `tiny` model) with a trainable LoRA on the UNet."""
+"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` models) with a trainable LoRA on the UNet."""
 
 from __future__ import annotations
 
@@ -144,7 +144,8 @@ def load_pipeline(
 ):
     """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
 
-    `model`: hub id, local diffusers folder, or "tiny". `dtype` is the frozen base weights' dtype (fp16/bf16
+    `model`: hub id, local diffusers folder, "tiny" (random weights) or "tiny-shapes" (pretrained on the
+    shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (fp16/bf16
     on CUDA for speed); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
     text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny`.
     """
@@ -154,11 +155,20 @@ def load_pipeline(
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"{dtype} base weights need CUDA; on the CPU use float32 (--mixed-precision no).")
-    if model != "tiny" and not os.path.isdir(model) and model.count("/") != 1:
-        raise ValueError(f"unknown model {model!r}: expected `tiny`, a hub id such as {SD14!r}, or a local folder")
+    if model not in ("tiny", "tiny-shapes") and not os.path.isdir(model) and model.count("/") != 1:
+        raise ValueError(
+            f"unknown model {model!r}: expected `tiny`, `tiny-shapes`, a hub id such as {SD14!r}, or a local folder"
+        )
     if model == "tiny":
         pipe = StableDiffusionPipeline(
             **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    elif model == "tiny-shapes":
+        # `tiny`'s layout pretrained on the shapes testbed (shapes/model.py); weights committed in shapes/weights/
+        from shapes.model import components
+
+        pipe = StableDiffusionPipeline(
+            **components(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     else:
         pipe = _from_pretrained(model, dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import shapes.data
+
 DATA = Path(__file__).parent / "prompt_data"
 
 
@@ -25,6 +27,8 @@ PROMPT_SETS = {
     "simple_animals": lambda: _lines(DATA / "simple_animals.txt"),  # DDPO's aesthetic prompts (45 animals)
     "imagenet_animals": lambda: _lines(DATA / "imagenet_animals.txt"),  # DDPO's compressibility prompts (398)
     "animal_activities": _animal_activities,  # DDPO's alignment prompts (135)
+    "shapes": lambda: list(shapes.data.TRAIN_PROMPTS),  # the tiny-shapes testbed's 96 training captions
+    "shapes_heldout": lambda: list(shapes.data.HELDOUT_PROMPTS),  # its 24 captions never seen in pretraining
 }
 
 

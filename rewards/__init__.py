@@ -12,6 +12,8 @@
 | `pickscore` | PickScore_v1 (CLIP-H) | logit_scale.exp() * cosine(image, text) |
 | `jpeg_compressibility`, `jpeg_incompressibility` | PIL JPEG, quality 95 | -/+ file size in kB; not differentiable |
 | `jpeg_compressibility_diff`, `jpeg_incompressibility_diff` | kornia's differentiable JPEG, q50 | -/+ mean over pixels of ((x - JPEG(x))·255)² |
+| `shapes_alignment` | shapes classifier (small CNN, committed in `shapes/weights/`) | mean over shape, colour, background, count of log p(prompt's value), ≤ 0 |
+| `shapes_exact_match` | the same classifier | 1 if all four argmaxes match the prompt, else 0; not differentiable |
 
 Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies
 are given as keyword arguments of `load` or environment variables (`REWARDS_` + the upper-cased name):
@@ -34,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from . import aesthetic, hps, jpeg, pickscore
+from . import aesthetic, hps, jpeg, pickscore, shapes
 from ._base import Reward, clip_preprocess
 from ._hub import WeightsNotFound
 
@@ -78,6 +80,8 @@ _REGISTRY: dict[str, _Entry] = {
     "jpeg_incompressibility": _Entry(False, _jpeg(jpeg.JpegSize, +1.0)),
     "jpeg_compressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, -1.0)),
     "jpeg_incompressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, +1.0)),
+    "shapes_alignment": _Entry(True, shapes.ShapesAlignment.from_pretrained),
+    "shapes_exact_match": _Entry(False, shapes.ShapesExactMatch.from_pretrained),
 }
 REWARDS: tuple[str, ...] = tuple(_REGISTRY)
 _OPTIONS = tuple(option for entry in _REGISTRY.values() for option in entry.options)
