@@ -13,6 +13,8 @@ from .diffusion import (
     sample_images,
     sample_trajectory,
 )
+from .checkpoint import Checkpointer, StopSignal, UpdateGuard, find_checkpoint, resume_args
+from .distributed import average_gradients, gather, randint, randn, setup_distributed, shard
 from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale
 from .models import ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters
 from .prompts import PROMPT_SETS, load_prompts, sample_prompts

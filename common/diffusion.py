@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .distributed import randn  # draws on the generator's device; under torchrun, sharded from the global batch
+
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     # half-precision UNet/VAE outputs are promoted to float32; float64 (the gradient tests) is kept
@@ -58,12 +60,6 @@ def guided_eps(
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def _randn(shape, generator, device) -> torch.Tensor:
-    # Draw on the generator's device (a CPU generator gives the same numbers on any machine), then move.
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=gen_device).to(device)
-
-
 def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
     """ᾱ_t shaped to broadcast against `like` [B, ...]; t scalar or per-sample [B]; t < 0 (the step after the
     last) is the scheduler's final ᾱ (SD1.4: set_alpha_to_one=False, so ᾱ_0)."""
@@ -106,7 +102,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     """
     mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        prev_sample = mean if eta == 0 else mean + std * _randn(mean.shape, generator, mean.device)
+        prev_sample = mean if eta == 0 else mean + std * randn(mean.shape, generator, mean.device)
     prev_sample = prev_sample.detach().to(mean.dtype)
     if eta == 0:
         return prev_sample, None
@@ -129,7 +125,7 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> tor
 def initial_latents(pipe, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """x_T ~ N(0, I) in float32, shaped for this pipeline's UNet."""
     c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    return _randn((batch_size, c, s, s), generator, pipe.unet.device)
+    return randn((batch_size, c, s, s), generator, pipe.unet.device)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import distributed
+
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -33,23 +35,41 @@ def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
     return device, PRECISIONS[mixed_precision]
 
 
-def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int) -> Path:
-    """`output_dir`, or runs/{script}__{reward}__{seed}__{time}. Refuses a directory holding another run."""
+def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, resume: str | None = None) -> Path:
+    """`output_dir`, or runs/{script}__{reward}__{seed}__{time}; with `resume`, that run's directory.
+    Refuses a directory holding another run. Creates nothing (the Tracker does, once the model has loaded)."""
+    if resume:
+        return Path(resume)
     name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
-    run_dir = Path(output_dir or f"runs/{script}__{name}__{seed}__{int(time.time())}")
+    # under torchrun every rank must agree on the time-stamped name: rank 0's is broadcast
+    run_dir = Path(output_dir or distributed.broadcast_object(f"runs/{script}__{name}__{seed}__{int(time.time())}"))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size > 0:  # an empty one is a run that failed before its first step
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir")
+        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir, "
+                              f"or continue it with --resume {run_dir}")
     return run_dir
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Drop rows logged after `last_step` (a resumed run re-logs the steps after its checkpoint)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+        path.write_text("".join(row + "\n" for row in rows))
 
 
 class Tracker:
     """metrics.jsonl (one object per optimizer step), TensorBoard scalars, and optionally wandb."""
 
-    def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning"):
+    def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning", start_step: int = 0):
+        """`start_step` > 0 continues a resumed run: rows and TensorBoard events after it are discarded.
+        Under torchrun only rank 0 writes; on the other ranks every method is a no-op."""
         from torch.utils.tensorboard import SummaryWriter
 
+        self.enabled = distributed.world().is_main
         self.wandb = None
+        self.start = time.time()
+        if not self.enabled:
+            return
         if track:
             try:
                 import wandb
@@ -59,18 +79,22 @@ class Tracker:
         self.run_dir = run_dir
         config = dataclasses.asdict(args)
         (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
-        self.writer = SummaryWriter(str(run_dir))
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            _truncate_jsonl(run_dir / name, start_step)
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         if track:
-            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, dir=str(run_dir))
-        self.start = time.time()
+            self.wandb = wandb.init(project=project, name=run_dir.name, config=config, dir=str(run_dir),
+                                    id=run_dir.name, resume="allow")
 
     def log(self, step: int, charts: dict, losses: dict) -> dict:
         """Write one optimizer step. Values may be tensors; `seconds` since the start is added."""
         charts = {k: float(torch.as_tensor(v).detach()) for k, v in charts.items()}
         losses = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
         row = {"step": step, **charts, **losses, "seconds": round(time.time() - self.start, 3)}
+        if not self.enabled:
+            return row
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
         scalars = {f"charts/{k}": v for k, v in charts.items()} | {f"losses/{k}": v for k, v in losses.items()}
@@ -83,6 +107,8 @@ class Tracker:
     def samples(self, step: int, images: torch.Tensor, scores: torch.Tensor) -> float:
         """The fixed-prompt, fixed-seed sample grid: samples/step_XXXXXX.png (step 0 is the base model), the
         grid in TensorBoard and the grid's mean reward as charts/eval_reward (also in eval.jsonl)."""
+        if not self.enabled:
+            return float("nan")
         grid = save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
         self.writer.add_image("samples", grid, step)
         value = float(scores.float().mean())
@@ -92,6 +118,8 @@ class Tracker:
         return value
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.metrics.close()
         self.writer.close()
         if self.wandb is not None:
