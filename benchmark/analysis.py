@@ -1,0 +1,270 @@
+"""The benchmark's data logic, without plotting or running anything: read run directories, build the per-update
+CSV rows, curves on a common query grid, spread over seeds, thresholds and queries-to-threshold, the summary.
+
+Everything here works on plain files (metrics.jsonl, eval.jsonl, final_eval.json, bench_run.json) so that it
+can be tested on synthetic runs (tests/test_benchmark.py).
+
+Definitions used throughout (also stated in summary.md):
+- the *eval curve* of a run is the script's own fixed-grid reward (`eval.jsonl`: the same prompts and initial
+  noise at every evaluation, full samples with the script's sampler) against the reward queries spent when it
+  was drawn; step 0 is the base model at 0 queries. Its *gain* is eval_reward − eval_reward at step 0, so the
+  RL scripts (η = 1) and the gradient scripts (η = 0), whose base models score differently, are compared on
+  how much they improved.
+- the *threshold* of a group of algorithms trained on the same reward is half the best final gain: halfway
+  between the base model (gain 0) and the best algorithm's mean final gain over seeds.
+- *queries to threshold* of a run is the first crossing of its eval-gain curve, linearly interpolated between
+  the two evaluations around it; runs that never reach it count as not reached.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CSV_COLUMNS = ["comparison", "algorithm", "seed", "step", "reward_queries", "seconds", "train_seconds",
+               "step_seconds", "reward_mean", "eval_reward"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file; [] when it does not exist. A truncated last line (a run killed mid-write) is
+    skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def read_json(path: Path) -> dict | None:
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class Run:
+    """One training run as the benchmark sees it."""
+
+    comparison: str
+    algorithm: str
+    seed: int
+    metrics: list[dict]  # metrics.jsonl: one row per optimizer update
+    evals: list[dict]  # eval.jsonl: {"step", "eval_reward"} for each sample grid, step 0 = base model
+    final_eval: dict | None = None  # final_eval.json written by benchmark/evaluate.py
+    info: dict = field(default_factory=dict)  # bench_run.json written by compare.py (command, wall time)
+
+    @property
+    def budget_spent(self) -> int:
+        return int(self.metrics[-1]["reward_queries"]) if self.metrics else 0
+
+
+def load_run(run_dir: Path, comparison: str, algorithm: str, seed: int) -> Run:
+    run_dir = Path(run_dir)
+    return Run(comparison, algorithm, seed, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
+               read_json(run_dir / "final_eval.json"), read_json(run_dir / "bench_run.json") or {})
+
+
+def csv_rows(run: Run) -> list[dict]:
+    """Per-update rows of one run (CSV_COLUMNS), plus a step-0 row for the base model's eval reward.
+
+    `seconds` is the script's own clock (since it started, model loading and sample grids included);
+    `train_seconds` is the cumulative `step_seconds` (sampling, reward and update only), the wall-clock axis of
+    the plots. `eval_reward` is filled on the updates after which a sample grid was drawn."""
+    evals = {int(e["step"]): e["eval_reward"] for e in run.evals}
+    base = dict(comparison=run.comparison, algorithm=run.algorithm, seed=run.seed)
+    rows = []
+    if 0 in evals:
+        rows.append(base | dict(step=0, reward_queries=0, seconds="", train_seconds=0.0, step_seconds="",
+                                reward_mean="", eval_reward=evals[0]))
+    train_seconds = 0.0
+    for m in run.metrics:
+        train_seconds += m.get("step_seconds", 0.0)
+        step = int(m["step"])
+        rows.append(base | dict(step=step, reward_queries=int(m["reward_queries"]), seconds=m.get("seconds", ""),
+                                train_seconds=round(train_seconds, 3), step_seconds=m.get("step_seconds", ""),
+                                reward_mean=m["reward_mean"], eval_reward=evals.get(step, "")))
+    return rows
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def eval_curve(run: Run, axis: str = "queries") -> tuple[np.ndarray, np.ndarray]:
+    """(reward queries, eval reward) at each sample grid; a grid's step is mapped to the queries spent after
+    that update (step 0: 0 queries). Grids of steps missing from metrics.jsonl are dropped. With
+    axis="seconds" the x value is the cumulative step_seconds (train seconds) instead."""
+    if axis == "queries":
+        queries = {0: 0} | {int(m["step"]): int(m["reward_queries"]) for m in run.metrics}
+    else:
+        seconds = np.cumsum([m.get("step_seconds", 0.0) for m in run.metrics])
+        queries = {0: 0.0} | {int(m["step"]): float(s) for m, s in zip(run.metrics, seconds)}
+    points = sorted((queries[int(e["step"])], float(e["eval_reward"])) for e in run.evals if int(e["step"]) in queries)
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    x, y = zip(*points)
+    return np.asarray(x, float), np.asarray(y, float)
+
+
+def train_curve(run: Run, window: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(reward queries, train seconds, smoothed reward_mean) per update. The smoothing is a trailing mean over
+    the updates whose queries fall in the last `window` queries, each weighted by the images it scored (so a
+    batch of 32 weighs 8× a batch of 4); causal, so that a curve never shows a reward before it was reached."""
+    if not run.metrics:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    q = np.array([m["reward_queries"] for m in run.metrics], float)
+    r = np.array([m["reward_mean"] for m in run.metrics], float)
+    s = np.cumsum([m.get("step_seconds", 0.0) for m in run.metrics])
+    w = np.diff(np.concatenate([[0.0], q]))  # images scored at each update (0 for updates reusing a batch)
+    w = np.where(w > 0, w, 0.0)
+    smooth = np.empty_like(r)
+    for i in range(len(q)):
+        mine = (q > q[i] - window) & (np.arange(len(q)) <= i) & (w > 0)
+        # updates that reuse a sampled batch (DDPO-IS, RWR) repeat its reward: weight only the sampling update
+        smooth[i] = np.average(r[mine], weights=w[mine]) if mine.any() else r[i]
+    return q, s, smooth
+
+
+def on_grid(x: np.ndarray, y: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """y(x) linearly interpolated on `grid`; NaN outside [x.min(), x.max()] (no extrapolation)."""
+    out = np.full(len(grid), np.nan)
+    if len(x) == 0:
+        return out
+    inside = (grid >= x.min()) & (grid <= x.max())
+    out[inside] = np.interp(grid[inside], x, y)
+    return out
+
+
+def band(curves: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Mean, std, min and max over seeds at each grid point, ignoring NaN (a seed without data there)."""
+    stack = np.vstack(curves) if curves else np.zeros((0, 0))
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", category=RuntimeWarning)
+            return dict(mean=np.nanmean(stack, 0), std=np.nanstd(stack, 0), min=np.nanmin(stack, 0),
+                        max=np.nanmax(stack, 0), n=np.sum(~np.isnan(stack), 0))
+
+
+def first_crossing(x: np.ndarray, y: np.ndarray, threshold: float) -> float | None:
+    """The first x at which y reaches `threshold`, linearly interpolated between the point below and the first
+    point at or above it; None if it is never reached. A curve that starts at or above the threshold crosses
+    at its first x."""
+    for i in range(len(x)):
+        if y[i] >= threshold:
+            if i == 0:
+                return float(x[0])
+            x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
+            return float(x0 + (threshold - y0) / (y1 - y0) * (x1 - x0))
+    return None
+
+
+def gain_curve(run: Run, axis: str = "queries") -> tuple[np.ndarray, np.ndarray]:
+    """The eval curve minus its step-0 value (the base model under this script's sampler)."""
+    x, y = eval_curve(run, axis)
+    if len(x) == 0 or x[0] != 0:
+        return np.zeros(0), np.zeros(0)
+    return x, y - y[0]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population std (NaN for no values)."""
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan
+    return float(np.mean(values)), float(np.std(values))
+
+
+def summarize(runs: list[Run], reward_of: dict[str, str], last_fraction: float = 0.1) -> dict:
+    """Per-algorithm figures of one comparison.
+
+    `reward_of`: algorithm -> the reward it trained on; algorithms that share a reward share a threshold.
+    Returns {"threshold": {reward: {...}}, "algorithms": {algorithm: {...}}} with, per algorithm, over seeds:
+    final eval gain and eval reward, the train reward over the last `last_fraction` of the queries, the
+    final evaluation's figures (final_eval.json), queries to threshold, seconds per update and wall time.
+    """
+    by_algo: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.metrics:
+            by_algo.setdefault(run.algorithm, []).append(run)
+    out = {"algorithms": {}, "threshold": {}}
+    for algo, algo_runs in by_algo.items():
+        algo_runs.sort(key=lambda r: r.seed)
+        finals, final_rewards, lates, spu, walls, budgets = [], [], [], [], [], []
+        for run in algo_runs:
+            x, gain = gain_curve(run)
+            finals.append(float(gain[-1]) if len(gain) else math.nan)
+            _, y = eval_curve(run)
+            final_rewards.append(float(y[-1]) if len(y) else math.nan)
+            q = np.array([m["reward_queries"] for m in run.metrics], float)
+            r = np.array([m["reward_mean"] for m in run.metrics], float)
+            w = np.diff(np.concatenate([[0.0], q]))
+            late = (q > q[-1] * (1 - last_fraction)) & (w > 0)
+            lates.append(float(np.average(r[late], weights=w[late])) if late.any() else math.nan)
+            spu.append(float(np.mean([m["step_seconds"] for m in run.metrics])))
+            walls.append(run.info.get("wall_seconds", math.nan))
+            budgets.append(run.budget_spent)
+        entry = dict(
+            reward=reward_of.get(algo, ""),
+            seeds=[r.seed for r in algo_runs],
+            budget=max(budgets),
+            updates=max(len(r.metrics) for r in algo_runs),
+            final_gain=finals,
+            final_gain_mean_std=mean_std(finals),
+            final_eval_reward=final_rewards,
+            final_eval_reward_mean_std=mean_std(final_rewards),
+            train_reward_last=lates,
+            train_reward_last_mean_std=mean_std(lates),
+            seconds_per_update=mean_std(spu)[0],
+            seconds_per_1k_queries=mean_std([s * len(r.metrics) / max(r.budget_spent, 1) * 1000
+                                             for s, r in zip(spu, algo_runs)])[0],
+            wall_seconds_total=float(np.nansum(walls)),
+            wall_seconds_per_run=mean_std(walls)[0],
+        )
+        # the independent evaluation of the final LoRA (benchmark/evaluate.py), per prompt set and reward
+        finals_eval = [r.final_eval for r in algo_runs if r.final_eval]
+        if finals_eval:
+            entry["final_eval"] = {}
+            for split, scores in finals_eval[0]["scores"].items():
+                entry["final_eval"][split] = {
+                    name: mean_std([f["scores"][split][name] for f in finals_eval if split in f["scores"]])
+                    for name in scores
+                }
+        out["algorithms"][algo] = entry
+
+    # thresholds per training reward, then queries to threshold per run
+    for reward in sorted({e["reward"] for e in out["algorithms"].values()}):
+        members = {a: e for a, e in out["algorithms"].items() if e["reward"] == reward}
+        best_algo, best = max(((a, e["final_gain_mean_std"][0]) for a, e in members.items()),
+                              key=lambda t: -math.inf if math.isnan(t[1]) else t[1])
+        threshold = 0.5 * best if best > 0 else None
+        out["threshold"][reward] = dict(gain=threshold, best_algorithm=best_algo, best_final_gain=best,
+                                        rule="half the best algorithm's mean final eval gain (base model = 0)")
+        for algo, entry in members.items():
+            reached = []
+            for run in by_algo[algo]:
+                x, gain = gain_curve(run)
+                reached.append(first_crossing(x, gain, threshold) if threshold is not None else None)
+            entry["queries_to_threshold"] = reached
+            hits = [v for v in reached if v is not None]
+            entry["queries_to_threshold_mean"] = float(np.mean(hits)) if hits else None
+            entry["reached_threshold"] = f"{len(hits)}/{len(reached)}"
+    return out

@@ -1,0 +1,107 @@
+"""Score a trained LoRA (or the base model) on fixed prompts and seeds, independently of the training script.
+
+For each prompt set (e.g. the training prompts and the held-out prompts) `--num-images` prompts are taken evenly
+spaced through the set (cycling when the set is smaller), sampled with `common.sample_images` in chunks of 32
+with fixed seeds (chunk i uses seed 10000 + i: every model sees the same initial noise), and scored with each
+reward of `--rewards`; the figure per set and reward is the mean over the images, so for the 0/1 reward
+`shapes_exact_match` it is the exact-match rate.
+
+The sampler is the one the run trained with (its args.json: T, w, and η, which is 0 for the gradient scripts and
+1 for the RL scripts), so each LoRA is evaluated on the policy it optimised. The base model is evaluated once
+per sampler (`--eta`).
+
+    python benchmark/evaluate.py --run-dir RUN --sets train=shapes,heldout=shapes_heldout \
+        --rewards shapes_exact_match,shapes_alignment --out RUN/final_eval.json
+    python benchmark/evaluate.py --model tiny-shapes --eta 0 --num-inference-steps 20 --guidance-scale 3 ... # base
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import rewards  # noqa: E402
+
+SEED = 10_000
+CHUNK = 32
+
+
+def eval_prompts(prompts: list[str], n: int) -> list[str]:
+    """n prompts evenly spaced through the set, in order; with n > len(prompts) the set is cycled."""
+    if n <= len(prompts):
+        return [prompts[(i * len(prompts)) // n] for i in range(n)]
+    return [prompts[i % len(prompts)] for i in range(n)]
+
+
+@torch.no_grad()
+def score(pipe, prompts: list[str], reward_fns: dict, num_steps: int, guidance_scale: float, eta: float) -> dict:
+    """Mean of each reward over images of `prompts`, sampled in chunks with fixed seeds."""
+    totals = {name: 0.0 for name in reward_fns}
+    for i in range(0, len(prompts), CHUNK):
+        chunk = prompts[i : i + CHUNK]
+        images = common.sample_images(pipe, chunk, SEED + i // CHUNK, num_steps, guidance_scale, eta)
+        for name, fn in reward_fns.items():
+            totals[name] += float(fn(images, chunk).float().sum())
+    return {name: total / len(prompts) for name, total in totals.items()}
+
+
+def evaluate(model: str, run_dir: str | None, prompt_sets: dict[str, str], reward_names: list[str], num_images: int,
+             num_steps: int, guidance_scale: float, eta: float, lora_rank: int = 0, lora_ff: bool = False) -> dict:
+    """Scores of the base model (run_dir None) or of the run's final LoRA, per prompt set and reward."""
+    t0 = time.time()
+    targets = common.ATTENTION_TARGETS + (common.FEEDFORWARD_TARGETS if lora_ff else ())
+    pipe = common.load_pipeline(model, lora_rank if run_dir else 0, "cpu", torch.float32, lora_targets=targets)
+    if run_dir:
+        common.load_lora(pipe, run_dir)
+    reward_fns = {name: rewards.load(name) for name in reward_names}
+    scores = {split: score(pipe, eval_prompts(common.load_prompts(name), num_images), reward_fns, num_steps,
+                           guidance_scale, eta)
+              for split, name in prompt_sets.items()}
+    config = dict(model=model, run_dir=run_dir, prompt_sets=prompt_sets, rewards=reward_names, num_images=num_images,
+                  num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta, seed=SEED)
+    return dict(config=config, scores=scores, seconds=round(time.time() - t0, 2))
+
+
+def evaluate_run(run_dir: str | Path, prompt_sets: dict[str, str], reward_names: list[str], num_images: int) -> dict:
+    """Scores of a finished run's final LoRA with the sampler and LoRA shape of its args.json."""
+    args = json.loads((Path(run_dir) / "args.json").read_text())
+    return evaluate(args["model"], str(run_dir), prompt_sets, reward_names, num_images, args["num_inference_steps"],
+                    args["guidance_scale"], args.get("eta", 0.0), args["lora_rank"], args.get("lora_ff", False))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", help="a finished run; its args.json gives model, sampler and LoRA shape")
+    p.add_argument("--model", help="base model (without --run-dir)")
+    p.add_argument("--sets", required=True, help="split=prompt_set,... e.g. train=shapes,heldout=shapes_heldout")
+    p.add_argument("--rewards", required=True, help="comma-separated reward names")
+    p.add_argument("--num-images", type=int, default=128, help="images per prompt set")
+    p.add_argument("--num-inference-steps", type=int, help="base model only (a run uses its own)")
+    p.add_argument("--guidance-scale", type=float, help="base model only")
+    p.add_argument("--eta", type=float, default=0.0, help="base model only")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+    sets = dict(item.split("=", 1) for item in a.sets.split(","))
+    reward_names = a.rewards.split(",")
+    if a.run_dir:
+        result = evaluate_run(a.run_dir, sets, reward_names, a.num_images)
+    else:
+        result = evaluate(a.model, None, sets, reward_names, a.num_images, a.num_inference_steps, a.guidance_scale,
+                          a.eta)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["scores"]))
+
+
+if __name__ == "__main__":
+    main()

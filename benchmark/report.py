@@ -1,0 +1,273 @@
+"""The benchmark's outputs from its run directories: runs.csv, plots, before/after grids, summary.md/.json.
+
+Called by compare.py after every finished run (so partial results are always on disk) and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmark import analysis
+
+COLORS = dict(ddpo_sf="tab:red", ddpo_is="tab:orange", rwr="tab:brown", draft="tab:blue", draft_lv="tab:green",
+              refl="tab:purple", alignprop="tab:cyan")
+GRID_POINTS = 80
+
+
+def _label(algo: str) -> str:
+    from benchmark.compare import LABELS
+
+    return LABELS[algo]
+
+
+def _style(algo: str) -> dict:
+    from benchmark.compare import RL
+
+    return dict(color=COLORS[algo], linestyle="--" if algo in RL else "-")
+
+
+def _fmt(mean_std, digits=3) -> str:
+    m, s = mean_std
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "–"
+    return f"{m:.{digits}g} ± {s:.2g}"
+
+
+def _groups(c, runs_by_algo) -> dict[str, list[str]]:
+    """Training reward -> the algorithms trained on it (in the comparison's order)."""
+    groups: dict[str, list[str]] = {}
+    for algo in c.algorithms:
+        if runs_by_algo.get(algo):
+            groups.setdefault(c.reward(algo), []).append(algo)
+    return groups
+
+
+def _plot_band(ax, grid, curves, algo):
+    b = analysis.band(curves)
+    ok = b["n"] > 0
+    if not ok.any():
+        return
+    ax.plot(grid[ok], b["mean"][ok], label=f"{_label(algo)} (n={int(b['n'][ok].max())})", **_style(algo))
+    ax.fill_between(grid[ok], b["min"][ok], b["max"][ok], color=COLORS[algo], alpha=0.15, linewidth=0)
+
+
+def plot_comparison(c, runs_by_algo: dict[str, list[analysis.Run]], out: Path) -> list[Path]:
+    """Two figures: reward vs reward queries and vs train seconds. One row per training reward; left the
+    smoothed training reward of the sampled batches, right the fixed-grid eval gain. Lines: mean over seeds;
+    shading: min–max over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = _groups(c, runs_by_algo)
+    if not groups:
+        return []
+    window = 0.1 * c.budget
+    paths = []
+    for axis, xlabel in (("queries", "reward queries (images scored)"), ("seconds", "train seconds (sum of step_seconds)")):
+        fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+        for row, (reward, algos) in enumerate(groups.items()):
+            ax_train, ax_eval = axes[row]
+            for algo in algos:
+                runs = runs_by_algo[algo]
+                tc = [analysis.train_curve(r, window) for r in runs]
+                if axis == "queries":
+                    xmax = c.budget
+                    curves_x = [(q, y) for q, _, y in tc]
+                else:
+                    xmax = min(s[-1] for _, s, _ in tc if len(s))
+                    curves_x = [(s, y) for _, s, y in tc]
+                grid = np.linspace(0, xmax, GRID_POINTS)
+                _plot_band(ax_train, grid, [analysis.on_grid(x, y, grid) for x, y in curves_x], algo)
+                _plot_band(ax_eval, grid, [analysis.on_grid(*analysis.gain_curve(r, axis), grid) for r in runs], algo)
+            ax_train.set_title(f"training batches (trailing mean, {window:g} queries)", fontsize=10)
+            ax_eval.set_title("eval grid: gain over step 0 (fixed prompts and noise)", fontsize=10)
+            for ax in (ax_train, ax_eval):
+                ax.set_xlabel(xlabel)
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=8)
+            ax_train.set_ylabel(reward)
+            ax_eval.set_ylabel(f"Δ {reward}")
+            ax_eval.axhline(0, color="k", lw=0.5)
+        fig.suptitle(f"{c.title}\nmean over seeds, shading min–max; dashed: RL (black-box reward), solid: gradient",
+                     fontsize=10)
+        fig.tight_layout()
+        path = out / f"{c.name}_reward_vs_{axis}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def before_after(c, job_of: dict, out: Path) -> list[Path]:
+    """Per algorithm, the step-0 and final sample grids of seed 0 side by side, labelled with the grid's mean
+    reward and the prompts of the grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for algo in c.algorithms:
+        job = job_of.get((algo, min(c.seeds)))
+        if job is None:
+            continue
+        grids = sorted((job.run_dir / "samples").glob("step_*.png"))
+        if len(grids) < 2 or not (job.run_dir / "pytorch_lora_weights.safetensors").is_file():
+            continue
+        evals = {int(e["step"]): e["eval_reward"] for e in analysis.read_jsonl(job.run_dir / "eval.jsonl")}
+        first, last = grids[0], grids[-1]
+        h, w = plt.imread(first).shape[:2]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 5 * h / w + 1.6))
+        for ax, path, when in ((axes[0], first, "before"), (axes[1], last, "after")):
+            step = int(path.stem.split("_")[1])
+            ax.imshow(plt.imread(path), interpolation="nearest")
+            r = evals.get(step)
+            ax.set_title(f"{when}: step {step}" + (f", grid {c.reward(algo)} = {r:.3g}" if r is not None else ""),
+                         fontsize=9)
+            ax.axis("off")
+        prompts_file = Path(job.cmd[job.cmd.index("--prompt-file") + 1])
+        prompts = prompts_file.read_text().splitlines()[: c.num_sample_images] if prompts_file.is_file() else []
+        text = "; ".join(f"{i + 1}. {p}" for i, p in enumerate(prompts))
+        fig.suptitle(f"{_label(algo)}, seed {job.seed}, {c.name} comparison ({job.steps} updates, "
+                     f"{c.budget} reward queries)", fontsize=11)
+        fig.text(0.5, 0.01, "grid prompts (row by row): " + text, ha="center", va="bottom", fontsize=6.5, wrap=True)
+        fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+        path = out / "grids" / c.name / f"{algo}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _config_table(c, jobs) -> list[str]:
+    seen = {}
+    for j in jobs:
+        if j.comparison is c and j.algorithm not in seen:
+            seen[j.algorithm] = j
+    lines = ["| algorithm | script | reward | batch | steps | LR | T | w | budget (queries) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for algo, j in seen.items():
+        e = j.extra
+        batch = e["batch"] + (f"; clip range {e['clip_range']:.3g}" if "clip_range" in e else "")
+        lines.append(f"| {_label(algo)} | `{algo}.py` | `{e['reward']}` | {batch} | {e['steps']} | {e['lr']:g} | "
+                     f"{e['T']} | {e['w']:g} | {e['budget']} |")
+    return lines
+
+
+def _results_table(c, summary, base) -> list[str]:
+    em = [r for r in c.eval_rewards]
+    head = ["algorithm", "seeds", "final eval-grid gain", "final eval-grid reward", "train reward, last 10%"]
+    head += [f"{r} train" for r in em] + [f"{r} held-out" for r in em]
+    head += ["queries to threshold (reached)", "s / update", "s / 1k queries", "wall s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from benchmark.compare import RL
+
+    for eta, b in sorted(base.items()):
+        who = "RL sampler, η = 1" if eta else "gradient sampler, η = 0"
+        cells = [f"base model ({who})", "–", "0", "–", "–"]
+        cells += [f"{b['scores']['train'][r]:.3g}" for r in em] + [f"{b['scores']['heldout'][r]:.3g}" for r in em]
+        cells += ["–", "–", "–", f"{b.get('seconds', math.nan):.0f} (eval)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for algo in c.algorithms:
+        e = summary["algorithms"].get(algo)
+        if e is None:
+            continue
+        fe = e.get("final_eval", {})
+        cells = [_label(algo), ",".join(map(str, e["seeds"])), _fmt(e["final_gain_mean_std"]),
+                 _fmt(e["final_eval_reward_mean_std"]), _fmt(e["train_reward_last_mean_std"])]
+        cells += [_fmt(fe.get("train", {}).get(r, (math.nan, math.nan))) for r in em]
+        cells += [_fmt(fe.get("heldout", {}).get(r, (math.nan, math.nan))) for r in em]
+        q = e.get("queries_to_threshold_mean")
+        cells += [(f"{q:.0f}" if q is not None else "not reached") + f" ({e.get('reached_threshold', '–')})",
+                  f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}",
+                  f"{e['wall_seconds_per_run']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
+    """Write runs.csv, the plots, the grids, summary.md and summary.json from what is in the run directories."""
+    runs_all, rows = [], []
+    for j in jobs:
+        if (j.run_dir / "metrics.jsonl").is_file():
+            run = analysis.load_run(j.run_dir, j.comparison.name, j.algorithm, j.seed)
+            if run.metrics and run.info:  # finished runs only (bench_run.json is written at the end)
+                runs_all.append(run)
+                rows += analysis.csv_rows(run)
+    analysis.write_csv(rows, out / "runs.csv")
+
+    result = dict(generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), final=final,
+                  invocation_seconds=round(elapsed, 1), comparisons={})
+    md = ["# Benchmark: seven reward fine-tuning algorithms at an equal budget of reward queries", ""]
+    md += [f"Generated {result['generated']} by `python benchmark/compare.py`"
+           + ("" if final else " (**partial: the benchmark is still running**)") + ".", ""]
+    total_wall = 0.0
+    for c in comps:
+        runs = [r for r in runs_all if r.comparison == c.name]
+        by_algo: dict[str, list[analysis.Run]] = {}
+        for r in runs:
+            by_algo.setdefault(r.algorithm, []).append(r)
+        summary = analysis.summarize(runs, {a: c.reward(a) for a in c.algorithms})
+        base = {}
+        for path in sorted((out / "base").glob(f"{c.name}__eta*.json")):
+            b = json.loads(path.read_text())
+            base[b["config"]["eta"]] = b
+        plots = plot_comparison(c, by_algo, out)
+        job_of = {(j.algorithm, j.seed): j for j in jobs if j.comparison is c}
+        grids = before_after(c, job_of, out)
+        wall = sum(r.info.get("wall_seconds", 0) for r in runs) + sum(
+            (analysis.read_json(j.run_dir / "final_eval.json") or {}).get("seconds", 0) for j in job_of.values())
+        wall += sum(b.get("seconds", 0) for b in base.values())
+        total_wall += wall
+        expected = len(c.algorithms) * len(c.seeds)
+        result["comparisons"][c.name] = dict(
+            title=c.title, model=c.model, prompts=c.prompts, heldout_prompts=c.heldout_prompts, budget=c.budget,
+            seeds=c.seeds, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale, lr=c.lr,
+            runs_finished=len(runs), runs_expected=expected, wall_seconds=round(wall, 1),
+            base={str(k): v for k, v in base.items()}, summary=summary,
+            config={j.algorithm: j.extra for j in jobs if j.comparison is c and j.seed == min(c.seeds)},
+            commands=[f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}" for j in jobs if j.comparison is c])
+
+        md += [f"## Comparison `{c.name}`: {c.title}", ""]
+        md += [f"{len(runs)} of {expected} runs finished; seeds {c.seeds}; budget {c.budget} reward queries per run; "
+               f"T = {c.num_inference_steps}, w = {c.guidance_scale:g}; wall time of its runs and evaluations "
+               f"{wall / 60:.1f} min.", ""]
+        md += ["### Configuration", ""] + _config_table(c, jobs) + [""]
+        md += ["### Results", ""] + _results_table(c, summary, base) + [""]
+        md += ["Columns: *final eval-grid gain* is the script's fixed sample grid (its first "
+               f"{c.num_sample_images} prompts of a fixed shuffle of `{c.prompts}`, seed 0, its own sampler) at the "
+               "end minus at step 0; *train reward, last 10%* is the mean reward of the batches sampled in the last "
+               "10% of the budget (ReFL: of its one-step predictions x̂0, not of finished samples); the final "
+               f"evaluation columns score {c.eval_images} images per prompt set (`{c.prompts}` = train, "
+               f"`{c.heldout_prompts}` = held-out; prompts evenly spaced through the set, fixed seeds) from the final "
+               "LoRA with the sampler it trained with (η = 0 for the gradient scripts, η = 1 for the RL scripts; "
+               "the base model is given for both); ± is the std over seeds.", ""]
+        for reward, t in summary["threshold"].items():
+            g = t["gain"]
+            md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} ({_label(t['best_algorithm'])}, "
+                      f"{t['best_final_gain']:.3g}); queries to threshold is the first crossing of each seed's eval "
+                      "curve (linear between grid evaluations), averaged over the seeds that reach it."
+                      if g is not None else f"Threshold for `{reward}`: undefined (no algorithm improved).")
+        md.append("")
+        for p in plots:
+            md += [f"![{p.stem}]({p.relative_to(out)})", ""]
+        if grids:
+            md += ["Before/after sample grids (seed 0): " + ", ".join(
+                f"[{_label(g.stem)}]({g.relative_to(out)})" for g in grids), ""]
+        md += ["<details><summary>Command lines</summary>", "", "```"]
+        md += result["comparisons"][c.name]["commands"] + ["```", "", "</details>", ""]
+    result["wall_seconds_total"] = round(total_wall, 1)
+    md.insert(3, f"Total wall time of all runs and evaluations: {total_wall / 60:.1f} min (this invocation: "
+                 f"{elapsed / 60:.1f} min). Every job ran with `OMP_NUM_THREADS=1` on a shared 2-core CPU; "
+                 "timings vary with the load of the machine.\n")
+    (out / "summary.md").write_text("\n".join(md) + "\n")
+    (out / "summary.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
