@@ -71,12 +71,12 @@ def build_text_encoder():
     )
 
 
-def save(module: torch.nn.Module, name: str) -> Path:
-    """Write a component's weights in float16 to `shapes/weights/<name>.safetensors`."""
+def save(module: torch.nn.Module, name: str, directory: Path = WEIGHTS) -> Path:
+    """Write a component's weights in float16 to `directory / FILES[name]`."""
     from safetensors.torch import save_file
 
-    WEIGHTS.mkdir(exist_ok=True)
-    path = WEIGHTS / FILES[name]
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FILES[name]
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in module.state_dict().items()}, path)
     return path
 

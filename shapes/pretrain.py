@@ -19,6 +19,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ class Args:
     """probability of training on the empty prompt instead of the caption"""
     ema_decay: float = 0.995
     threads: int = 1
+    output_dir: str = str(model.WEIGHTS)
+    """where the weights and pretrain.json go (the committed ones: shapes/weights)"""
 
 
 def lr_at(step: int, args: Args) -> float:
@@ -147,11 +150,12 @@ def main(args: Args) -> None:
     vae = train_vae(args, rng, log)
     unet, text_encoder = train_unet(args, vae, rng, log)
     log["total_seconds"] = round(time.time() - t0, 1)
+    out = Path(args.output_dir)
     for module, name in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder")):
-        path = model.save(module, name)
+        path = model.save(module, name, out)
         log.setdefault("file_bytes", {})[name] = path.stat().st_size
-    model.REPORT.write_text(json.dumps(log, indent=1) + "\n")
-    print(f"weights and {model.REPORT.name} in {model.WEIGHTS} ({log['total_seconds']:.0f}s)")
+    (out / model.REPORT.name).write_text(json.dumps(log, indent=1) + "\n")
+    print(f"weights and {model.REPORT.name} in {out} ({log['total_seconds']:.0f}s)")
 
 
 if __name__ == "__main__":
