@@ -18,12 +18,17 @@ JPEG file size, black box), the gradient scripts on its differentiable stand-in 
 LoRAs are all scored on both rewards (and exact match, to see what compressibility costs in prompt fidelity).
 
 Configuration rule (stated in summary.md): the scripts' own defaults (LoRA rank and targets, weight decay,
-gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's 4 minibatches, RWR's 4 epochs × 4 minibatches and β) except:
-T and w from `shapes.RECOMMENDED` for all; one learning rate per family (RL, gradient) instead of per script;
-small batches (4 images per update for the gradient scripts, their default; 32 per sampled batch for the RL
-scripts); ReFL's m from the last 40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the
-learning rate (1e-4 at the paper's 3e-4); `--steps` = budget / queries per update. The sample grid (which is
-the eval curve) has 16 images drawn ~16 times per run from a fixed shuffle of the training prompts.
+gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's 4 minibatches, RWR's 4 epochs × 4 minibatches, 8 images per
+prompt and β) except: T and w from `shapes.RECOMMENDED` for all; one learning rate per family (RL, gradient)
+instead of per script, chosen by a short sweep of one script per family on one seed; small batches (4 images per
+update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
+40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the learning rate (1e-4 at the paper's
+3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) has the scripts' default 8
+images, drawn at step 0 and 8 more times per run, from a fixed shuffle of the training prompts.
+
+Cost on this 2-core CPU (one thread per job, T = 20): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS) seconds of training
+per reward query, plus ~60 s per run for starting Python, sample grids and the final evaluation; the default
+budgets (192 queries × 3 seeds, JPEG 96 × 2 seeds) take about 90 min with one job at a time, 50 with `--jobs 2`.
 
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed}; a run whose directory holds a finished run of the
 same command is skipped (so a rerun resumes), `--fresh` redoes them. Jobs run with OMP_NUM_THREADS=1,
@@ -75,11 +80,11 @@ class Comparison:
     num_inference_steps: int
     guidance_scale: float
     lr: dict[str, float]  # family ("rl", "grad") -> AdamW learning rate
-    rl_batch: int = 32  # images sampled per batch by the RL scripts
+    rl_batch: int = 16  # images sampled per batch by the RL scripts
     grad_batch: int = 4  # images per update of the gradient scripts
-    evals_per_run: int = 16  # sample grids per run (the eval curve's resolution)
-    num_sample_images: int = 16  # images per sample grid
-    eval_images: int = 128  # images per prompt set in the final evaluation
+    evals_per_run: int = 8  # sample grids per run after step 0 (the eval curve's resolution)
+    num_sample_images: int = 8  # images per sample grid (the scripts' default)
+    eval_images: int = 48  # about this many images per prompt set in the final evaluation (evaluate.eval_prompts)
     algorithms: tuple[str, ...] = ALGORITHMS
 
     def reward(self, algo: str) -> str:
@@ -200,24 +205,55 @@ def _write_eval(result: dict, path: Path) -> None:
     path.write_text(json.dumps(result, indent=2))
 
 
-def _call(cmd: list[str], log: Path, attempts: int = 3) -> float:
-    """Run `cmd` (cwd = repository root), output appended to `log`; retried on failure (the scripts may be
-    edited while the benchmark runs). Returns the wall time of the successful attempt."""
+_FORK_SERVER = None  # the multiprocessing context once started (--fork-server)
+
+
+def _fork_server():
+    """A forkserver context whose server has imported the scripts' third-party libraries (benchmark/_preload.py).
+    It inherits this process's environment, so OMP_NUM_THREADS=1 applies to every run."""
+    global _FORK_SERVER
+    if _FORK_SERVER is None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(["benchmark._preload"])
+        _FORK_SERVER = ctx
+    return _FORK_SERVER
+
+
+def _run(cmd: list[str], log: Path, fork: bool) -> int:
+    """Run `python *cmd` from the repository root with output appended to `log`; the exit code."""
+    if fork:
+        from benchmark._forkrun import run_script
+
+        process = _fork_server().Process(target=run_script, args=(cmd[0], cmd[1:], str(log)))
+        process.start()
+        process.join()
+        return process.exitcode
+    with open(log, "a") as f:
+        return subprocess.call([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 3) -> float:
+    """Run the script command `cmd` (["draft.py", "--flag", ...]) as `python *cmd` would, from the repository root,
+    output appended to `log`; retried on failure (the scripts may be edited while the benchmark runs). With
+    `fork`, in a process forked from a server that has the third-party libraries imported (saves 10-20 s of
+    imports per run here); otherwise in a fresh interpreter. Returns the wall time of the successful attempt."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
         t0 = time.time()
         with open(log, "a") as f:
-            f.write(f"\n$ {' '.join(cmd)}   # attempt {attempt}\n")
-            f.flush()
-            rc = subprocess.call(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+            f.write(f"\n$ python {' '.join(cmd)}   # attempt {attempt}\n")
+        rc = _run(cmd, log, fork)
         if rc == 0:
             return time.time() - t0
         print(f"  failed (exit {rc}, attempt {attempt}/{attempts}); log: {log}", flush=True)
         time.sleep(5)
-    raise RuntimeError(f"{cmd[1] if len(cmd) > 1 else cmd} failed {attempts} times; see {log}")
+    raise RuntimeError(f"{cmd[0]} failed {attempts} times; see {log}")
 
 
-def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: threading.Lock) -> str:
+def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: threading.Lock,
+            skip_eval: bool = False, fork: bool = True) -> str:
     """Train (unless finished), then evaluate the final LoRA (unless evaluated). Returns what was done.
 
     Training runs the script in a subprocess; the evaluation runs in this process (one at a time, under
@@ -231,13 +267,13 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
         with lock:
             print(f"[{time.strftime('%H:%M:%S')}] train {job.comparison.name}/{job.algorithm} seed {job.seed}: "
                   f"{job.steps} updates", flush=True)
-        wall = _call([sys.executable, *job.cmd[:1], *job.cmd[1:]], log)
+        wall = _call(job.cmd, log, fork)
         info = dict(cmd=job.cmd, wall_seconds=round(wall, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         (job.run_dir / "bench_run.json").write_text(json.dumps(info, indent=2))
         (job.run_dir / "final_eval.json").unlink(missing_ok=True)
         done.append(f"trained in {wall:.0f} s")
     final = job.run_dir / "final_eval.json"
-    if not final.is_file():
+    if not final.is_file() and not skip_eval:
         with eval_lock:
             c = job.comparison
             result = evaluate.evaluate_run(job.run_dir, _eval_sets(c), c.eval_rewards, c.eval_images)
@@ -300,6 +336,7 @@ def comparisons(a) -> list[Comparison]:
                           rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match"],
                           budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], **common_kw)
+        jpeg.eval_images = max(1, a.eval_images // 2)
     chosen = [c for c in (main, jpeg) if c.name in a.comparisons]
     for c in chosen:
         c.algorithms = tuple(x for x in ALGORITHMS if x in a.algorithms)
@@ -315,13 +352,17 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny budgets on --model tiny with the JPEG rewards")
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
     p.add_argument("--model", default="tiny-shapes")
-    p.add_argument("--budget", type=int, default=768, help="reward queries per run, main comparison")
-    p.add_argument("--jpeg-budget", type=int, default=384, help="reward queries per run, JPEG comparison")
+    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison")
+    p.add_argument("--jpeg-budget", type=int, default=96, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
     p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr")
     p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
-    p.add_argument("--eval-images", type=int, default=128, help="images per prompt set in the final evaluation")
+    p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
+                   "evaluation of the main comparison (every prompt the same number of times; JPEG: half)")
+    p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick sweep)")
+    p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
+                   "forking it from a server with torch and diffusers already imported")
     p.add_argument("--comparisons", nargs="+", default=["alignment", "jpeg"], choices=["alignment", "jpeg"])
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     a = p.parse_args(argv)
@@ -341,7 +382,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     a = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # before torch is imported here or in the fork server: one thread, offline, unbuffered logs
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     import torch
 
     torch.set_num_threads(1)  # the in-process evaluations, like the runs, use one thread
@@ -358,11 +400,13 @@ def main(argv=None):
     if not a.report_only:
         print(f"{len(jobs)} runs, {a.jobs} at a time; output in {out}", flush=True)
         for c in comps:
-            evaluate_base(c, out, a.fresh)
+            if not a.skip_eval:
+                evaluate_base(c, out, a.fresh)
         lock, eval_lock = threading.Lock(), threading.Lock()
         failed = []
         with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-            futures = {pool.submit(execute, j, out, a.fresh, lock, eval_lock): j for j in jobs}
+            futures = {pool.submit(execute, j, out, a.fresh, lock, eval_lock, a.skip_eval, not a.no_fork_server): j
+                       for j in jobs}
             for n, future in enumerate(as_completed(futures), 1):
                 j = futures[future]
                 try:

@@ -1,7 +1,7 @@
 """Score a trained LoRA (or the base model) on fixed prompts and seeds, independently of the training script.
 
-For each prompt set (e.g. the training prompts and the held-out prompts) `--num-images` prompts are taken evenly
-spaced through the set (cycling when the set is smaller), sampled with `common.sample_images` in chunks of 32
+For each prompt set (e.g. the training prompts and the held-out prompts) about `--num-images` prompts covering the
+set evenly (`eval_prompts`) are sampled with `common.sample_images` in chunks of 32
 with fixed seeds (chunk i uses seed 10000 + i: every model sees the same initial noise), and scored with each
 reward of `--rewards`; the figure per set and reward is the mean over the images, so for the 0/1 reward
 `shapes_exact_match` it is the exact-match rate.
@@ -36,10 +36,12 @@ CHUNK = 32
 
 
 def eval_prompts(prompts: list[str], n: int) -> list[str]:
-    """n prompts evenly spaced through the set, in order; with n > len(prompts) the set is cycled."""
-    if n <= len(prompts):
+    """About n prompts covering the set evenly: with n < len(prompts), n prompts evenly spaced through the set;
+    otherwise every prompt round(n / len(prompts)) times (96 train prompts, n = 96: each once; 24 held-out: each 4
+    times), so that every prompt weighs the same."""
+    if n < len(prompts):
         return [prompts[(i * len(prompts)) // n] for i in range(n)]
-    return [prompts[i % len(prompts)] for i in range(n)]
+    return list(prompts) * max(1, round(n / len(prompts)))
 
 
 @torch.no_grad()
@@ -84,7 +86,7 @@ def main(argv=None):
     p.add_argument("--model", help="base model (without --run-dir)")
     p.add_argument("--sets", required=True, help="split=prompt_set,... e.g. train=shapes,heldout=shapes_heldout")
     p.add_argument("--rewards", required=True, help="comma-separated reward names")
-    p.add_argument("--num-images", type=int, default=128, help="images per prompt set")
+    p.add_argument("--num-images", type=int, default=96, help="about this many images per prompt set")
     p.add_argument("--num-inference-steps", type=int, help="base model only (a run uses its own)")
     p.add_argument("--guidance-scale", type=float, help="base model only")
     p.add_argument("--eta", type=float, default=0.0, help="base model only")

@@ -246,8 +246,8 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
                f"{c.num_sample_images} prompts of a fixed shuffle of `{c.prompts}`, seed 0, its own sampler) at the "
                "end minus at step 0; *train reward, last 10%* is the mean reward of the batches sampled in the last "
                "10% of the budget (ReFL: of its one-step predictions x̂0, not of finished samples); the final "
-               f"evaluation columns score {c.eval_images} images per prompt set (`{c.prompts}` = train, "
-               f"`{c.heldout_prompts}` = held-out; prompts evenly spaced through the set, fixed seeds) from the final "
+               f"evaluation columns score about {c.eval_images} images per prompt set (`{c.prompts}` = train, "
+               f"`{c.heldout_prompts}` = held-out; every prompt of a set equally often, fixed seeds) from the final "
                "LoRA with the sampler it trained with (η = 0 for the gradient scripts, η = 1 for the RL scripts; "
                "the base model is given for both); ± is the std over seeds.", ""]
         for reward, t in summary["threshold"].items():
