@@ -104,10 +104,12 @@ def components(dtype: torch.dtype = torch.float32) -> dict:
     unet = load_weights(build_unet(), "unet")
     vae = load_weights(build_vae(scaling_factor), "vae")
     text_encoder = load_weights(build_text_encoder(), "text_encoder")
+    if dtype != torch.float32:
+        unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
     return dict(
-        unet=unet.to(dtype),
-        vae=vae.to(dtype),
-        text_encoder=text_encoder.to(dtype),
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=clip_tokenizer(),
         scheduler=DDIMScheduler(**SD14_SCHEDULER),
     )

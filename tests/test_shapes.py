@@ -1,0 +1,178 @@
+"""The tiny-shapes testbed: data generator, committed weights, the shapes rewards, and a short DRaFT run."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+import common
+import rewards
+import shapes
+from shapes import data
+from shapes.classifier import ShapesClassifier
+
+
+def _pixels(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy()
+
+
+def _blobs(image: torch.Tensor, color: str):
+    """8-connected components of the pixels of exactly `color`."""
+    mask = np.all(_pixels(image) == np.float32(data.COLORS[color]), axis=-1)
+    return ndimage.label(mask, structure=np.ones((3, 3)))
+
+
+def test_rendered_images_match_their_captions():
+    """Read the attributes back from the pixels, without the classifier: two colours only, the background's
+    at the corners, one 8-connected blob per shape, and the blob's fill of its bounding box tells the shape
+    (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2)."""
+    rng = np.random.default_rng(123)
+    for attrs in data.all_attrs():
+        for _ in range(3):
+            image = data.render(attrs, rng)
+            assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+            rgb = {c: tuple(np.float32(data.COLORS[c]).tolist()) for c in (attrs.color, attrs.background)}
+            assert {tuple(p) for p in _pixels(image).reshape(-1, 3).tolist()} == set(rgb.values())
+            corners = _pixels(image)[[0, 0, -1, -1], [0, -1, 0, -1]].tolist()
+            assert all(tuple(p) == rgb[attrs.background] for p in corners)
+            labelled, n = _blobs(image, attrs.color)
+            assert n == attrs.count, (data.caption(attrs), n)
+            for box_slice, index in zip(ndimage.find_objects(labelled), range(1, n + 1)):
+                fill = (labelled[box_slice] == index).mean()
+                expected = {"square": (0.9, 1.0), "circle": (0.65, 0.9), "triangle": (0.4, 0.65)}[attrs.shape]
+                assert expected[0] <= fill <= expected[1], (data.caption(attrs), fill)
+
+
+def test_captions_parse_back_and_other_prompts_are_rejected():
+    combos = data.all_attrs()
+    assert len(combos) == len(set(combos)) == 3 * 5 * 4 * 2
+    assert [data.parse_caption(data.caption(a)) for a in combos] == combos
+    assert data.caption(data.Attrs("triangle", "green", "white", 2)) == "two green triangles on a white background"
+    assert data.parse_caption("  A Red Circle on a blue background ") == data.Attrs("circle", "red", "blue", 1)
+    for bad in ("a cat", "two red circle on a blue background", "a red circles on a blue background",
+                "a red circle on a red background", "a purple circle on a blue background", ""):
+        with pytest.raises(ValueError, match="grammar"):
+            data.parse_caption(bad)
+
+
+def test_heldout_prompts_are_the_heldout_pairs_only():
+    train, heldout = set(data.TRAIN_PROMPTS), set(data.HELDOUT_PROMPTS)
+    assert not train & heldout and len(train | heldout) == 120 and len(heldout) == 24
+    pairs = {(a.shape, a.color) for a in map(data.parse_caption, heldout)}
+    assert pairs == set(data.HELDOUT_PAIRS)
+    assert not pairs & {(a.shape, a.color) for a in map(data.parse_caption, train)}
+    assert common.load_prompts("shapes") == data.TRAIN_PROMPTS
+    assert common.load_prompts("shapes_heldout") == data.HELDOUT_PROMPTS
+
+
+def test_sampling_is_deterministic_given_the_seed():
+    a, attrs_a = data.sample_batch(16, np.random.default_rng(5))
+    b, attrs_b = data.sample_batch(16, np.random.default_rng(5))
+    c, _ = data.sample_batch(16, np.random.default_rng(6))
+    assert torch.equal(a, b) and attrs_a == attrs_b and not torch.equal(a, c)
+
+
+@pytest.fixture(scope="module")
+def shapes_pipe():
+    return common.load_pipeline("tiny-shapes", lora_rank=4)
+
+
+def test_tiny_shapes_loads_committed_weights_offline(shapes_pipe):
+    from safetensors.torch import load_file
+
+    from shapes.model import WEIGHTS, FILES
+
+    pipe = shapes_pipe
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet.config.sample_size == 16
+    assert common.lora_parameters(pipe) and not any(p.requires_grad for p in pipe.vae.parameters())
+    for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+        stored = load_file(WEIGHTS / FILES[name])
+        own = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
+        assert set(stored) == set(own)
+        assert all(torch.equal(stored[k].float(), own[k]) for k in stored), name
+    # the VAE's scaling factor gives latents of about unit std on the data
+    x, _ = data.sample_batch(64, np.random.default_rng(0))
+    with torch.no_grad():
+        latents = pipe.vae.encode(x * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+    assert 0.8 < latents.std().item() < 1.25
+    images = common.sample_images(pipe, data.TRAIN_PROMPTS[:2], 0, 4, shapes.RECOMMENDED["guidance_scale"])
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+@pytest.fixture(scope="module")
+def alignment():
+    return rewards.load("shapes_alignment").parts["shapes_alignment"]
+
+
+def test_classifier_reads_fresh_images(alignment):
+    images, attrs = data.sample_batch(512, np.random.default_rng(2024))
+    with torch.no_grad():
+        logits = alignment.classifier(images)
+    for name, target in data.labels(attrs).items():
+        assert (logits[name].argmax(-1) == target).float().mean() >= 0.97, name
+
+
+def test_rewards_against_an_independent_computation(alignment):
+    exact = rewards.load("shapes_exact_match")
+    assert alignment.differentiable and not exact.differentiable
+    images, attrs = data.sample_batch(48, np.random.default_rng(7))
+    images = (images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    prompts = [data.caption(a) for a in attrs[:24]] + [data.caption(data.all_attrs()[i]) for i in range(24)]
+    targets = data.labels([data.parse_caption(p) for p in prompts])
+    logits = ShapesClassifier.from_file()(images)
+    expected_alignment = -torch.stack([F.cross_entropy(logits[k], targets[k], reduction="none") for k in targets]).mean(0)
+    expected_exact = torch.stack([logits[k].argmax(-1) == targets[k] for k in targets]).all(0).float()
+    with torch.no_grad():
+        torch.testing.assert_close(alignment(images, prompts), expected_alignment)
+    assert torch.equal(exact(images, prompts), expected_exact)
+    assert 0 < expected_exact.sum() < len(prompts)  # both outcomes occur: the comparison is not vacuous
+    with pytest.raises(ValueError, match="grammar"):
+        alignment(images[:1], ["a photo of a cat"])
+    with pytest.raises(ValueError, match="grammar"):
+        exact(images[:1], ["a photo of a cat"])
+
+
+def test_alignment_gradient_reaches_the_pixels():
+    """Autograd against central finite differences in float64 on a few pixels."""
+    from rewards.shapes import ShapesAlignment
+
+    reward = ShapesAlignment(ShapesClassifier.from_file().double())
+    images, attrs = data.sample_batch(2, np.random.default_rng(3))
+    images = (0.8 * images.double() + 0.1).requires_grad_(True)
+    prompts = [data.caption(a) for a in attrs]
+    reward(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+    h = 1e-6
+    for b, c, y, x in [(0, 0, 5, 5), (0, 1, 16, 16), (1, 2, 10, 20), (1, 0, 30, 2)]:
+        delta = torch.zeros_like(images)
+        delta[b, c, y, x] = h
+        with torch.no_grad():
+            fd = (reward(images + delta, prompts).sum() - reward(images - delta, prompts).sum()) / (2 * h)
+        torch.testing.assert_close(images.grad[b, c, y, x], fd, rtol=1e-4, atol=1e-9)
+
+
+def test_missing_classifier_weights_say_how_to_regenerate(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m shapes.train_classifier"):
+        ShapesClassifier.from_file(tmp_path / "missing.safetensors")
+
+
+def test_short_draft_run_raises_shapes_alignment(tmp_path, alignment):
+    """DRaFT-1 on tiny-shapes for a few updates; the saved LoRA, evaluated here on fixed prompts and seeds
+    independently of the script, scores higher than the base model."""
+    import draft
+
+    steps, t, w = 6, 4, shapes.RECOMMENDED["guidance_scale"]
+    args = draft.Args(model="tiny-shapes", reward="shapes_alignment", prompts="shapes", steps=steps, batch_size=2,
+                      num_inference_steps=t, guidance_scale=w, learning_rate=2e-3, output_dir=str(tmp_path / "run"),
+                      num_sample_images=2, sample_every=steps, save_every=0)
+    draft.main(args)
+
+    targets = common.ATTENTION_TARGETS + common.FEEDFORWARD_TARGETS
+    pipe = common.load_pipeline("tiny-shapes", lora_rank=args.lora_rank, lora_targets=targets)
+    prompts = data.TRAIN_PROMPTS[::12]
+    with torch.no_grad():
+        before = alignment(common.sample_images(pipe, prompts, 1, t, w), prompts).mean()
+        common.load_lora(pipe, tmp_path / "run")
+        after = alignment(common.sample_images(pipe, prompts, 1, t, w), prompts).mean()
+    assert after > before + 0.05, (before, after)
