@@ -24,11 +24,12 @@ instead of per script, chosen by a short sweep of one script per family on one s
 update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
 40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the learning rate (1e-4 at the paper's
 3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) has the scripts' default 8
-images, drawn at step 0 and 8 more times per run, from a fixed shuffle of the training prompts.
+images, drawn at step 0 and ~6 more times per run, from a fixed shuffle of the training prompts.
 
-Cost on this 2-core CPU (one thread per job, T = 20): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS) seconds of training
-per reward query, plus ~60 s per run for starting Python, sample grids and the final evaluation; the default
-budgets (192 queries × 3 seeds, JPEG 96 × 2 seeds) take about 90 min with one job at a time, 50 with `--jobs 2`.
+Cost on this 2-core CPU (one thread per job, T = 20, idle machine): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS)
+seconds of training per reward query, 4.7 s per query for the seven scripts together, plus ~40 s per run for
+sample grids and the final evaluation; 1.5-2x that while other work shares the machine. The default budgets
+(96 queries × 3 seeds, JPEG 48 × 2 seeds) were sized for about an hour with `--jobs 2` on the shared machine.
 
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed}; a run whose directory holds a finished run of the
 same command is skipped (so a rerun resumes), `--fresh` redoes them. Jobs run with OMP_NUM_THREADS=1,
@@ -82,9 +83,9 @@ class Comparison:
     lr: dict[str, float]  # family ("rl", "grad") -> AdamW learning rate
     rl_batch: int = 16  # images sampled per batch by the RL scripts
     grad_batch: int = 4  # images per update of the gradient scripts
-    evals_per_run: int = 8  # sample grids per run after step 0 (the eval curve's resolution)
+    evals_per_run: int = 6  # sample grids per run after step 0 (the eval curve's resolution)
     num_sample_images: int = 8  # images per sample grid (the scripts' default)
-    eval_images: int = 48  # about this many images per prompt set in the final evaluation (evaluate.eval_prompts)
+    eval_images: int = 24  # about this many images per prompt set in the final evaluation (evaluate.eval_prompts)
     algorithms: tuple[str, ...] = ALGORITHMS
 
     def reward(self, algo: str) -> str:
@@ -234,7 +235,7 @@ def _run(cmd: list[str], log: Path, fork: bool) -> int:
         return subprocess.call([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
 
 
-def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 3) -> float:
+def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 4) -> float:
     """Run the script command `cmd` (["draft.py", "--flag", ...]) as `python *cmd` would, from the repository root,
     output appended to `log`; retried on failure (the scripts may be edited while the benchmark runs). With
     `fork`, in a process forked from a server that has the third-party libraries imported (saves 10-20 s of
@@ -247,8 +248,8 @@ def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 3) -> fl
         rc = _run(cmd, log, fork)
         if rc == 0:
             return time.time() - t0
-        print(f"  failed (exit {rc}, attempt {attempt}/{attempts}); log: {log}", flush=True)
-        time.sleep(5)
+        print(f"  {cmd[0]} failed (exit {rc}, attempt {attempt}/{attempts}); log: {log}", flush=True)
+        time.sleep(30)  # e.g. a script caught mid-edit: give it time
     raise RuntimeError(f"{cmd[0]} failed {attempts} times; see {log}")
 
 
@@ -352,13 +353,13 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny budgets on --model tiny with the JPEG rewards")
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
     p.add_argument("--model", default="tiny-shapes")
-    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison")
-    p.add_argument("--jpeg-budget", type=int, default=96, help="reward queries per run, JPEG comparison")
+    p.add_argument("--budget", type=int, default=96, help="reward queries per run, main comparison")
+    p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
     p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr")
     p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
-    p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
+    p.add_argument("--eval-images", type=int, default=24, help="about this many images per prompt set in the final "
                    "evaluation of the main comparison (every prompt the same number of times; JPEG: half)")
     p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick sweep)")
     p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
@@ -380,6 +381,15 @@ def parse_args(argv=None):
     return a
 
 
+def _git_state() -> str:
+    """The commit and the modified tracked files at the start (the scripts may be edited while this runs)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return f"commit {git('rev-parse', 'HEAD')}\nstarted {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n" \
+           f"modified tracked files:\n{git('status', '--short', '--untracked-files=no')}\n"
+
+
 def main(argv=None):
     a = parse_args(argv)
     # before torch is imported here or in the fork server: one thread, offline, unbuffered logs
@@ -395,6 +405,7 @@ def main(argv=None):
     comps = comparisons(a)
     prompt_files = {c.prompts: shuffled_prompt_file(c.prompts, out) for c in comps}
     jobs = plan(comps, out, prompt_files)
+    (out / "git.txt").write_text(_git_state())
     (out / "commands.txt").write_text("".join(
         f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}\n" for j in jobs))
     if not a.report_only:
