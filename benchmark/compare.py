@@ -332,12 +332,12 @@ def comparisons(a) -> list[Comparison]:
         main = Comparison("alignment", "tiny-shapes, shapes_alignment (RL: black box; gradient: backpropagated)",
                           rl_reward="shapes_alignment", grad_reward="shapes_alignment",
                           eval_rewards=["shapes_exact_match", "shapes_alignment"], budget=a.budget,
-                          seeds=a.seeds or [0, 1, 2], **common_kw)
+                          seeds=a.seeds or [0, 1, 2], num_sample_images=16, **common_kw)
         jpeg = Comparison("jpeg", "tiny-shapes, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
                           rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match"],
                           budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], **common_kw)
-        jpeg.eval_images = max(1, a.eval_images // 2)
+        jpeg.eval_images = max(1, a.eval_images // 4)
     chosen = [c for c in (main, jpeg) if c.name in a.comparisons]
     for c in chosen:
         c.algorithms = tuple(x for x in ALGORITHMS if x in a.algorithms)
@@ -353,14 +353,14 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny budgets on --model tiny with the JPEG rewards")
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
     p.add_argument("--model", default="tiny-shapes")
-    p.add_argument("--budget", type=int, default=96, help="reward queries per run, main comparison")
+    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison")
     p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
     p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr")
     p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
-    p.add_argument("--eval-images", type=int, default=24, help="about this many images per prompt set in the final "
-                   "evaluation of the main comparison (every prompt the same number of times; JPEG: half)")
+    p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
+                   "evaluation of the main comparison (every prompt the same number of times; JPEG: a quarter)")
     p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick sweep)")
     p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
                    "forking it from a server with torch and diffusers already imported")
