@@ -162,33 +162,59 @@ def _config_table(c, jobs) -> list[str]:
     return lines
 
 
-def _results_table(c, summary, base) -> list[str]:
-    em = [r for r in c.eval_rewards]
-    head = ["algorithm", "seeds", "final eval-grid gain", "final eval-grid reward", "train reward, last 10%"]
-    head += [f"{r} train" for r in em] + [f"{r} held-out" for r in em]
-    head += ["queries to threshold (reached)", "s / update", "s / 1k queries", "wall s / run"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+def _eta(algo: str) -> float:
     from benchmark.compare import RL
 
+    return 1.0 if algo in RL else 0.0
+
+
+def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
+    """The final evaluation's own training reward on the training prompts minus the base model's under the same
+    sampler (mean ± std over seeds); NaN when either is missing."""
+    reward = c.reward(algo)
+    fe = entry.get("final_eval", {}).get("train", {}).get(reward)
+    b = base.get(_eta(algo))
+    if fe is None or b is None or reward not in b["scores"]["train"]:
+        return math.nan, math.nan
+    return fe[0] - b["scores"]["train"][reward], fe[1]
+
+
+def _results_table(c, summary, base) -> list[str]:
+    """Reward and cost per algorithm."""
+    head = ["algorithm", "seeds", "reward", "final Δ reward vs base (eval set)", "final eval-grid gain",
+            "train reward, last 10%", "queries to threshold (reached)", "s / update", "s / 1k queries", "wall s / run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for algo in c.algorithms:
+        e = summary["algorithms"].get(algo)
+        if e is None:
+            continue
+        q = e.get("queries_to_threshold_mean")
+        cells = [_label(algo), ",".join(map(str, e["seeds"])), f"`{c.reward(algo)}`",
+                 _fmt(final_delta(c, algo, e, base)), _fmt(e["final_gain_mean_std"]),
+                 _fmt(e["train_reward_last_mean_std"]),
+                 (f"{q:.0f}" if q is not None else "not reached") + f" ({e.get('reached_threshold', '–')})",
+                 f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}", f"{e['wall_seconds_per_run']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _eval_table(c, summary, base) -> list[str]:
+    """The final evaluation (benchmark/evaluate.py) per algorithm and for the base model."""
+    em = list(c.eval_rewards)
+    head = ["model", "sampler"] + [f"{r} train" for r in em] + [f"{r} held-out" for r in em]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for eta, b in sorted(base.items()):
-        who = "RL sampler, η = 1" if eta else "gradient sampler, η = 0"
-        cells = [f"base model ({who})", "–", "0", "–", "–"]
+        cells = ["base model", f"η = {eta:g}"]
         cells += [f"{b['scores']['train'][r]:.3g}" for r in em] + [f"{b['scores']['heldout'][r]:.3g}" for r in em]
-        cells += ["–", "–", "–", f"{b.get('seconds', math.nan):.0f} (eval)"]
         lines.append("| " + " | ".join(cells) + " |")
     for algo in c.algorithms:
         e = summary["algorithms"].get(algo)
         if e is None:
             continue
         fe = e.get("final_eval", {})
-        cells = [_label(algo), ",".join(map(str, e["seeds"])), _fmt(e["final_gain_mean_std"]),
-                 _fmt(e["final_eval_reward_mean_std"]), _fmt(e["train_reward_last_mean_std"])]
+        cells = [_label(algo), f"η = {_eta(algo):g}"]
         cells += [_fmt(fe.get("train", {}).get(r, (math.nan, math.nan))) for r in em]
         cells += [_fmt(fe.get("heldout", {}).get(r, (math.nan, math.nan))) for r in em]
-        q = e.get("queries_to_threshold_mean")
-        cells += [(f"{q:.0f}" if q is not None else "not reached") + f" ({e.get('reached_threshold', '–')})",
-                  f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}",
-                  f"{e['wall_seconds_per_run']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -241,15 +267,24 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
                f"T = {c.num_inference_steps}, w = {c.guidance_scale:g}; wall time of its runs and evaluations "
                f"{wall / 60:.1f} min.", ""]
         md += ["### Configuration", ""] + _config_table(c, jobs) + [""]
+        for algo, e in summary["algorithms"].items():
+            e["final_delta_vs_base"] = final_delta(c, algo, e, base)
         md += ["### Results", ""] + _results_table(c, summary, base) + [""]
-        md += ["Columns: *final eval-grid gain* is the script's fixed sample grid (its first "
-               f"{c.num_sample_images} prompts of a fixed shuffle of `{c.prompts}`, seed 0, its own sampler) at the "
-               "end minus at step 0; *train reward, last 10%* is the mean reward of the batches sampled in the last "
-               "10% of the budget (ReFL: of its one-step predictions x̂0, not of finished samples); the final "
-               f"evaluation columns score about {c.eval_images} images per prompt set (`{c.prompts}` = train, "
-               f"`{c.heldout_prompts}` = held-out; every prompt of a set equally often, fixed seeds) from the final "
-               "LoRA with the sampler it trained with (η = 0 for the gradient scripts, η = 1 for the RL scripts; "
-               "the base model is given for both); ± is the std over seeds.", ""]
+        md += ["Columns (± is the std over seeds): *final Δ reward vs base* is the final evaluation's mean training "
+               f"reward on about {c.eval_images} images of the training prompts minus the base model's on the same "
+               "prompts and seeds with the same sampler; *final eval-grid gain* is the script's own sample grid "
+               f"({c.num_sample_images} images: the first prompts of a fixed shuffle of `{c.prompts}`, seed 0, its "
+               "sampler) at the end minus at step 0, the curve the threshold is read from; *train reward, last 10%* "
+               "is the mean reward of the batches sampled in the last 10% of the budget (ReFL: of its one-step "
+               "predictions x̂0, not of finished samples; DRaFT-LV: of x0, not of the re-noised copies); "
+               "*s / update* is the mean `step_seconds` (sampling, reward and update; DDPO-IS and RWR average the "
+               "updates that sample and those that reuse a batch).", ""]
+        md += ["### Final evaluation", ""] + _eval_table(c, summary, base) + [""]
+        md += [f"About {c.eval_images} images per prompt set (`{c.prompts}` = train, `{c.heldout_prompts}` = held-out "
+               "attribute combinations; every prompt of a set equally often; fixed seeds) from the final LoRA with "
+               "the sampler it trained with: η = 0 for the gradient scripts, η = 1 for the RL scripts, and the base "
+               "model with both. `shapes_exact_match` is the fraction of images whose four attributes (shape, "
+               "colour, background, count) all match the prompt.", ""]
         for reward, t in summary["threshold"].items():
             g = t["gain"]
             md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} ({_label(t['best_algorithm'])}, "
