@@ -434,7 +434,7 @@ def main(argv=None):
                     print(f"  report failed: {type(e).__name__}: {e}", flush=True)
         if failed:
             print(f"{len(failed)} runs failed: {[f'{j.comparison.name}/{j.algorithm}/s{j.seed}' for j in failed]}")
-    report.write(comps, jobs, out, elapsed=time.time() - t_start, final=True)
+    report.write(comps, jobs, out, elapsed=None if a.report_only else time.time() - t_start, final=True)
     print(f"summary: {out / 'summary.md'}; invocation took {(time.time() - t_start) / 60:.1f} min", flush=True)
 
 

@@ -231,7 +231,7 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
     analysis.write_csv(rows, out / "runs.csv")
 
     result = dict(generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), final=final,
-                  invocation_seconds=round(elapsed, 1), comparisons={})
+                  invocation_seconds=None if elapsed is None else round(elapsed, 1), comparisons={})
     md = ["# Benchmark: seven reward fine-tuning algorithms at an equal budget of reward queries", ""]
     md += [f"Generated {result['generated']} by `python benchmark/compare.py`"
            + ("" if final else " (**partial: the benchmark is still running**)") + ".", ""]
@@ -300,9 +300,9 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
         md += ["<details><summary>Command lines</summary>", "", "```"]
         md += result["comparisons"][c.name]["commands"] + ["```", "", "</details>", ""]
     result["wall_seconds_total"] = round(total_wall, 1)
-    md.insert(3, f"Total wall time of all runs and evaluations: {total_wall / 60:.1f} min (this invocation: "
-                 f"{elapsed / 60:.1f} min). Every job ran with `OMP_NUM_THREADS=1` on a shared 2-core CPU; "
-                 "timings vary with the load of the machine.\n")
+    invocation = f"this invocation: {elapsed / 60:.1f} min" if elapsed is not None else "report regenerated"
+    md.insert(3, f"Sum of the wall times of all runs and evaluations: {total_wall / 60:.1f} min ({invocation}). Every "
+                 "job ran with `OMP_NUM_THREADS=1` on a shared 2-core CPU; timings vary with the load of the machine.\n")
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=float))
     return result
