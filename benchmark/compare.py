@@ -23,13 +23,14 @@ prompt and β) except: T and w from `shapes.RECOMMENDED` for all; one learning r
 instead of per script, chosen by a short sweep of one script per family on one seed; small batches (4 images per
 update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
 40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the learning rate (1e-4 at the paper's
-3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) has the scripts' default 8
-images, drawn at step 0 and ~6 more times per run, from a fixed shuffle of the training prompts.
+3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) is drawn at step 0 and ~6 more
+times per run from a fixed shuffle of the training prompts, 16 images in the main comparison (8, the scripts'
+default, in the JPEG one).
 
 Cost on this 2-core CPU (one thread per job, T = 20, idle machine): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS)
 seconds of training per reward query, 4.7 s per query for the seven scripts together, plus ~40 s per run for
 sample grids and the final evaluation; 1.5-2x that while other work shares the machine. The default budgets
-(96 queries × 3 seeds, JPEG 48 × 2 seeds) were sized for about an hour with `--jobs 2` on the shared machine.
+(192 queries × 3 seeds, JPEG 48 × 2 seeds) take about an hour with `--jobs 2` on the shared machine.
 
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed}; a run whose directory holds a finished run of the
 same command is skipped (so a rerun resumes), `--fresh` redoes them. Jobs run with OMP_NUM_THREADS=1,
