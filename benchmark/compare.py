@@ -9,13 +9,15 @@ Comparison `alignment` (the main one): every script trains on `tiny-shapes` with
 its value (they score under no_grad), the gradient scripts backpropagate through it. Every run gets the same
 budget of reward queries (images scored, the scripts' cumulative `reward_queries`), 3 seeds each. After each
 run the final LoRA is evaluated on fixed prompts and seeds (benchmark/evaluate.py): the exact-match rate
-(`shapes_exact_match`, 0/1: every attribute right) on the training prompts and on held-out attribute
-combinations, and the alignment reward.
+(`shapes_exact_match`, 0/1: every attribute right) and the attribute accuracy (`shapes_attribute_accuracy`, the
+fraction of the four attributes right) on the training prompts and on held-out attribute combinations, and the
+alignment reward.
 
 Comparison `jpeg` (shorter): DDPO's compressibility task. The RL scripts train on `jpeg_compressibility` (PIL
 JPEG file size, black box), the gradient scripts on its differentiable stand-in `jpeg_compressibility_diff`
 (DRaFT's); the two families have different training rewards, so their thresholds are separate, and the final
-LoRAs are all scored on both rewards (and exact match, to see what compressibility costs in prompt fidelity).
+LoRAs are all scored on both rewards (and exact match and attribute accuracy, to see what compressibility costs
+in prompt fidelity).
 
 Configuration rule (stated in summary.md): the scripts' own defaults (LoRA rank and targets, weight decay,
 gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's 4 minibatches, RWR's 4 epochs × 4 minibatches, 8 images per
@@ -202,6 +204,15 @@ def _eval_sets(c: Comparison) -> dict[str, str]:
     return dict(train=c.prompts, heldout=c.heldout_prompts)
 
 
+def eval_done(path: Path, c: Comparison) -> bool:
+    """Whether `path` holds an evaluation with every reward and the image count the comparison asks for."""
+    result = analysis.read_json(path)
+    if not result:
+        return False
+    return (set(c.eval_rewards) <= set(result["scores"].get("train", {}))
+            and result["config"].get("num_images") == c.eval_images)
+
+
 def _write_eval(result: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2))
@@ -275,7 +286,7 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
         (job.run_dir / "final_eval.json").unlink(missing_ok=True)
         done.append(f"trained in {wall:.0f} s")
     final = job.run_dir / "final_eval.json"
-    if not final.is_file() and not skip_eval:
+    if not eval_done(final, job.comparison) and not skip_eval:
         with eval_lock:
             c = job.comparison
             result = evaluate.evaluate_run(job.run_dir, _eval_sets(c), c.eval_rewards, c.eval_images)
@@ -290,7 +301,7 @@ def evaluate_base(c: Comparison, out: Path, fresh: bool) -> None:
 
     for eta in sorted({1.0 if a in RL else 0.0 for a in c.algorithms}):
         path = out / "base" / f"{c.name}__eta{eta:g}.json"
-        if fresh or not path.is_file():
+        if fresh or not eval_done(path, c):
             print(f"[{time.strftime('%H:%M:%S')}] evaluate base model ({c.name}, η = {eta:g})", flush=True)
             _write_eval(evaluate.evaluate(c.model, None, _eval_sets(c), c.eval_rewards, c.eval_images,
                                           c.num_inference_steps, c.guidance_scale, eta), path)
@@ -332,11 +343,13 @@ def comparisons(a) -> list[Comparison]:
                          lr=dict(rl=a.lr_rl, grad=a.lr_grad), eval_images=a.eval_images)
         main = Comparison("alignment", "tiny-shapes, shapes_alignment (RL: black box; gradient: backpropagated)",
                           rl_reward="shapes_alignment", grad_reward="shapes_alignment",
-                          eval_rewards=["shapes_exact_match", "shapes_alignment"], budget=a.budget,
+                          eval_rewards=["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"],
+                          budget=a.budget,
                           seeds=a.seeds or [0, 1, 2], num_sample_images=16, **common_kw)
         jpeg = Comparison("jpeg", "tiny-shapes, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
                           rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
-                          eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match"],
+                          eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match",
+                                        "shapes_attribute_accuracy"],
                           budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], **common_kw)
         jpeg.eval_images = max(1, a.eval_images // 4)
     chosen = [c for c in (main, jpeg) if c.name in a.comparisons]

@@ -35,6 +35,27 @@ SEED = 10_000
 CHUNK = 32
 
 
+class AttributeAccuracy:
+    """`shapes_attribute_accuracy`, an evaluation-only score: the fraction of the four attributes (shape, colour,
+    background, count) that the shapes classifier reads as the prompt says, per image (0, 0.25, ..., 1). Finer
+    than `shapes_exact_match` (all four right), which is near 0 for a weak base model."""
+
+    def __init__(self):
+        self.reward = rewards.load("shapes_alignment").parts["shapes_alignment"]
+
+    def __call__(self, images, prompts):
+        logits, targets = self.reward.logits_and_targets(images, prompts)
+        return torch.stack([(logits[k].argmax(-1) == targets[k]).float() for k in targets]).mean(0)
+
+
+EXTRA_SCORES = {"shapes_attribute_accuracy": AttributeAccuracy}
+
+
+def load_score(name: str):
+    """A reward of `rewards` or one of EXTRA_SCORES."""
+    return EXTRA_SCORES[name]() if name in EXTRA_SCORES else rewards.load(name)
+
+
 def eval_prompts(prompts: list[str], n: int) -> list[str]:
     """About n prompts covering the set evenly: with n < len(prompts), n prompts evenly spaced through the set;
     otherwise every prompt round(n / len(prompts)) times (96 train prompts, n = 96: each once; 24 held-out: each 4
@@ -64,7 +85,7 @@ def evaluate(model: str, run_dir: str | None, prompt_sets: dict[str, str], rewar
     pipe = common.load_pipeline(model, lora_rank if run_dir else 0, "cpu", torch.float32, lora_targets=targets)
     if run_dir:
         common.load_lora(pipe, run_dir)
-    reward_fns = {name: rewards.load(name) for name in reward_names}
+    reward_fns = {name: load_score(name) for name in reward_names}
     scores = {split: score(pipe, eval_prompts(common.load_prompts(name), num_images), reward_fns, num_steps,
                            guidance_scale, eta)
               for split, name in prompt_sets.items()}

@@ -284,7 +284,8 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
                "attribute combinations; every prompt of a set equally often; fixed seeds) from the final LoRA with "
                "the sampler it trained with: η = 0 for the gradient scripts, η = 1 for the RL scripts, and the base "
                "model with both. `shapes_exact_match` is the fraction of images whose four attributes (shape, "
-               "colour, background, count) all match the prompt.", ""]
+               "colour, background, count) all match the prompt as the shapes classifier reads them, "
+               "`shapes_attribute_accuracy` the mean fraction of the four that match.", ""]
         for reward, t in summary["threshold"].items():
             g = t["gain"]
             md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} ({_label(t['best_algorithm'])}, "

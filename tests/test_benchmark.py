@@ -190,3 +190,27 @@ def test_report_writes_outputs_for_partial_results(tmp_path):
     with open(tmp_path / "runs.csv") as f:
         assert len(list(csv.DictReader(f))) == sum(j.steps + 1 for j in jobs[:3])
     assert result["final"] is False
+
+
+def test_eval_prompts_cover_the_set_evenly():
+    from benchmark.evaluate import eval_prompts
+
+    prompts = [f"p{i}" for i in range(24)]
+    assert eval_prompts(prompts, 48) == prompts * 2  # every prompt equally often
+    assert eval_prompts(prompts, 12) == prompts[::2]
+    assert eval_prompts(prompts, 24) == prompts
+
+
+def test_evaluation_redone_when_a_reward_or_the_image_count_changes(tmp_path):
+    c = compare.Comparison("alignment", "t", "tiny-shapes", "shapes", "shapes_heldout", "shapes_alignment",
+                           "shapes_alignment", ["shapes_exact_match", "shapes_alignment"], budget=96, seeds=[0],
+                           num_inference_steps=20, guidance_scale=7.5, lr=dict(rl=1e-3, grad=1e-3), eval_images=48)
+    path = tmp_path / "final_eval.json"
+    assert not compare.eval_done(path, c)
+    path.write_text(json.dumps(dict(config=dict(num_images=48), scores=dict(train=dict(shapes_exact_match=0.1)))))
+    assert not compare.eval_done(path, c)  # shapes_alignment missing
+    path.write_text(json.dumps(dict(config=dict(num_images=48),
+                                    scores=dict(train=dict(shapes_exact_match=0.1, shapes_alignment=-3.0)))))
+    assert compare.eval_done(path, c)
+    c.eval_images = 96
+    assert not compare.eval_done(path, c)
