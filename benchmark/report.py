@@ -68,7 +68,7 @@ def plot_comparison(c, runs_by_algo: dict[str, list[analysis.Run]], out: Path) -
     groups = _groups(c, runs_by_algo)
     if not groups:
         return []
-    window = 0.1 * c.budget
+    window = 0.2 * c.budget
     paths = []
     for axis, xlabel in (("queries", "reward queries (images scored)"), ("seconds", "train seconds (sum of step_seconds)")):
         fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
