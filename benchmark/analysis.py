@@ -245,7 +245,7 @@ def summarize(runs: list[Run], reward_of: dict[str, str], last_fraction: float =
             entry["final_eval"] = {}
             for split, scores in finals_eval[0]["scores"].items():
                 entry["final_eval"][split] = {
-                    name: mean_std([f["scores"][split][name] for f in finals_eval if split in f["scores"]])
+                    name: mean_std([f["scores"][split].get(name) for f in finals_eval if split in f["scores"]])
                     for name in scores
                 }
         out["algorithms"][algo] = entry

@@ -205,7 +205,7 @@ def _eval_table(c, summary, base) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for eta, b in sorted(base.items()):
         cells = ["base model", f"η = {eta:g}"]
-        cells += [f"{b['scores']['train'][r]:.3g}" for r in em] + [f"{b['scores']['heldout'][r]:.3g}" for r in em]
+        cells += [f"{b['scores'][split].get(r, math.nan):.3g}" for split in ("train", "heldout") for r in em]
         lines.append("| " + " | ".join(cells) + " |")
     for algo in c.algorithms:
         e = summary["algorithms"].get(algo)
