@@ -62,14 +62,15 @@ class Args:
     output_dir: Optional[str] = None
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     batch_size: int = 64
-    """images sampled per batch (paper: 256 across 8 GPUs; 64 keeps a single-GPU batch a few minutes)"""
+    """images sampled per batch, over all processes (paper: 256 across 8 GPUs; 64 keeps a 1-GPU batch minutes)"""
     sample_batch_size: int = 8
-    """images per sampling call (memory only; paper: 8 per GPU)"""
+    """images per sampling call per process (memory only; paper: 8 per GPU)"""
     train_batch_size: int = 4
-    """images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
+    """per process: images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
     # DDPO-IS: the batch is reused for several clipped updates.
     num_minibatches: int = 4
-    """optimizer updates per pass over a batch: batch_size / num_minibatches samples each (paper: 4)"""
+    """optimizer updates per pass over a batch: batch_size / num_minibatches samples each, over all processes
+    (paper: 4)"""
     num_inner_epochs: int = 1
     """passes over each sampled batch, reshuffled every time (paper: 1)"""
     timestep_fraction: float = 1.0
@@ -107,7 +108,14 @@ class Args:
     num_sample_images: int = 8
     """images in the sample grid (the first prompts of the set, seed fixed)"""
     save_every: int = 200
-    """save the LoRA under checkpoints/step_N every this many updates (0: only at the end)"""
+    """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
+    a multiple of num_inner_epochs × num_minibatches (checkpoints fall between sampled batches)"""
+    keep_checkpoints: int = 2
+    """keep only the newest this many checkpoints (0: keep all)"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its newest checkpoint, with its own flags (--steps may grow)"""
+    max_bad_steps: int = 10
+    """stop after this many consecutive updates skipped for a non-finite reward, loss or gradient"""
 
 
 class PerPromptStatTracker:
@@ -130,6 +138,13 @@ class PerPromptStatTracker:
                 mean, std = np.mean(buffer), np.std(buffer)
             advantages[mine] = (rewards[mine] - mean) / (std + 1e-6)
         return advantages
+
+    def state_dict(self) -> dict:  # for checkpoints: the buffered rewards per prompt
+        return {str(prompt): list(buffer) for prompt, buffer in self.buffers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for prompt, values in state.items():
+            self.buffers[prompt].extend(values)
 
 
 def compute_advantages(prompts, rewards_np, tracker, args) -> torch.Tensor:
@@ -190,6 +205,7 @@ def accumulate_clipped_gradient(pipe, traj, cond, uncond, advantages, samples, t
 
 
 def main(args: Args) -> None:
+    args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
     # Checks that need no model: fail before minutes of loading.
     rewards.parse(args.reward)
     if args.eta <= 0:
@@ -197,22 +213,27 @@ def main(args: Args) -> None:
     # DDPO-IS: the batch is split into minibatches, each into train_batch_size chunks.
     if args.num_minibatches < 1 or args.num_inner_epochs < 1:
         raise SystemExit("--num-minibatches and --num-inner-epochs must be at least 1")
-    if args.batch_size % args.sample_batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --sample-batch-size "
-                         f"{args.sample_batch_size}")
-    if args.batch_size % args.num_minibatches:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches "
-                         f"{args.num_minibatches}")
-    minibatch_size = args.batch_size // args.num_minibatches
+    world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
+    local_batch = args.batch_size // world.size  # each process samples and trains on its share of the batch
+    if args.batch_size % world.size or local_batch % args.sample_batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} over {world.size} process(es) must be a multiple of "
+                         f"--sample-batch-size {args.sample_batch_size} per process")
+    if local_batch % args.num_minibatches:
+        raise SystemExit(f"--batch-size {args.batch_size} over {world.size} process(es) must be a multiple of "
+                         f"--num-minibatches {args.num_minibatches}")
+    minibatch_size = local_batch // args.num_minibatches
     if minibatch_size % args.train_batch_size:
-        raise SystemExit(f"the minibatch (--batch-size / --num-minibatches = {minibatch_size}) must be a multiple of "
-                         f"--train-batch-size {args.train_batch_size}")
+        raise SystemExit(f"the minibatch (--batch-size / processes / --num-minibatches = {minibatch_size}) must be a "
+                         f"multiple of --train-batch-size {args.train_batch_size}")
+    updates_per_batch = args.num_inner_epochs * args.num_minibatches  # DDPO-IS: several updates per sampled batch
+    if args.save_every % updates_per_batch:
+        raise SystemExit(f"--save-every {args.save_every} must be a multiple of --num-inner-epochs × --num-minibatches "
+                         f"= {updates_per_batch}: checkpoints are taken between sampled batches")
     if not 0 < args.timestep_fraction <= 1:
         raise SystemExit(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed)
+    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
-    tracker = common.Tracker(run_dir, args, args.track)
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
 
@@ -222,70 +243,93 @@ def main(args: Args) -> None:
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
+    start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run; always between sampled batches
+    stat_tracker.load_state_dict(state.get("stat_tracker", {}))
+    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
+    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid_prompts = prompts[: args.num_sample_images]
 
-    def log_samples(step):
-        images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
-        return tracker.samples(step, images, reward_fn(images, grid_prompts))
+    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+        if world.is_main:
+            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+            tracker.samples(step, images, reward_fn(images, grid_prompts))
 
-    log_samples(0)
-    reward_queries = 0
-    # DDPO-IS: several updates per sampled batch; how many of each sample's timesteps are trained on.
-    updates_per_batch = args.num_inner_epochs * args.num_minibatches
+    if start == 0:
+        log_samples(0)
+    reward_queries = state.get("reward_queries", 0)
+    # DDPO-IS: how many of each sample's timesteps are trained on.
     train_timesteps = max(1, int(args.num_inference_steps * args.timestep_fraction))
-    pbar = tqdm(range(1, args.steps + 1), desc=args.exp_name)
+    pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
+                disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
         if (step - 1) % updates_per_batch == 0:  # DDPO-IS: a new batch once the last one's updates are used up
-            # 1. Sample with the current policy, keeping every latent and its log-prob.
-            batch_prompts = common.sample_prompts(prompts, args.batch_size, rng)
+            # 1. Sample with the current policy, keeping every latent and its log-prob. Every rank draws the global
+            # batch's prompts (and noise) and keeps its share (common.shard).
+            all_prompts = common.sample_prompts(prompts, args.batch_size, rng)
+            batch_prompts = common.shard(all_prompts)
             cond = common.encode_prompts(pipe, batch_prompts)
             chunks = [
                 common.sample_trajectory(pipe, cond[s : s + args.sample_batch_size], uncond, args.num_inference_steps,
                                          args.guidance_scale, args.eta)
-                for s in range(0, args.batch_size, args.sample_batch_size)
+                for s in range(0, local_batch, args.sample_batch_size)
             ]
             traj = common.Trajectory(torch.cat([c.latents for c in chunks]), torch.cat([c.log_probs for c in chunks]),
                                      chunks[0].timesteps)
-            with torch.no_grad():
-                reward = reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float().cpu()
-            reward_queries += len(batch_prompts)
+            with torch.no_grad():  # all ranks' rewards: the statistics are the global batch's
+                reward = common.gather(reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float()).cpu()
+            reward_queries += args.batch_size
+            # a non-finite reward must not reach the per-prompt statistics: the whole batch is skipped
+            batch_ok = guard.ok(step, reward=reward)
+            advantages = torch.full((local_batch,), float("nan"), device=device)
 
-            # 2. Rewards -> advantages.
-            advantages = compute_advantages(batch_prompts, reward.numpy(), stat_tracker, args).to(device)
+            if batch_ok:
+                # 2. Rewards -> advantages.
+                advantages = common.shard(compute_advantages(all_prompts, reward.numpy(), stat_tracker, args)).to(device)
 
             # DDPO-IS: per epoch, shuffle the samples and, per sample, the order of its timesteps.
             plan = []
             for _ in range(args.num_inner_epochs):
-                samples = torch.randperm(args.batch_size, device=device)
-                timestep_idx = torch.stack([torch.randperm(args.num_inference_steps, device=device)
-                                            for _ in range(args.batch_size)])[:, :train_timesteps]
+                samples = torch.randperm(local_batch, device=device)
+                timestep_idx = common.shard(torch.stack([torch.randperm(args.num_inference_steps, device=device)
+                                                         for _ in range(args.batch_size)]))[:, :train_timesteps]
                 plan += zip(samples.chunk(args.num_minibatches), timestep_idx.chunk(args.num_minibatches))
 
         # 3. One clipped update on the next minibatch (DDPO-IS: off-policy after the batch's first update).
         minibatch, minibatch_timesteps = plan[(step - 1) % updates_per_batch]
-        optimizer.zero_grad(set_to_none=True)
-        stats = accumulate_clipped_gradient(pipe, traj, cond, uncond, advantages, minibatch, minibatch_timesteps, args)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-        optimizer.step()
+        stats, grad_norm = {}, torch.tensor(float("nan"))
+        if batch_ok:
+            optimizer.zero_grad(set_to_none=True)
+            stats = accumulate_clipped_gradient(pipe, traj, cond, uncond, advantages, minibatch, minibatch_timesteps,
+                                                args)
+            common.average_gradients(params)  # under torchrun: the mean over ranks is the global minibatch's gradient
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
+                optimizer.step()
 
         row = tracker.log(
             step,
             charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
                         optimizer_steps=step, advantage_abs_mean=advantages.abs().mean(), grad_norm=grad_norm,
-                        step_seconds=time.time() - t0),
+                        skipped_updates=guard.skipped, step_seconds=time.time() - t0),
             losses=stats,
         )
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
-        if args.save_every and step % args.save_every == 0:
-            common.save_lora(pipe, run_dir / "checkpoints" / f"step_{step}")
+        stopping = stop.requested(device)  # SIGINT/SIGTERM: save at the end of this batch's updates, then exit
+        if step % updates_per_batch == 0:  # DDPO-IS: checkpoints fall between sampled batches
+            if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
+                checkpointer.save(step, reward_queries=reward_queries, stat_tracker=stat_tracker.state_dict())
+            if stopping:
+                stop.exit(run_dir, step)
 
-    common.save_lora(pipe, run_dir)
     tracker.close()
-    print(f"LoRA, metrics and sample grids in {run_dir}")
+    if world.is_main:
+        common.save_lora(pipe, run_dir)
+        print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":

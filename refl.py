@@ -89,7 +89,13 @@ class Args:
     num_sample_images: int = 8
     """images in the sample grid (the first prompts of the set, seed fixed)"""
     save_every: int = 500
-    """save the LoRA under checkpoints/step_N every this many updates (0: only at the end)"""
+    """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
+    keep_checkpoints: int = 2
+    """keep only the newest this many checkpoints (0: keep all)"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its newest checkpoint, with its own flags (--steps may grow)"""
+    max_bad_steps: int = 10
+    """stop after this many consecutive updates skipped for a non-finite loss or gradient"""
 
 
 def sample_with_grad(pipe, cond, uncond, args, m, generator=None):
@@ -116,6 +122,7 @@ def refl_loss(reward, args):
 
 
 def main(args: Args) -> None:
+    args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
     # Checks that need no model: fail before minutes of loading.
     if not rewards.is_differentiable(args.reward):
         raise SystemExit(f"ReFL backpropagates through the reward, and {args.reward!r} is not differentiable. "
@@ -123,10 +130,12 @@ def main(args: Args) -> None:
     if not 1 <= args.max_step <= args.num_inference_steps:  # ReFL
         raise SystemExit(f"--max-step {args.max_step} must be between 1 and --num-inference-steps "
                          f"({args.num_inference_steps})")
+    world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
+    if args.batch_size % world.size:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must divide among {world.size} processes")
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed)
+    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
-    tracker = common.Tracker(run_dir, args, args.track)
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
 
@@ -136,49 +145,64 @@ def main(args: Args) -> None:
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
+    start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
+    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
+    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid_prompts = prompts[: args.num_sample_images]
 
-    def log_samples(step):
-        images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale)
-        return tracker.samples(step, images, reward_fn(images, grid_prompts).detach())
+    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+        if world.is_main:
+            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale)
+            tracker.samples(step, images, reward_fn(images, grid_prompts).detach())
 
-    log_samples(0)
-    reward_queries = 0
-    pbar = tqdm(range(1, args.steps + 1), desc=args.exp_name)
+    if start == 0:
+        log_samples(0)
+    reward_queries = state.get("reward_queries", 0)
+    pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
+                disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
-        batch_prompts = common.sample_prompts(prompts, args.batch_size, rng)
+        # every rank draws the global batch's prompts (and noise) and keeps its share: common.shard
+        batch_prompts = common.shard(common.sample_prompts(prompts, args.batch_size, rng))
         cond = common.encode_prompts(pipe, batch_prompts)
         # ReFL: a step index m among the last max_step of the schedule, drawn for each update
         m = rng.randrange(args.num_inference_steps - args.max_step, args.num_inference_steps)
         latents = sample_with_grad(pipe, cond, uncond, args, m)
         images = common.decode(pipe, latents)
         reward = reward_fn(images, batch_prompts)
-        reward_queries += len(batch_prompts)
+        reward_queries += args.batch_size
         loss = refl_loss(reward, args)
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-        optimizer.step()
+        if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
+            optimizer.step()
 
+        reward = common.gather(reward.detach())  # the global batch's rewards, for logging
         row = tracker.log(
             step,
             charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                        optimizer_steps=step, grad_norm=grad_norm, step_seconds=time.time() - t0,
+                        optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped, step_seconds=time.time() - t0,
                         refl_step=m, refl_timestep=pipe.scheduler.timesteps[m]),  # ReFL: where x̂0 was taken
             losses=dict(loss=loss),
         )
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
-        if args.save_every and step % args.save_every == 0:
-            common.save_lora(pipe, run_dir / "checkpoints" / f"step_{step}")
+        stopping = stop.requested(device)  # SIGINT/SIGTERM: save, then exit
+        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
+            checkpointer.save(step, reward_queries=reward_queries)
+        if stopping:
+            stop.exit(run_dir, step)
 
-    common.save_lora(pipe, run_dir)
     tracker.close()
-    print(f"LoRA, metrics and sample grids in {run_dir}")
+    if world.is_main:
+        common.save_lora(pipe, run_dir)
+        print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":

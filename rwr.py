@@ -64,9 +64,9 @@ class Args:
     """RWR: images sampled per drawn prompt, so that each prompt's softmax compares several rewards (with one
     image per prompt every weight would be 1 and the reward would be ignored)"""
     sample_batch_size: int = 8
-    """images per sampling call (memory only)"""
+    """images per sampling call per process (memory only)"""
     train_batch_size: int = 4
-    """images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
+    """per process: images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
     # RWR: several passes of weighted regression over each round's samples.
     num_epochs: int = 4
     """passes over each round's samples, reshuffled every time"""
@@ -101,7 +101,14 @@ class Args:
     num_sample_images: int = 8
     """images in the sample grid (the first prompts of the set, seed fixed)"""
     save_every: int = 800
-    """save the LoRA under checkpoints/step_N every this many updates (0: only at the end)"""
+    """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
+    a multiple of num_epochs × num_minibatches (checkpoints fall between rounds)"""
+    keep_checkpoints: int = 2
+    """keep only the newest this many checkpoints (0: keep all)"""
+    resume: Optional[str] = None
+    """continue the run in this directory from its newest checkpoint, with its own flags (--steps may grow)"""
+    max_bad_steps: int = 10
+    """stop after this many consecutive updates skipped for a non-finite reward, loss or gradient"""
 
 
 # RWR: per-prompt reward weights replace the per-prompt advantage statistics.
@@ -138,8 +145,9 @@ def accumulate_regression_gradient(pipe, x0, cond, uncond, weights, samples, arg
     for s in range(0, n, args.train_batch_size):
         i = samples[s : s + args.train_batch_size]
         # RWR: one random training timestep per sample, anywhere in the 1000-step forward process.
-        t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(i),), device=x0.device)
-        noise = torch.randn_like(x0[i])
+        # (drawn for the global batch and sharded under torchrun, so that ranks never share noise)
+        t = common.randint(pipe.scheduler.config.num_train_timesteps, len(i), device=x0.device)
+        noise = common.randn(x0[i].shape, device=x0.device)
         loss = weighted_denoising_loss(pipe, x0[i], cond[i], uncond, weights[i], t, noise, args.guidance_scale, n)
         loss.backward()
         loss_sum += loss.item()
@@ -147,6 +155,7 @@ def accumulate_regression_gradient(pipe, x0, cond, uncond, weights, samples, arg
 
 
 def main(args: Args) -> None:
+    args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
     # Checks that need no model: fail before minutes of loading.
     rewards.parse(args.reward)
     if args.eta < 0:
@@ -157,22 +166,27 @@ def main(args: Args) -> None:
     if args.images_per_prompt < 1 or args.batch_size % args.images_per_prompt:
         raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --images-per-prompt "
                          f"{args.images_per_prompt}")
-    if args.batch_size % args.sample_batch_size:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --sample-batch-size "
-                         f"{args.sample_batch_size}")
-    if args.batch_size % args.num_minibatches:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of --num-minibatches "
-                         f"{args.num_minibatches}")
-    minibatch_size = args.batch_size // args.num_minibatches
+    world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
+    local_batch = args.batch_size // world.size  # each process samples and trains on its share of the round
+    if args.batch_size % world.size or local_batch % args.sample_batch_size:
+        raise SystemExit(f"--batch-size {args.batch_size} over {world.size} process(es) must be a multiple of "
+                         f"--sample-batch-size {args.sample_batch_size} per process")
+    if local_batch % args.num_minibatches:
+        raise SystemExit(f"--batch-size {args.batch_size} over {world.size} process(es) must be a multiple of "
+                         f"--num-minibatches {args.num_minibatches}")
+    minibatch_size = local_batch // args.num_minibatches
     if minibatch_size % args.train_batch_size:
-        raise SystemExit(f"the minibatch (--batch-size / --num-minibatches = {minibatch_size}) must be a multiple of "
-                         f"--train-batch-size {args.train_batch_size}")
+        raise SystemExit(f"the minibatch (--batch-size / processes / --num-minibatches = {minibatch_size}) must be a "
+                         f"multiple of --train-batch-size {args.train_batch_size}")
+    updates_per_round = args.num_epochs * args.num_minibatches  # RWR: several updates per sampled round
+    if args.save_every % updates_per_round:
+        raise SystemExit(f"--save-every {args.save_every} must be a multiple of --num-epochs × --num-minibatches "
+                         f"= {updates_per_round}: checkpoints are taken between rounds")
     if not 0 <= args.percentile <= 100:
         raise SystemExit(f"--percentile must be in [0, 100], got {args.percentile}")
     prompts = common.load_prompts(args.prompts, args.prompt_file)
-    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed)
+    run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
-    tracker = common.Tracker(run_dir, args, args.track)
     common.seed_everything(args.seed)
     rng = random.Random(args.seed)
 
@@ -181,66 +195,84 @@ def main(args: Args) -> None:
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
+    start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run; always between rounds
+    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
+    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid_prompts = prompts[: args.num_sample_images]
 
-    def log_samples(step):
-        images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
-        return tracker.samples(step, images, reward_fn(images, grid_prompts))
+    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+        if world.is_main:
+            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+            tracker.samples(step, images, reward_fn(images, grid_prompts))
 
-    log_samples(0)
-    reward_queries = 0
-    updates_per_round = args.num_epochs * args.num_minibatches  # RWR: several updates per sampled round
-    pbar = tqdm(range(1, args.steps + 1), desc=args.exp_name)
+    if start == 0:
+        log_samples(0)
+    reward_queries = state.get("reward_queries", 0)
+    pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
+                disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
         if (step - 1) % updates_per_round == 0:  # RWR: a new round once the last one's updates are used up
             # 1. Sample with the current model; RWR: only the final latents x0 are kept.
             # RWR: each drawn prompt is repeated images_per_prompt times, for the per-prompt weights.
+            # Every rank draws the global round's prompts (and noise) and keeps its share (common.shard).
             drawn = common.sample_prompts(prompts, args.batch_size // args.images_per_prompt, rng)
-            batch_prompts = [p for p in drawn for _ in range(args.images_per_prompt)]
+            all_prompts = [p for p in drawn for _ in range(args.images_per_prompt)]
+            batch_prompts = common.shard(all_prompts)
             cond = common.encode_prompts(pipe, batch_prompts)
             x0 = torch.cat([
                 common.sample_trajectory(pipe, cond[s : s + args.sample_batch_size], uncond, args.num_inference_steps,
                                          args.guidance_scale, args.eta).latents[:, -1]
-                for s in range(0, args.batch_size, args.sample_batch_size)
+                for s in range(0, local_batch, args.sample_batch_size)
             ])
-            with torch.no_grad():
-                reward = reward_fn(common.decode(pipe, x0), batch_prompts).float().cpu()
-            reward_queries += len(batch_prompts)
+            with torch.no_grad():  # all ranks' rewards: a prompt's weights use all of its images
+                reward = common.gather(reward_fn(common.decode(pipe, x0), batch_prompts).float()).cpu()
+            reward_queries += args.batch_size
+            round_ok = guard.ok(step, reward=reward)  # a non-finite reward: the whole round is skipped
 
             # 2. Rewards -> weights (RWR: instead of advantages).
-            w = rwr_weights(batch_prompts, reward.numpy(), args.beta, args.sparse, args.percentile)
-            weights = torch.as_tensor(w, dtype=torch.float32, device=device)
+            w = rwr_weights(all_prompts, reward.numpy(), args.beta, args.sparse, args.percentile)
+            weights = common.shard(torch.as_tensor(w, dtype=torch.float32, device=device))
             effective_sample_size = w.sum() ** 2 / max((w**2).sum(), 1e-12)
 
             # RWR: per epoch, shuffle the samples and split them into minibatches.
             plan = [mb for _ in range(args.num_epochs)
-                    for mb in torch.randperm(args.batch_size, device=device).chunk(args.num_minibatches)]
+                    for mb in torch.randperm(local_batch, device=device).chunk(args.num_minibatches)]
 
         # 3. One weighted-regression update on the next minibatch.
-        optimizer.zero_grad(set_to_none=True)
-        minibatch = plan[(step - 1) % updates_per_round]
-        stats = accumulate_regression_gradient(pipe, x0, cond, uncond, weights, minibatch, args)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
-        optimizer.step()
+        stats, grad_norm = {}, torch.tensor(float("nan"))
+        if round_ok:
+            optimizer.zero_grad(set_to_none=True)
+            minibatch = plan[(step - 1) % updates_per_round]
+            stats = accumulate_regression_gradient(pipe, x0, cond, uncond, weights, minibatch, args)
+            common.average_gradients(params)  # under torchrun: the mean over ranks is the global minibatch's gradient
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
+                optimizer.step()
 
         row = tracker.log(
             step,
             charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
                         optimizer_steps=step, weight_max=w.max(), effective_sample_size=effective_sample_size,
-                        grad_norm=grad_norm, step_seconds=time.time() - t0),
+                        grad_norm=grad_norm, skipped_updates=guard.skipped, step_seconds=time.time() - t0),
             losses=stats,
         )
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
-        if args.save_every and step % args.save_every == 0:
-            common.save_lora(pipe, run_dir / "checkpoints" / f"step_{step}")
+        stopping = stop.requested(device)  # SIGINT/SIGTERM: save at the end of this round's updates, then exit
+        if step % updates_per_round == 0:  # RWR: checkpoints fall between rounds
+            if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
+                checkpointer.save(step, reward_queries=reward_queries)
+            if stopping:
+                stop.exit(run_dir, step)
 
-    common.save_lora(pipe, run_dir)
     tracker.close()
-    print(f"LoRA, metrics and sample grids in {run_dir}")
+    if world.is_main:
+        common.save_lora(pipe, run_dir)
+        print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":

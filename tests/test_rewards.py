@@ -188,6 +188,8 @@ def test_names_and_import_is_light():
         "jpeg_incompressibility",
         "jpeg_compressibility_diff",
         "jpeg_incompressibility_diff",
+        "shapes_alignment",
+        "shapes_exact_match",
     }
     heavy = ("transformers", "open_clip", "kornia", "diffusers")
     code = f"import sys, rewards; print(sorted(m for m in {heavy} if m in sys.modules))"
