@@ -53,17 +53,11 @@ def clip_tokenizer():
     return tok
 
 
-def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
-    """A Stable-Diffusion-shaped model small enough for a CPU: same classes as SD1.4, random weights.
+def tiny_unet():
+    """`tiny`'s UNet (random weights): SD1.4's class, two blocks, cross-attention in one, 16×16×4 latents."""
+    from diffusers import UNet2DConditionModel
 
-    UNet with two blocks (one with cross-attention), a 2-block VAE (32×32 images ↔ 16×16×4 latents) and a
-    2-layer CLIP text encoder. Deterministic from `seed`; nothing is downloaded.
-    """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -75,20 +69,30 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
         attention_head_dim=8,
         norm_num_groups=16,
     )
-    torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+
+
+def tiny_vae(channels=(32, 64), norm_groups: int = 16, scaling_factor: float = 0.18215):
+    """A 2-block AutoencoderKL (random weights): 32×32×3 images ↔ 16×16×4 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64),
+        block_out_channels=tuple(channels),
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=norm_groups,
         sample_size=32,
-        scaling_factor=0.18215,
+        scaling_factor=scaling_factor,
     )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
+
+
+def tiny_text_encoder():
+    """A 2-layer CLIPTextModel (random weights) over the real CLIP vocabulary, hidden size 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
         CLIPTextConfig(
             vocab_size=49408,
             hidden_size=32,
@@ -101,15 +105,31 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
             pad_token_id=49407,
         )
     )
+
+
+def pipeline_components(unet, vae, text_encoder, dtype: torch.dtype = torch.float32) -> dict:
+    """The keyword arguments of `StableDiffusionPipeline` for these modules: in `dtype`, with the real CLIP
+    tokenizer and DDIM on SD1.4's schedule."""
+    from diffusers import DDIMScheduler
+
     if dtype != torch.float32:
         unet, vae, text_encoder = unet.to(dtype), vae.to(dtype), text_encoder.to(dtype)
-    return dict(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        scheduler=DDIMScheduler(**SD14_SCHEDULER),
-    )
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+                scheduler=DDIMScheduler(**SD14_SCHEDULER))
+
+
+def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """A Stable-Diffusion-shaped model small enough for a CPU: same classes as SD1.4, random weights.
+
+    UNet with two blocks (one with cross-attention), a 2-block VAE (32×32 images ↔ 16×16×4 latents) and a
+    2-layer CLIP text encoder. Deterministic from `seed`; nothing is downloaded.
+    """
+    torch.manual_seed(seed)
+    unet = tiny_unet()
+    torch.manual_seed(seed + 1)
+    vae = tiny_vae()
+    torch.manual_seed(seed + 2)
+    return pipeline_components(unet, vae, tiny_text_encoder(), dtype)
 
 
 def _from_pretrained(model: str, dtype: torch.dtype):

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import tyro
 
-from common.models import SD14_SCHEDULER, clip_tokenizer
+from common.models import SD14_SCHEDULER, clip_tokenizer, tiny_text_encoder, tiny_unet
 from shapes import data, model
 
 
@@ -101,7 +101,7 @@ def train_unet(args: Args, vae, rng: np.random.Generator, log: dict):
     from diffusers import DDIMScheduler
 
     torch.manual_seed(args.seed + 1)
-    unet, text_encoder = model.build_unet(), model.build_text_encoder()
+    unet, text_encoder = tiny_unet(), tiny_text_encoder()
     tokenizer = clip_tokenizer()
     alphas = DDIMScheduler(**SD14_SCHEDULER).alphas_cumprod
     params = list(unet.parameters()) + list(text_encoder.parameters())
