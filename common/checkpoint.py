@@ -50,10 +50,7 @@ class Checkpoint:
     step: int
 
 
-def find_checkpoint(run_dir: str | Path) -> Checkpoint:
-    """The newest complete checkpoint of `run_dir`, verified against its manifest (no model needed).
-
-    Raises SystemExit with what is wrong: no run, no complete checkpoint, or a corrupt one."""
+def _newest_complete(run_dir: str | Path) -> Checkpoint:
     root = Path(run_dir) / "checkpoints"
     complete = []
     for d in root.glob("step_*") if root.is_dir() else []:
@@ -62,7 +59,14 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     if not complete:
         raise SystemExit(f"--resume {run_dir}: no complete checkpoint in {root} (the run stopped before its first "
                          "save); start a new run instead")
-    ckpt = max(complete, key=lambda c: c.step)
+    return max(complete, key=lambda c: c.step)
+
+
+def find_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """The newest complete checkpoint of `run_dir`, verified against its manifest (no model needed).
+
+    Raises SystemExit with what is wrong: no run, no complete checkpoint, or a corrupt one."""
+    ckpt = _newest_complete(run_dir)
     try:
         manifest = json.loads((ckpt.path / MANIFEST).read_text())
         bad = [name for name, digest in manifest["files"].items() if _sha256(ckpt.path / name) != digest]
@@ -112,7 +116,7 @@ def _check_lora_rank(path: Path, rank: int) -> None:
 
     try:
         with safe_open(str(path), "pt") as f:
-            ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora_A" in k or "lora.down" in k}
+            ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora.down" in k}  # diffusers' format
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
         raise SystemExit(f"--resume: cannot read the LoRA file {path} ({e})") from e
     if ranks != {rank}:
@@ -185,10 +189,11 @@ class Checkpointer:
         return final
 
     def restore(self, resume: str | None) -> tuple[int, dict]:
-        """Load the newest checkpoint of the `resume` run into the model, optimizer and RNGs: (step, state)."""
+        """Load the newest checkpoint of the `resume` run into the model, optimizer and RNGs: (step, state).
+        `resume_args` has verified it before the model loaded."""
         if not resume:
             return 0, {}
-        ckpt = find_checkpoint(resume)
+        ckpt = _newest_complete(resume)
         load_lora(self.pipe, ckpt.path)
         saved = torch.load(ckpt.path / STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])

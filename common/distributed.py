@@ -71,8 +71,9 @@ def randn(shape, generator: torch.Generator | None = None, device=None) -> torch
     are made for the global batch and sharded, so the ranks' noise is independent and equals one process's;
     an explicit generator (sample grids, evaluation) is used as is."""
     gen_device = generator.device if generator is not None else (device or "cpu")
-    if generator is None and world().size > 1:
-        full = torch.randn((shape[0] * world().size, *shape[1:]), device=gen_device)
+    size = world().size
+    if generator is None and size > 1:
+        full = torch.randn((shape[0] * size, *shape[1:]), device=gen_device)
         return shard(full).to(device)
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
@@ -103,7 +104,7 @@ def average_gradients(params) -> None:
     flat /= w.size
     offset = 0
     for p, g in zip(params, grads):
-        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset : offset + g.numel()].view_as(g)
         offset += g.numel()
 
 
