@@ -224,6 +224,7 @@ def refused(script, flags, match, target=None):
         run(script, *flags)
     message = str(e.value.code if isinstance(e.value, SystemExit) else e.value)
     assert match in message, message
+    print(f"refused: {message}")
     if target:
         assert snapshot(target) == before
     return message
@@ -257,6 +258,7 @@ FRESH_RUN_ERRORS = {  # a new run: the output directory must not even be created
     "missing prompt file": ("draft", ["--prompt-file", "/nonexistent/prompts.txt"], "no such file"),
     "empty prompt file": ("draft", ["--prompt-file", "EMPTY"], "holds no prompts"),
     "unknown prompt set": ("draft", ["--prompts", "animalz"], "unknown prompt set 'animalz'"),
+    "half precision on the CPU": ("draft", ["--mixed-precision", "fp16"], "--mixed-precision fp16 needs a CUDA GPU"),
 }
 
 
