@@ -44,7 +44,8 @@ def speed(args):
     import common
 
     pipe = common.load_pipeline("tiny", lora_rank=4)
-    reference = StableDiffusionPipeline(**{k: getattr(pipe, k) for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
+    reference = StableDiffusionPipeline(**{k: getattr(pipe, k)
+                                           for k in ("vae", "text_encoder", "tokenizer", "unet", "scheduler")},
                                         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     reference.set_progress_bar_config(disable=True)
     prompts = common.load_prompts("simple_animals")[: args.batch_size]
@@ -129,7 +130,8 @@ def main():
         return
     print(f"tiny model, batch {args.batch_size}, {args.steps} DDIM steps, guidance 7.5")
     for row in speed(args):
-        print(f"speed  eta={row['eta']}: common {row['common_s']:.3f} s, StableDiffusionPipeline {row['pipeline_s']:.3f} s"
+        print(f"speed  eta={row['eta']}: common {row['common_s']:.3f} s, "
+              f"StableDiffusionPipeline {row['pipeline_s']:.3f} s"
               f"  -> ratio {row['ratio']:.3f} (goal <= 1.05)")
     m = memory(args)
     print(f"memory backprop through all {args.steps} steps ({m['device']}): checkpointed {m['checkpoint_mb']} MB, "

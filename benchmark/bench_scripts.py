@@ -41,7 +41,8 @@ def main():
     print(f"{'script':14s} {'lines':>5s} {'s/step':>7s}  settings (tiny, T=10)")
     for script, extra in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(ROOT / script), *COMMON, *extra, "--steps", str(args.steps), "--output-dir", f"{tmp}/run"]
+            cmd = [sys.executable, str(ROOT / script), *COMMON, *extra, "--steps", str(args.steps),
+                   "--output-dir", f"{tmp}/run"]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
         seconds = statistics.mean(r["step_seconds"] for r in rows[1:])

@@ -128,7 +128,8 @@ def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, di
         B, mb, ep = c.rl_batch, 4, 4
         flags = ["--batch-size", B, "--sample-batch-size", min(B, 16), "--images-per-prompt", 8,
                  "--num-minibatches", mb, "--num-epochs", ep, "--train-batch-size", B // mb]
-        per_update, settings = B / (mb * ep), dict(batch=f"{B} per round ({B // 8} prompts × 8), {mb * ep} updates of {B // mb}")
+        per_update, settings = B / (mb * ep), dict(batch=f"{B} per round ({B // 8} prompts × 8), "
+                                                         f"{mb * ep} updates of {B // mb}")
     elif algo == "draft":
         flags, per_update = ["--batch-size", c.grad_batch, "--k", 1], c.grad_batch
         settings = dict(batch=f"{c.grad_batch}, K = 1")
@@ -163,7 +164,8 @@ def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]
                 run_dir = out / "runs" / c.name / f"{algo}__s{seed}"
                 sample_every = max(1, steps // c.evals_per_run)
                 cmd = [f"{algo}.py", "--model", c.model, "--reward", c.reward(algo),
-                       "--prompt-file", str(prompt_files[c.prompts]), "--num-inference-steps", str(c.num_inference_steps),
+                       "--prompt-file", str(prompt_files[c.prompts]),
+                       "--num-inference-steps", str(c.num_inference_steps),
                        "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
                        "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
                        "--save-every", "0", "--output-dir", str(run_dir)]
@@ -281,7 +283,8 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
             print(f"[{time.strftime('%H:%M:%S')}] train {job.comparison.name}/{job.algorithm} seed {job.seed}: "
                   f"{job.steps} updates", flush=True)
         wall = _call(job.cmd, log, fork)
-        info = dict(cmd=job.cmd, wall_seconds=round(wall, 2), finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        info = dict(cmd=job.cmd, wall_seconds=round(wall, 2),
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         (job.run_dir / "bench_run.json").write_text(json.dumps(info, indent=2))
         (job.run_dir / "final_eval.json").unlink(missing_ok=True)
         done.append(f"trained in {wall:.0f} s")

@@ -70,7 +70,8 @@ def plot_comparison(c, runs_by_algo: dict[str, list[analysis.Run]], out: Path) -
         return []
     window = 0.2 * c.budget
     paths = []
-    for axis, xlabel in (("queries", "reward queries (images scored)"), ("seconds", "train seconds (sum of step_seconds)")):
+    for axis, xlabel in (("queries", "reward queries (images scored)"),
+                         ("seconds", "train seconds (sum of step_seconds)")):
         fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
         for row, (reward, algos) in enumerate(groups.items()):
             ax_train, ax_eval = axes[row]
@@ -193,7 +194,8 @@ def _results_table(c, summary, base) -> list[str]:
                  _fmt(final_delta(c, algo, e, base)), _fmt(e["final_gain_mean_std"]),
                  _fmt(e["train_reward_last_mean_std"]),
                  (f"{q:.0f}" if q is not None else "not reached") + f" ({e.get('reached_threshold', '–')})",
-                 f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}", f"{e['wall_seconds_per_run']:.0f}"]
+                 f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}",
+                 f"{e['wall_seconds_per_run']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -288,9 +290,10 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
                "`shapes_attribute_accuracy` the mean fraction of the four that match.", ""]
         for reward, t in summary["threshold"].items():
             g = t["gain"]
-            md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} ({_label(t['best_algorithm'])}, "
-                      f"{t['best_final_gain']:.3g}); queries to threshold is the first crossing of each seed's eval "
-                      "curve (linear between grid evaluations), averaged over the seeds that reach it."
+            md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} "
+                      f"({_label(t['best_algorithm'])}, {t['best_final_gain']:.3g}); queries to threshold is the "
+                      "first crossing of each seed's eval curve (linear between grid evaluations), averaged over the "
+                      "seeds that reach it."
                       if g is not None else f"Threshold for `{reward}`: undefined (no algorithm improved).")
         md.append("")
         for p in plots:
@@ -302,8 +305,9 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
         md += result["comparisons"][c.name]["commands"] + ["```", "", "</details>", ""]
     result["wall_seconds_total"] = round(total_wall, 1)
     invocation = f"this invocation: {elapsed / 60:.1f} min" if elapsed is not None else "report regenerated"
-    md.insert(3, f"Sum of the wall times of all runs and evaluations: {total_wall / 60:.1f} min ({invocation}). Every "
-                 "job ran with `OMP_NUM_THREADS=1` on a shared 2-core CPU; timings vary with the load of the machine.\n")
+    md.insert(3, f"Sum of the wall times of all runs and evaluations: {total_wall / 60:.1f} min ({invocation}). "
+                 "Every job ran with `OMP_NUM_THREADS=1` on a shared 2-core CPU; timings vary with the load of the "
+                 "machine.\n")
     (out / "summary.md").write_text("\n".join(md) + "\n")
     (out / "summary.json").write_text(json.dumps(result, indent=2, default=float))
     return result

@@ -20,7 +20,8 @@ def _article(noun: str) -> str:
 
 def _animal_activities() -> list[str]:
     # DDPO's prompt-image alignment prompts: "a(n) {animal} {activity}", 45 × 3.
-    return [f"{_article(a)} {act}" for a in _lines(DATA / "simple_animals.txt") for act in _lines(DATA / "activities.txt")]
+    return [f"{_article(a)} {act}"
+            for a in _lines(DATA / "simple_animals.txt") for act in _lines(DATA / "activities.txt")]
 
 
 PROMPT_SETS = {

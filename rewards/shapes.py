@@ -33,7 +33,8 @@ class _ShapesReward(Reward):
 
         self.check_batch(images, prompts)
         targets = labels([parse_caption(p) for p in prompts])
-        return self.classifier(images.to(torch.promote_types(images.dtype, torch.float32))), {k: v.to(images.device) for k, v in targets.items()}
+        return (self.classifier(images.to(torch.promote_types(images.dtype, torch.float32))),
+                {k: v.to(images.device) for k, v in targets.items()})
 
 
 class ShapesAlignment(_ShapesReward):

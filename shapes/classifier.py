@@ -20,7 +20,8 @@ REGENERATE = "python -m shapes.train_classifier"
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)
+        nn.Conv2d(c_in, c_out, 3, padding=1), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1), nn.SiLU(),
+        nn.AvgPool2d(2)
     )
 
 
@@ -45,7 +46,8 @@ class ShapesClassifier(nn.Module):
 
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"shapes classifier weights {path} are missing; regenerate them with `{REGENERATE}`")
+            raise FileNotFoundError(f"shapes classifier weights {path} are missing; "
+                                    f"regenerate them with `{REGENERATE}`")
         model = cls()
         model.load_state_dict(load_file(path))
         return model.eval()

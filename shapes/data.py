@@ -122,11 +122,13 @@ def render(attrs: Attrs, rng: np.random.Generator) -> torch.Tensor:
     mask = np.zeros((SIZE, SIZE), bool)
     for cx, cy, r in placed:
         mask |= _mask(attrs.shape, cx, cy, r)
-    image = np.where(mask[None], np.array(COLORS[attrs.color])[:, None, None], np.array(COLORS[attrs.background])[:, None, None])
+    image = np.where(mask[None], np.array(COLORS[attrs.color])[:, None, None],
+                     np.array(COLORS[attrs.background])[:, None, None])
     return torch.from_numpy(image.astype(np.float32))
 
 
-def sample_batch(n: int, rng: np.random.Generator, combos: list[Attrs] | None = None) -> tuple[torch.Tensor, list[Attrs]]:
+def sample_batch(n: int, rng: np.random.Generator,
+                 combos: list[Attrs] | None = None) -> tuple[torch.Tensor, list[Attrs]]:
     """n images [n, 3, SIZE, SIZE] with attributes drawn uniformly from `combos` (default: all combinations)."""
     combos = all_attrs() if combos is None else combos
     attrs = [combos[i] for i in rng.integers(len(combos), size=n)]

@@ -65,7 +65,8 @@ def test_per_sample_timesteps(scheduler):
     prev = torch.randn(4, 4, 8, 8)
     _, lp = common.ddim_step_with_logprob(scheduler, eps, ts, x, 1.0, prev_sample=prev)
     for i, t in enumerate(ts.tolist()):
-        _, lp_i = common.ddim_step_with_logprob(scheduler, eps[i : i + 1], t, x[i : i + 1], 1.0, prev_sample=prev[i : i + 1])
+        _, lp_i = common.ddim_step_with_logprob(scheduler, eps[i : i + 1], t, x[i : i + 1], 1.0,
+                                                prev_sample=prev[i : i + 1])
         torch.testing.assert_close(lp[i : i + 1], lp_i)
         mu, sigma = reference_mean_std(t, x[i], eps[i], 1.0)
         expected = torch.distributions.Normal(mu, sigma).log_prob(prev[i].double()).mean()

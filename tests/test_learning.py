@@ -58,7 +58,8 @@ EVAL_PROMPTS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "b
 
 def evaluate(run_dir, num_steps, guidance_scale, eta):
     """Mean reward of 16 images from fixed prompts and latents, sampled by diffusers' own pipeline."""
-    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if run_dir is not None:
         pipe.load_lora_weights(str(run_dir))

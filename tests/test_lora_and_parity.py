@@ -11,7 +11,8 @@ from conftest import randomize_lora
 
 def plain_pipeline(seed=0):
     """A StableDiffusionPipeline built by diffusers itself from the tiny components, without any adapter."""
-    pipe = StableDiffusionPipeline(**tiny_components(seed), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**tiny_components(seed), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -81,7 +82,8 @@ def test_sampler_reproduces_stable_diffusion_pipeline(tiny_pipe, tmp_path, guida
     reference.load_lora_weights(str(tmp_path))
     prompts = ["a cat riding a bike", "an ant playing chess"]
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))
-    expected = reference(prompts, latents=latents.clone(), num_inference_steps=12, guidance_scale=guidance, eta=0.0, output_type="pt").images
+    expected = reference(prompts, latents=latents.clone(), num_inference_steps=12, guidance_scale=guidance, eta=0.0,
+                         output_type="pt").images
 
     cond, uncond = common.encode_prompts(tiny_pipe, prompts), common.encode_prompts(tiny_pipe, [""])
     traj = common.sample_trajectory(tiny_pipe, cond, uncond, 12, guidance, eta=0.0, latents=latents)

@@ -41,7 +41,8 @@ def small_batch(pipe, n=4, num_steps=5, seed=0):
 
 
 def test_is_first_minibatch_gradient_equals_sf_gradient(tiny_pipe):
-    """At the weights that sampled the batch (ratio = 1) the clipped surrogate's gradient is −A·∇log p: DDPO-SF's."""
+    """At the weights that sampled the batch (ratio = 1) the clipped surrogate's gradient is −A·∇log p:
+    DDPO-SF's."""
     randomize_lora(tiny_pipe)
     n, num_steps = 4, 5
     cond, uncond, traj = small_batch(tiny_pipe, n, num_steps)

@@ -12,11 +12,12 @@ import torch
 from conftest import ROOT
 
 SMOKE = {
-    "ddpo_sf.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4", "--train-batch-size", "2"],
-    "ddpo_is.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4", "--train-batch-size", "2",
-                   "--num-minibatches", "2"],
-    "rwr.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--images-per-prompt", "2", "--sample-batch-size", "4",
-               "--train-batch-size", "2", "--num-minibatches", "2", "--num-epochs", "1"],
+    "ddpo_sf.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
+                   "--train-batch-size", "2"],
+    "ddpo_is.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
+                   "--train-batch-size", "2", "--num-minibatches", "2"],
+    "rwr.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--images-per-prompt", "2",
+               "--sample-batch-size", "4", "--train-batch-size", "2", "--num-minibatches", "2", "--num-epochs", "1"],
     "draft.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--k", "2"],
     "draft_lv.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2"],
     "refl.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--max-step", "3"],
@@ -33,7 +34,8 @@ def test_script_cli_on_tiny(script, tmp_path):
 
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / script), "--model", "tiny", "--steps", str(STEPS), "--num-inference-steps", "6",
-           "--sample-every", "2", "--save-every", "2", "--num-sample-images", "4", "--output-dir", str(run_dir), *SMOKE[script]]
+           "--sample-every", "2", "--save-every", "2", "--num-sample-images", "4", "--output-dir", str(run_dir),
+           *SMOKE[script]]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -45,12 +47,14 @@ def test_script_cli_on_tiny(script, tmp_path):
             assert math.isfinite(r[key]), (key, r)
     queries = [r["reward_queries"] for r in rows]
     assert queries == sorted(queries) and queries[0] > 0
-    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png", "step_000003.png"]
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == ["step_000000.png", "step_000002.png",
+                                                                           "step_000003.png"]
     assert list(run_dir.glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "step_2" / "pytorch_lora_weights.safetensors").is_file()
 
     # the LoRA loads with diffusers' own loader and changes the model
-    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     x, emb = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
     with torch.no_grad():
         before = pipe.unet(x, 500, encoder_hidden_states=emb).sample

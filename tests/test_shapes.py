@@ -121,7 +121,8 @@ def test_rewards_against_an_independent_computation(alignment):
     prompts = [data.caption(a) for a in attrs[:24]] + [data.caption(data.all_attrs()[i]) for i in range(24)]
     targets = data.labels([data.parse_caption(p) for p in prompts])
     logits = ShapesClassifier.from_file()(images)
-    expected_alignment = -torch.stack([F.cross_entropy(logits[k], targets[k], reduction="none") for k in targets]).mean(0)
+    expected_alignment = -torch.stack([F.cross_entropy(logits[k], targets[k], reduction="none")
+                                       for k in targets]).mean(0)
     expected_exact = torch.stack([logits[k].argmax(-1) == targets[k] for k in targets]).all(0).float()
     with torch.no_grad():
         torch.testing.assert_close(alignment(images, prompts), expected_alignment)
