@@ -253,7 +253,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
         if world.is_main:
-            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale,
+                                          args.eta)
             tracker.samples(step, images, reward_fn(images, grid_prompts))
 
     if start == 0:
@@ -287,7 +288,8 @@ def main(args: Args) -> None:
 
             if batch_ok:
                 # 2. Rewards -> advantages.
-                advantages = common.shard(compute_advantages(all_prompts, reward.numpy(), stat_tracker, args)).to(device)
+                advantages = compute_advantages(all_prompts, reward.numpy(), stat_tracker, args)
+                advantages = common.shard(advantages).to(device)
 
             # DDPO-IS: per epoch, shuffle the samples and, per sample, the order of its timesteps.
             plan = []

@@ -184,7 +184,8 @@ def main(args: Args) -> None:
 
         reward = common.gather(reward)  # the global batch's rewards, for logging
         charts = dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                      optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped, step_seconds=time.time() - t0)
+                      optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped,
+                      step_seconds=time.time() - t0)
         if args.n:  # DRaFT-LV: the copies' mean reward (close to reward_mean: t₁ is a nearly clean timestep)
             charts["reward_renoised_mean"] = common.gather(torch.stack(scores[1:], 1)).mean()
         row = tracker.log(step, charts=charts, losses=dict(loss=loss))

@@ -186,7 +186,8 @@ def main(args: Args) -> None:
         row = tracker.log(
             step,
             charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                        optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped, step_seconds=time.time() - t0,
+                        optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped,
+                        step_seconds=time.time() - t0,
                         refl_step=m, refl_timestep=pipe.scheduler.timesteps[m]),  # ReFL: where x̂0 was taken
             losses=dict(loss=loss),
         )

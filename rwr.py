@@ -204,7 +204,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
         if world.is_main:
-            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale, args.eta)
+            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale,
+                                          args.eta)
             tracker.samples(step, images, reward_fn(images, grid_prompts))
 
     if start == 0:

@@ -92,7 +92,8 @@ def resume_args(args):
     names = {f.name for f in dataclasses.fields(args)}
     if set(stored) != names:
         raise SystemExit(f"--resume {run_dir}: that run was made by another script (exp_name "
-                         f"{stored.get('exp_name')!r}); its flags {sorted(set(stored) ^ names)} do not match this one's")
+                         f"{stored.get('exp_name')!r}); its flags {sorted(set(stored) ^ names)} do not match "
+                         "this one's")
     defaults = type(args)()
     given = {n for n in names if getattr(args, n) != getattr(defaults, n)}  # flags set on the command line
     conflicts = {n: (stored[n], getattr(args, n)) for n in sorted(given - set(RESUMABLE_CHANGES))

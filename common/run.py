@@ -60,7 +60,8 @@ def _truncate_jsonl(path: Path, last_step: int) -> None:
 class Tracker:
     """metrics.jsonl (one object per optimizer step), TensorBoard scalars, and optionally wandb."""
 
-    def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning", start_step: int = 0):
+    def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning",
+                 start_step: int = 0):
         """`start_step` > 0 continues a resumed run: rows and TensorBoard events after it are discarded.
         Under torchrun only rank 0 writes; on the other ranks every method is a no-op."""
         from torch.utils.tensorboard import SummaryWriter
@@ -82,7 +83,8 @@ class Tracker:
         for name in ("metrics.jsonl", "eval.jsonl"):
             _truncate_jsonl(run_dir / name, start_step)
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
-        self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items()))
+        table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
+        self.writer.add_text("hyperparameters", table)
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         if track:
             self.wandb = wandb.init(project=project, name=run_dir.name, config=config, dir=str(run_dir),

@@ -61,8 +61,8 @@ def main(args: Args) -> None:
     result = dict(
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
-        train=evaluate(pipe, data.TRAIN_PROMPTS, args.samples_per_prompt, args.num_inference_steps, args.guidance_scale),
-        heldout=evaluate(pipe, data.HELDOUT_PROMPTS, args.samples_per_prompt, args.num_inference_steps, args.guidance_scale),
+        **{name: evaluate(pipe, prompts, args.samples_per_prompt, args.num_inference_steps, args.guidance_scale)
+           for name, prompts in (("train", data.TRAIN_PROMPTS), ("heldout", data.HELDOUT_PROMPTS))},
     )
     print(json.dumps(result, indent=1))
 
