@@ -11,7 +11,7 @@
 | `hpsv2`, `hpsv21` | open_clip ViT-H-14 + HPS v2 / v2.1 checkpoint | cosine(image, text) |
 | `pickscore` | PickScore_v1 (CLIP-H) | logit_scale.exp() * cosine(image, text) |
 | `jpeg_compressibility`, `jpeg_incompressibility` | PIL JPEG, quality 95 | -/+ file size in kB; not differentiable |
-| `jpeg_*_diff` (compressibility, incompressibility) | kornia's differentiable JPEG, q50 | -/+ mean of ((x - JPEG(x))·255)² |
+| `jpeg_*_diff` (compress., incompress.) | kornia's differentiable JPEG, q50 | -/+ mean of ((x - JPEG(x))·255)² |
 | `shapes_alignment` | shapes classifier (small CNN, `shapes/weights/`) | mean over 4 attributes of log p(value), ≤ 0 |
 | `shapes_exact_match` | the same classifier | 1 if all four argmaxes match the prompt, else 0; not differentiable |
 
