@@ -47,12 +47,13 @@ class Args:
     exp_name: str = "ddpo_is"
     """name of this experiment (the run directory's prefix)"""
     model: str = common.SD14
-    """hub id, local diffusers folder, or `tiny` (a random SD-shaped model for CPU smoke tests)"""
+    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests) or `tiny-shapes` (the CPU
+    testbed pretrained on coloured shapes, shapes/)"""
     reward: str = "aesthetic"
     """any reward of `rewards.REWARDS` (need not be differentiable), or a weighted sum `name:w,name:w`"""
-    prompts: str = "simple_animals"
-    """named prompt set (common.PROMPT_SETS): simple_animals (aesthetic), imagenet_animals (compressibility),
-    animal_activities (alignment)"""
+    prompts: Optional[str] = None
+    """named prompt set (common.PROMPT_SETS): simple_animals (aesthetic; the default), imagenet_animals
+    (compressibility), animal_activities (alignment); with --model tiny-shapes the default is shapes"""
     prompt_file: Optional[str] = None
     """a newline-separated prompt file; overrides --prompts"""
     steps: int = 800
@@ -231,7 +232,7 @@ def main(args: Args) -> None:
                          f"= {updates_per_batch}: checkpoints are taken between sampled batches")
     if not 0 < args.timestep_fraction <= 1:
         raise SystemExit(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
-    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    prompts = common.load_prompts(args.prompts, args.prompt_file, args.model)
     run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
     common.seed_everything(args.seed)

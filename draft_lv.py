@@ -40,11 +40,13 @@ class Args:
     exp_name: str = "draft_lv"
     """name of this experiment (the run directory's prefix)"""
     model: str = common.SD14
-    """hub id, local diffusers folder, or `tiny` (a random SD-shaped model for CPU smoke tests)"""
+    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests) or `tiny-shapes` (the CPU
+    testbed pretrained on coloured shapes, shapes/)"""
     reward: str = "aesthetic"
     """a differentiable reward of `rewards.REWARDS`, or a weighted sum such as `hpsv2:1,aesthetic:0.1`"""
-    prompts: str = "simple_animals"
-    """named prompt set (common.PROMPT_SETS); the paper's aesthetic runs use DDPO's 45 animals"""
+    prompts: Optional[str] = None
+    """named prompt set (common.PROMPT_SETS; default simple_animals, or shapes with --model tiny-shapes); the
+    paper's aesthetic runs use DDPO's 45 animals"""
     prompt_file: Optional[str] = None
     """a newline-separated prompt file; overrides --prompts"""
     steps: int = 2000
@@ -129,7 +131,7 @@ def main(args: Args) -> None:
     world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
     if args.batch_size % world.size:
         raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must divide among {world.size} processes")
-    prompts = common.load_prompts(args.prompts, args.prompt_file)
+    prompts = common.load_prompts(args.prompts, args.prompt_file, args.model)
     run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
     common.seed_everything(args.seed)

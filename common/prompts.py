@@ -33,8 +33,14 @@ PROMPT_SETS = {
 }
 
 
-def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -> list[str]:
-    """The prompts of a named set, or of `prompt_file` (one prompt per line) when given."""
+def default_prompt_set(model: str | None) -> str:
+    """The prompt set a script uses when none is named: the testbed's captions for `tiny-shapes` (the only prompts
+    it was trained on and that its `shapes_*` rewards can read), DDPO's 45 animals otherwise."""
+    return "shapes" if model == "tiny-shapes" else "simple_animals"
+
+
+def load_prompts(name: str | None = None, prompt_file: str | None = None, model: str | None = None) -> list[str]:
+    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (one prompt per line)."""
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
@@ -43,6 +49,7 @@ def load_prompts(name: str = "simple_animals", prompt_file: str | None = None) -
         if not prompts:
             raise ValueError(f"--prompt-file {prompt_file} holds no prompts (one per line expected)")
         return prompts
+    name = name or default_prompt_set(model)
     if name not in PROMPT_SETS:
         raise ValueError(f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} (or use --prompt-file)")
     return PROMPT_SETS[name]()

@@ -64,6 +64,9 @@ def test_heldout_prompts_are_the_heldout_pairs_only():
     assert not pairs & {(a.shape, a.color) for a in map(data.parse_caption, train)}
     assert common.load_prompts("shapes") == data.TRAIN_PROMPTS
     assert common.load_prompts("shapes_heldout") == data.HELDOUT_PROMPTS
+    # a script without --prompts trains tiny-shapes on its captions, any other model on DDPO's animals
+    assert common.load_prompts(None, None, "tiny-shapes") == data.TRAIN_PROMPTS
+    assert common.load_prompts(None, None, "tiny") == common.load_prompts("simple_animals")
 
 
 def test_sampling_is_deterministic_given_the_seed():
