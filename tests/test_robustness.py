@@ -113,29 +113,31 @@ def script_cmd(script, *flags):
 
 def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
-    cmd = script_cmd("draft", "--steps", "6", "--save-every", "2", "--output-dir", str(out))
+    cmd = script_cmd("draft", "--steps", "4", "--save-every", "1", "--output-dir", str(out))
     killed = subprocess.run([sys.executable, "-c", KILL_ON_SECOND_SAVE, *cmd[1:]], env=ENV, capture_output=True,
                             text=True, timeout=300, cwd=tmp_path)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpts = out / "checkpoints"
-    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp_step_4", "step_2"]  # the half-written save is aside
-    assert (ckpts / ".tmp_step_4" / "training_state.pt").read_bytes() == b"half a checkpoint"
+    assert sorted(p.name for p in ckpts.iterdir()) == [".tmp_step_2", "step_1"]  # the half-written save is aside
+    assert (ckpts / ".tmp_step_2" / "training_state.pt").read_bytes() == b"half a checkpoint"
 
-    resumed = subprocess.run(script_cmd("draft", "--resume", str(out), "--steps", "6"), env=ENV, capture_output=True,
+    resumed = subprocess.run(script_cmd("draft", "--resume", str(out), "--steps", "4"), env=ENV, capture_output=True,
                              text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "from step_2" in resumed.stdout
-    assert sorted(p.name for p in ckpts.iterdir()) == ["step_4", "step_6"]  # leftover removed, keep 2
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert "from step_1" in resumed.stdout
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_3", "step_4"]  # leftover removed, keep 2
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
 
     reference = tmp_path / "reference"
-    ok = subprocess.run(script_cmd("draft", "--steps", "6", "--save-every", "2", "--output-dir", str(reference)),
+    ok = subprocess.run(script_cmd("draft", "--steps", "4", "--output-dir", str(reference)),
                         env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert_same_lora(lora(reference), lora(out))
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(sig, tmp_path):
+    """SIGTERM (pre-emption) exits 143, SIGINT (Ctrl-C) 130, each after saving a checkpoint that resumes."""
     out = tmp_path / "run"
     proc = subprocess.Popen(script_cmd("draft", "--steps", "1000", "--save-every", "1000", "--output-dir", str(out)),
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
@@ -144,9 +146,9 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(tmp_path):
         if (out / "metrics.jsonl").is_file() and len((out / "metrics.jsonl").read_text().splitlines()) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert proc.returncode == 128 + sig, stderr[-2000:]
     assert f"continue with --resume {out}" in stderr
     last = metrics(out)[-1]["step"]
     assert 2 <= last < 1000
