@@ -2,6 +2,7 @@
 
     python -m shapes.evaluate                                  # shapes.RECOMMENDED settings, 4 samples per prompt
     python -m shapes.evaluate --guidance-scale 3 --samples-per-prompt 2
+    python -m shapes.evaluate --weights-dir /tmp/rerun                     # a `shapes.pretrain --output-dir` rerun
 
 Samples with DDIM η = 0 through `common.sample_images` (seeds 0 .. samples_per_prompt − 1, all prompts of a set
 in one batch per seed) and reports the exact-match rate and the mean `shapes_alignment` on TRAIN_PROMPTS and
@@ -30,6 +31,8 @@ class Args:
     samples_per_prompt: int = 4
     lora_dir: Optional[str] = None
     """a run directory whose LoRA to evaluate (default: the base model)"""
+    weights_dir: Optional[str] = None
+    """evaluate the weights of a `python -m shapes.pretrain --output-dir DIR` rerun instead of the committed ones"""
     threads: int = 1
 
 
@@ -55,7 +58,15 @@ def evaluate(pipe, prompts: list[str], samples_per_prompt: int, num_steps: int, 
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    pipe = common.load_pipeline("tiny-shapes", lora_rank=0)
+    if args.weights_dir:
+        from diffusers import StableDiffusionPipeline
+
+        from shapes.model import components
+
+        pipe = StableDiffusionPipeline(**components(directory=args.weights_dir), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    else:
+        pipe = common.load_pipeline("tiny-shapes", lora_rank=0)
     if args.lora_dir:
         pipe.load_lora_weights(args.lora_dir)
     result = dict(

@@ -37,10 +37,10 @@ def save(module: torch.nn.Module, name: str, directory: Path = WEIGHTS) -> Path:
     return path
 
 
-def load_weights(module: torch.nn.Module, name: str) -> torch.nn.Module:
+def load_weights(module: torch.nn.Module, name: str, directory: Path = WEIGHTS) -> torch.nn.Module:
     from safetensors.torch import load_file
 
-    path = WEIGHTS / FILES[name]
+    path = Path(directory) / FILES[name]
     if not path.is_file():
         raise FileNotFoundError(f"tiny-shapes weights {path} are missing; regenerate them with `{REGENERATE}`")
     state = {k: v.float() for k, v in load_file(path).items()}
@@ -48,14 +48,16 @@ def load_weights(module: torch.nn.Module, name: str) -> torch.nn.Module:
     return module
 
 
-def components(dtype: torch.dtype = torch.float32) -> dict:
-    """The pretrained `tiny-shapes` components, as `StableDiffusionPipeline(**components, ...)` takes them."""
-    if not REPORT.is_file():
-        raise FileNotFoundError(f"{REPORT} is missing; regenerate the tiny-shapes weights with `{REGENERATE}`")
-    scaling_factor = json.loads(REPORT.read_text())["vae"]["scaling_factor"]
+def components(dtype: torch.dtype = torch.float32, directory: Path = WEIGHTS) -> dict:
+    """The pretrained `tiny-shapes` components, as `StableDiffusionPipeline(**components, ...)` takes them
+    (`directory`: the committed weights, or another `shapes.pretrain --output-dir`)."""
+    report = Path(directory) / REPORT.name
+    if not report.is_file():
+        raise FileNotFoundError(f"{report} is missing; regenerate the tiny-shapes weights with `{REGENERATE}`")
+    scaling_factor = json.loads(report.read_text())["vae"]["scaling_factor"]
     return pipeline_components(
-        load_weights(tiny_unet(), "unet"),
-        load_weights(build_vae(scaling_factor), "vae"),
-        load_weights(tiny_text_encoder(), "text_encoder"),
+        load_weights(tiny_unet(), "unet", directory),
+        load_weights(build_vae(scaling_factor), "vae", directory),
+        load_weights(tiny_text_encoder(), "text_encoder", directory),
         dtype,
     )
