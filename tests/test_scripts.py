@@ -61,3 +61,14 @@ def test_script_cli_on_tiny(script, tmp_path):
         pipe.load_lora_weights(str(run_dir))
         after = pipe.unet(x, 500, encoder_hidden_states=emb).sample
     assert (after - before).abs().max() > 0
+
+    # --resume continues from the newest checkpoint (step 3, or step 2 where checkpoints fall between sampled
+    # batches of two updates): no step twice, and a step trained again draws the same samples as the first time
+    res = subprocess.run([sys.executable, str(ROOT / script), "--resume", str(run_dir), "--steps", str(STEPS + 1)],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 2))
+    for old, new in zip(rows, resumed):
+        assert (old["reward_mean"], old["reward_queries"]) == (new["reward_mean"], new["reward_queries"]), old["step"]
+    assert (run_dir / "checkpoints" / f"step_{STEPS + 1}" / "manifest.json").is_file()
