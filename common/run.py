@@ -82,6 +82,10 @@ class Tracker:
         (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
         for name in ("metrics.jsonl", "eval.jsonl"):
             _truncate_jsonl(run_dir / name, start_step)
+        metrics = run_dir / "metrics.jsonl"
+        kept = metrics.read_text().splitlines() if start_step and metrics.exists() else []
+        if kept:  # a resumed run's clock continues from its last kept row
+            self.start -= json.loads(kept[-1])["seconds"]
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
         self.writer.add_text("hyperparameters", table)
@@ -91,7 +95,8 @@ class Tracker:
                                     id=run_dir.name, resume="allow")
 
     def log(self, step: int, charts: dict, losses: dict) -> dict:
-        """Write one optimizer step. Values may be tensors; `seconds` since the start is added."""
+        """Write one optimizer step. Values may be tensors; `seconds` since the start (of the first of a resumed run's
+        sessions, not counting the time between them) is added."""
         charts = {k: float(torch.as_tensor(v).detach()) for k, v in charts.items()}
         losses = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
         row = {"step": step, **charts, **losses, "seconds": round(time.time() - self.start, 3)}

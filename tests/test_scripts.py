@@ -69,6 +69,8 @@ def test_script_cli_on_tiny(script, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 2))
+    seconds = [r["seconds"] for r in resumed]
+    assert seconds == sorted(seconds), seconds  # the clock continues across the resume
     for old, new in zip(rows, resumed):
         assert (old["reward_mean"], old["reward_queries"]) == (new["reward_mean"], new["reward_queries"]), old["step"]
     assert (run_dir / "checkpoints" / f"step_{STEPS + 1}" / "manifest.json").is_file()
