@@ -26,8 +26,9 @@ instead of per script, chosen by a short sweep of one script per family on one s
 update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
 40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the learning rate (1e-4 at the paper's
 3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) is drawn at step 0 and ~6 more
-times per run from a fixed shuffle of the training prompts, 16 images in the main comparison (8, the scripts'
-default, in the JPEG one).
+times per run from a fixed shuffle of the training prompts, 48 images in the main comparison (`--grid-images`:
+16 gave a grid of prompts the base model already drew well, see docs/benchmark) and 8, the scripts' default, in
+the JPEG one.
 
 Cost on this 2-core CPU (one thread per job, T = 20, idle machine): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS)
 seconds of training per reward query, 4.7 s per query for the seven scripts together, plus ~40 s per run for
@@ -348,7 +349,7 @@ def comparisons(a) -> list[Comparison]:
                           rl_reward="shapes_alignment", grad_reward="shapes_alignment",
                           eval_rewards=["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"],
                           budget=a.budget,
-                          seeds=a.seeds or [0, 1, 2], num_sample_images=16, **common_kw)
+                          seeds=a.seeds or [0, 1, 2], num_sample_images=a.grid_images, **common_kw)
         jpeg = Comparison("jpeg", "tiny-shapes, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
                           rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match",
@@ -378,6 +379,8 @@ def parse_args(argv=None):
     p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
     p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
                    "evaluation of the main comparison (every prompt the same number of times; JPEG: a quarter)")
+    p.add_argument("--grid-images", type=int, default=48, help="images in each run's sample grid, the eval curve the "
+                   "threshold is read from, main comparison (the first of the shuffled training prompts)")
     p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick sweep)")
     p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
                    "forking it from a server with torch and diffusers already imported")
