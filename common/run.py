@@ -50,11 +50,15 @@ def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, re
     return run_dir
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
-    """Drop rows logged after `last_step` (a resumed run re-logs the steps after its checkpoint)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
-        path.write_text("".join(row + "\n" for row in rows))
+def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Drop rows logged after `last_step` (a resumed run re-logs the steps after its checkpoint); returns the rows
+    kept."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = [(line, row) for line, row in zip(lines, map(json.loads, lines)) if row["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line, _ in kept))
+    return [row for _, row in kept]
 
 
 class Tracker:
@@ -80,12 +84,10 @@ class Tracker:
         self.run_dir = run_dir
         config = dataclasses.asdict(args)
         (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            _truncate_jsonl(run_dir / name, start_step)
-        metrics = run_dir / "metrics.jsonl"
-        kept = metrics.read_text().splitlines() if start_step and metrics.exists() else []
+        _truncate_jsonl(run_dir / "eval.jsonl", start_step)
+        kept = _truncate_jsonl(run_dir / "metrics.jsonl", start_step)
         if kept:  # a resumed run's clock continues from its last kept row
-            self.start -= json.loads(kept[-1])["seconds"]
+            self.start -= kept[-1]["seconds"]
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
         self.writer.add_text("hyperparameters", table)
