@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -9,6 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def read_metrics(run_dir):
+    """A run's metrics.jsonl as a list of dicts, one per optimizer update."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ over seeds, threshold and queries-to-threshold, the configuration's equal budget
 import csv
 import json
 import math
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np

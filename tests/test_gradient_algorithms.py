@@ -7,7 +7,6 @@ the loss it builds and the gradient it leaves in `.grad`), the learning rate is 
 """
 
 import contextlib
-import json
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import draft
 import draft_lv
 import refl
 import rewards
-from conftest import randomize_lora
+from conftest import randomize_lora, read_metrics
 
 T, B, W = 6, 2, 7.5  # inference steps, batch, guidance weight
 
@@ -101,7 +100,7 @@ def run_main(module, pipe, tmp_path, monkeypatch, reward, x_T, **overrides):
                     steps=1, batch_size=B, num_inference_steps=T, guidance_scale=W, learning_rate=0.0,
                     weight_decay=0.0, max_grad_norm=0.0, num_sample_images=1, save_every=0)
     module.main(module.Args(output_dir=str(run_dir), **(settings | overrides)))
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     steps = (settings | overrides)["steps"]
     assert (run_dir / common.LORA_FILE).is_file() and (run_dir / "samples" / f"step_{steps:06d}.png").is_file()
     return rows[-1], [p.grad.clone() for p in common.lora_parameters(pipe)]

@@ -1,6 +1,5 @@
 """The RL scripts' math (ddpo_sf, ddpo_is, rwr), each checked against an independent computation in this file."""
 
-import json
 import math
 
 import numpy as np
@@ -11,7 +10,7 @@ import common
 import ddpo_is
 import ddpo_sf
 import rwr
-from conftest import randomize_lora
+from conftest import randomize_lora, read_metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -272,7 +271,7 @@ def run_main(module, tmp_path, **kw):
                 train_batch_size=2, sample_batch_size=4, num_inference_steps=2, output_dir=str(out),
                 sample_every=100, num_sample_images=2, save_every=0)
     module.main(module.Args(**(base | kw)))
-    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, read_metrics(out)
 
 
 @pytest.mark.parametrize("module,extra", [(ddpo_is, {}), (rwr, {"num_epochs": 1, "images_per_prompt": 2})])

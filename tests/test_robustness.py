@@ -19,7 +19,7 @@ import torch
 import tyro
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT
+from conftest import ROOT, read_metrics
 
 LORA = "pytorch_lora_weights.safetensors"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -58,10 +58,6 @@ def assert_same_lora(a, b, atol=0.0):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
 
 
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def snapshot(path):
     """Every file under `path` with its size and modification time (to show that nothing was written)."""
     if not path.exists():
@@ -82,7 +78,7 @@ def test_resume_equals_uninterrupted_run(script, tmp_path):
 
     assert_same_lora(lora(whole), lora(split))
     assert any((half[k] != lora(split)[k]).any() for k in half)  # the resumed steps did train
-    rows_whole, rows_split = metrics(whole), metrics(split)
+    rows_whole, rows_split = read_metrics(whole), read_metrics(split)
     assert [r["step"] for r in rows_split] == [1, 2, 3, 4]  # no step logged twice
     for key in ("reward_mean", "loss", "reward_queries"):
         assert [r[key] for r in rows_split] == [r[key] for r in rows_whole], key
@@ -126,7 +122,7 @@ def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "from step_1" in resumed.stdout
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_3", "step_4"]  # leftover removed, keep 2
-    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
 
     reference = tmp_path / "reference"
     ok = subprocess.run(script_cmd("draft", "--steps", "4", "--output-dir", str(reference)),
@@ -150,14 +146,14 @@ def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(sig, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, stderr[-2000:]
     assert f"continue with --resume {out}" in stderr
-    last = metrics(out)[-1]["step"]
+    last = read_metrics(out)[-1]["step"]
     assert 2 <= last < 1000
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{last}"]
 
     resumed = subprocess.run(script_cmd("draft", "--resume", str(out), "--steps", str(last + 1)), env=ENV,
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert metrics(out)[-1]["step"] == last + 1
+    assert read_metrics(out)[-1]["step"] == last + 1
 
 
 # --- non-finite updates ----------------------------------------------------------------------------------------
@@ -190,7 +186,7 @@ def test_nan_reward_is_skipped_and_counted(script, batch_size, tmp_path, monkeyp
     nan_reward(monkeypatch, batch_size, bad_calls={2})
     run(script, "--steps", "2", "--output-dir", str(out))
 
-    rows = metrics(out)
+    rows = read_metrics(out)
     assert [r["skipped_updates"] for r in rows] == [0, 1]
     assert "step 2: non-finite" in capsys.readouterr().err
     # the skipped update left the weights exactly where step 1 put them
@@ -308,7 +304,7 @@ def test_resume_after_a_refusal_still_works(finished_run, tmp_path):
     shutil.copytree(finished_run, run_dir)
     refused("draft", ["--resume", str(run_dir), "--steps", "3", "--seed", "1"], "--seed", target=run_dir)
     run("draft", "--resume", str(run_dir), "--steps", "3")
-    assert [r["step"] for r in metrics(run_dir)] == [1, 2, 3]
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
 
 
 # --- torchrun -----------------------------------------------------------------------------------------------------
@@ -335,7 +331,7 @@ def test_two_processes_under_torchrun_match_one(script, tmp_path):
     assert_same_lora(lora(one), lora(two), atol=2e-5)
     moved = torch.cat([v.flatten() for k, v in lora(two).items() if "lora.up" in k]).abs()  # B starts at zero
     assert moved.mean() > 3e-4
-    rows_one, rows_two = metrics(one), metrics(two)
+    rows_one, rows_two = read_metrics(one), read_metrics(two)
     assert [r["reward_queries"] for r in rows_two] == [r["reward_queries"] for r in rows_one]
     for a, b in zip(rows_one, rows_two):
         assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-4, abs=1e-5)

@@ -1,6 +1,5 @@
 """Every script through its real command line on `--model tiny` for a few steps (subprocess)."""
 
-import json
 import math
 import os
 import subprocess
@@ -9,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, read_metrics
 
 SMOKE = {
     "ddpo_sf.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
@@ -40,7 +39,7 @@ def test_script_cli_on_tiny(script, tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for r in rows:
         for key in ("reward_mean", "reward_std", "reward_queries", "loss", "seconds"):
@@ -67,7 +66,7 @@ def test_script_cli_on_tiny(script, tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / script), "--resume", str(run_dir), "--steps", str(STEPS + 1)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    resumed = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_metrics(run_dir)
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 2))
     seconds = [r["seconds"] for r in resumed]
     assert seconds == sorted(seconds), seconds  # the clock continues across the resume
