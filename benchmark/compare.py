@@ -30,10 +30,10 @@ times per run from a fixed shuffle of the training prompts, 48 images in the mai
 16 gave a grid of prompts the base model already drew well, see docs/benchmark) and 8, the scripts' default, in
 the JPEG one.
 
-Cost on this 2-core CPU (one thread per job, T = 20, idle machine): about 0.25 (DRaFT-LV) to 1.1 (DDPO-IS)
-seconds of training per reward query, 4.7 s per query for the seven scripts together, plus ~40 s per run for
-sample grids and the final evaluation; 1.5-2x that while other work shares the machine. The default budgets
-(192 queries × 3 seeds, JPEG 48 × 2 seeds) take about an hour with `--jobs 2` on the shared machine.
+Cost on this 2-core CPU (one thread per job, T = 20, two jobs at a time, 2026-11-30): 0.19 (DRaFT-LV) to 1.06
+(DDPO-IS) seconds of training per reward query, 4.3 s per query for the seven scripts together, plus about 2 min
+per run of the main comparison for its 48-image sample grids and ~30 s for the final evaluation. The default
+budgets (192 queries × 3 seeds, JPEG 48 × 2 seeds) take about 56 min with `--jobs 2` (107 min summed over runs).
 
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed}; a run whose directory holds a finished run of the
 same command is skipped (so a rerun resumes), `--fresh` redoes them. Jobs run with OMP_NUM_THREADS=1,
