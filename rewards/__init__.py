@@ -37,11 +37,11 @@ from typing import Callable
 import torch
 
 from . import aesthetic, hps, jpeg, pickscore, shapes
-from ._base import Reward, clip_preprocess
+from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
 from ._hub import WeightsNotFound
 
 __all__ = [
-    "REWARDS", "Reward", "WeightedSum", "WeightsNotFound", "clip_preprocess", "is_differentiable", "load", "parse"
+    "REWARDS", "Reward", "RewardError", "RewardSpecError", "WeightedSum", "WeightsNotFound", "clip_preprocess", "is_differentiable", "load", "parse"
 ]
 
 
@@ -90,17 +90,17 @@ _OPTIONS = tuple(option for entry in _REGISTRY.values() for option in entry.opti
 def parse(spec: str) -> list[tuple[str, float]]:
     """`"hpsv2:1,aesthetic:0.1"` -> `[("hpsv2", 1.0), ("aesthetic", 0.1)]`; a name without weight has weight 1.
 
-    Raises ValueError for unknown names (listing the known ones), malformed or non-finite weights, empty
-    terms and repeated names. Loads nothing."""
+    Raises RewardSpecError (a ValueError) for unknown names (listing the known ones), malformed or non-finite
+    weights, empty terms and repeated names. Loads nothing."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty reward spec {spec!r}; known rewards: {', '.join(REWARDS)}")
+        raise RewardSpecError(f"empty reward spec {spec!r}; known rewards: {', '.join(REWARDS)}")
     parsed: list[tuple[str, float]] = []
     for term in spec.split(","):
         name, has_weight, weight_text = (part.strip() for part in term.partition(":"))
         if not name:
-            raise ValueError(f"empty term in reward spec {spec!r}; expected e.g. 'hpsv2:1,aesthetic:0.1'")
+            raise RewardSpecError(f"empty term in reward spec {spec!r}; expected e.g. 'hpsv2:1,aesthetic:0.1'")
         if name not in _REGISTRY:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(REWARDS)}")
+            raise RewardSpecError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(REWARDS)}")
         weight = 1.0
         if has_weight:
             try:
@@ -108,12 +108,12 @@ def parse(spec: str) -> list[tuple[str, float]]:
             except ValueError:
                 weight = math.nan
             if not math.isfinite(weight):
-                raise ValueError(
+                raise RewardSpecError(
                     f"malformed weight {weight_text!r} for reward {name!r} in {spec!r}; "
                     "expected a finite number, e.g. 'hpsv2:1,aesthetic:0.1'"
                 )
         if name in (n for n, _ in parsed):
-            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+            raise RewardSpecError(f"reward {name!r} appears twice in {spec!r}")
         parsed.append((name, weight))
     return parsed
 

@@ -10,6 +10,16 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+class RewardError(Exception):
+    """A reward cannot be built or used because of the user's input: an unknown name, a malformed spec or option,
+    weights absent offline, an unreachable reward server. Scripts print its message as one line, without a
+    traceback; any other exception from a reward is a bug."""
+
+
+class RewardSpecError(RewardError, ValueError):
+    """A malformed reward spec (unknown name, bad weight or option)."""
+
+
 class Reward(torch.nn.Module):
     """`reward(images [B,3,H,W] in [0,1], prompts: list[str]) -> Tensor[B]` (float32).
 

@@ -6,8 +6,10 @@ downloads them, so that an offline machine tells the user exactly what to copy o
 import os
 from typing import Callable, Sequence
 
+from ._base import RewardError
 
-class WeightsNotFound(FileNotFoundError):
+
+class WeightsNotFound(RewardError, FileNotFoundError):
     """Reward weights are neither in the Hugging Face cache nor downloadable (offline?), or a given local path
     does not exist."""
 
