@@ -13,6 +13,7 @@ from .diffusion import (
     sample_images,
     sample_trajectory,
 )
+from .errors import UserError, user_errors
 from .checkpoint import Checkpointer, StopSignal, UpdateGuard, find_checkpoint, resume_args
 from .distributed import average_gradients, gather, randint, randn, setup_distributed, shard
 from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale

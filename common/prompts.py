@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-import shapes.data
+from .errors import UserError
 
 DATA = Path(__file__).parent / "prompt_data"
 
@@ -24,12 +24,23 @@ def _animal_activities() -> list[str]:
             for a in _lines(DATA / "simple_animals.txt") for act in _lines(DATA / "activities.txt")]
 
 
+def _shapes(split: str) -> list[str]:
+    # the tiny-shapes testbed (shapes/) is imported only when its prompts are asked for, so that a script copied
+    # with common/ and rewards/ alone runs without it
+    try:
+        import shapes.data
+    except ImportError as e:
+        raise UserError(f"the prompt set {split!r} belongs to the tiny-shapes testbed (shapes/), which is not "
+                        f"importable here ({e})") from e
+    return list(shapes.data.TRAIN_PROMPTS if split == "shapes" else shapes.data.HELDOUT_PROMPTS)
+
+
 PROMPT_SETS = {
     "simple_animals": lambda: _lines(DATA / "simple_animals.txt"),  # DDPO's aesthetic prompts (45 animals)
     "imagenet_animals": lambda: _lines(DATA / "imagenet_animals.txt"),  # DDPO's compressibility prompts (398)
     "animal_activities": _animal_activities,  # DDPO's alignment prompts (135)
-    "shapes": lambda: list(shapes.data.TRAIN_PROMPTS),  # the tiny-shapes testbed's 96 training captions
-    "shapes_heldout": lambda: list(shapes.data.HELDOUT_PROMPTS),  # its 24 captions never seen in pretraining
+    "shapes": lambda: _shapes("shapes"),  # the tiny-shapes testbed's 96 training captions
+    "shapes_heldout": lambda: _shapes("shapes_heldout"),  # its 24 captions never seen in pretraining
 }
 
 
@@ -40,18 +51,31 @@ def default_prompt_set(model: str | None) -> str:
 
 
 def load_prompts(name: str | None = None, prompt_file: str | None = None, model: str | None = None) -> list[str]:
-    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (one prompt per line)."""
+    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (UTF-8 text, one prompt per
+    line). A missing, unreadable, binary or empty file, or an unknown set name, raises UserError."""
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
-            raise FileNotFoundError(f"--prompt-file {prompt_file}: no such file")
-        prompts = _lines(path)
+            raise UserError(f"--prompt-file {prompt_file}: no such file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise UserError(f"--prompt-file {prompt_file}: cannot be read ({e.strerror or e})") from e
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {e.start}); expected one prompt "
+                            "per line") from e
+        if "\0" in text:
+            raise UserError(f"--prompt-file {prompt_file} is a binary file (it contains NUL bytes); expected one "
+                            "prompt per line")
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompt-file {prompt_file} holds no prompts (one per line expected)")
+            raise UserError(f"--prompt-file {prompt_file} holds no prompts (one per line expected)")
         return prompts
     name = name or default_prompt_set(model)
     if name not in PROMPT_SETS:
-        raise ValueError(f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} (or use --prompt-file)")
+        raise UserError(f"unknown prompt set {name!r}; known: {sorted(PROMPT_SETS)} (or use --prompt-file)")
     return PROMPT_SETS[name]()
 
 

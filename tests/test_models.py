@@ -80,12 +80,18 @@ def test_prompt_sets(tmp_path):
     f.write_text("a red cube\n\n  a blue ball  \n")
     assert common.load_prompts("ignored", prompt_file=str(f)) == ["a red cube", "a blue ball"]
     f.write_text("\n \n")
-    with pytest.raises(ValueError, match="no prompts"):
+    with pytest.raises(common.UserError, match="no prompts"):
         common.load_prompts(prompt_file=str(f))
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(common.UserError, match="no such file"):
         common.load_prompts(prompt_file=str(tmp_path / "missing.txt"))
-    with pytest.raises(ValueError, match="unknown prompt set"):
+    with pytest.raises(common.UserError, match="unknown prompt set"):
         common.load_prompts("no_such_set")
+    f.write_bytes("a caf\xe9\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(common.UserError, match="not UTF-8 text"):
+        common.load_prompts(prompt_file=str(f))
+    f.write_bytes(b"PNG\x00\x01\n")
+    with pytest.raises(common.UserError, match="binary file"):
+        common.load_prompts(prompt_file=str(f))
 
 
 def test_run_dir_refuses_a_previous_run_but_not_a_failed_start(tmp_path):
