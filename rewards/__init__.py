@@ -2,8 +2,21 @@
 
     reward_fn = rewards.load("hpsv2", device="cuda", dtype=torch.float16)
     reward_fn = rewards.load("hpsv2:1,aesthetic:0.1")      # weighted sum; a bare name has weight 1
+    reward_fn = rewards.load("aesthetic[head=/models/sac+logos+ava1-l14-linearMSE.pth]")   # an option
+    reward_fn = rewards.load("http://127.0.0.1:8085")      # a reward server (python -m rewards.serve)
     reward_fn.differentiable                               # all() of the parts
-    reward_fn.last_components                              # {name: Tensor[B]} of the last call, unweighted
+    reward_fn.last_components                              # {term text: Tensor[B]} of the last call, unweighted
+
+The reward spec (the scripts' `--reward`, stored as text in the run's args.json):
+
+    spec   := term ("," term)*
+    term   := name ["[" option (";" option)* "]"] [":" weight]  |  URL
+    option := key "=" value        value: any text without "]" or ";"; list values separated by "|"
+    URL    := http://host:port[/path] or https://...   a reward server, weight 1 (`remote[url=URL]:0.5` weighs it)
+
+e.g. `owlvit_remove[queries=a person|a face]:1,aesthetic:0.1` or `http://127.0.0.1:8085`. Commas and colons
+inside brackets or inside a URL split nothing. Each reward lists its option keys in `_REGISTRY` (and the
+README's "Rewards" section); the builder converts and checks the values.
 
 | name | model | score |
 |---|---|---|
@@ -14,42 +27,41 @@
 | `jpeg_*_diff` (compress., incompress.) | kornia's differentiable JPEG, q50 | -/+ mean of ((x - JPEG(x))·255)² |
 | `shapes_alignment` | shapes classifier (small CNN, `shapes/weights/`) | mean over 4 attributes of log p(value), ≤ 0 |
 | `shapes_exact_match` | the same classifier | 1 if all four argmaxes match the prompt, else 0; not differentiable |
+| `remote` | a reward server (`python -m rewards.serve`) | whatever it serves; not differentiable |
 
-Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies
-are given as keyword arguments of `load` or environment variables (`REWARDS_` + the upper-cased name):
+Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies are
+spec options (`aesthetic[clip=DIR;head=FILE]`), or, for the options marked as paths in `_REGISTRY`, keyword
+arguments of `load` and environment variables named `{reward}_{key}` (`load(..., aesthetic_head=FILE)`,
+`REWARDS_AESTHETIC_HEAD=FILE`). Precedence: spec option > `load` keyword > environment variable > hub.
 
-| option | used by | what |
-|---|---|---|
-| `aesthetic_clip` | aesthetic | hub id or directory of `openai/clip-vit-large-patch14` (transformers) |
-| `aesthetic_head` | aesthetic | file `sac+logos+ava1-l14-linearMSE.pth` |
-| `hpsv2_checkpoint` / `hpsv21_checkpoint` | hpsv2 / hpsv21 | file `HPS_v2_compressed.pt` / `HPS_v2.1_compressed.pt` |
-| `pickscore_model` | pickscore | hub id or directory of `yuvalkirstain/PickScore_v1` |
-| `pickscore_processor` | pickscore | hub id or directory of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K` (tokenizer) |
-
-Only torch is imported here; transformers, open_clip and kornia are imported by the loaders.
+Only torch is imported here; transformers, open_clip, kornia and the HTTP client are imported by the loaders.
 """
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
-from . import aesthetic, hps, jpeg, pickscore, shapes
+from . import aesthetic, hps, jpeg, pickscore, remote, shapes
 from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
 from ._hub import WeightsNotFound
 
 __all__ = [
-    "REWARDS", "Reward", "RewardError", "RewardSpecError", "WeightedSum", "WeightsNotFound", "clip_preprocess", "is_differentiable", "load", "parse"
+    "REWARDS", "Reward", "RewardError", "RewardSpecError", "Term", "WeightedSum", "WeightsNotFound",
+    "clip_preprocess", "is_differentiable", "load", "parse",
 ]
 
 
 @dataclass(frozen=True)
 class _Entry:
     differentiable: bool
-    build: Callable[..., Reward]  # build(device=..., dtype=..., **{parameter: value})
-    options: dict[str, str] = field(default_factory=dict)  # load() keyword / env option -> build parameter
+    build: Callable[..., Reward]  # build(device=..., dtype=..., **{keyword: option value, as text})
+    options: dict[str, str] = field(default_factory=dict)  # spec option key -> build keyword
+    help: dict[str, str] = field(default_factory=dict)  # spec option key -> one-line description
+    paths: tuple[str, ...] = ()  # keys that are local copies: also load(..., {name}_{key}=) and REWARDS_{NAME}_{KEY}
     downloads: tuple[tuple[str, list[str]], ...] = ()  # (hub repo, `hf download` arguments) it fetches
 
 
@@ -61,20 +73,34 @@ def _hps(version: str) -> Callable[..., Reward]:
     return lambda **kw: hps.HPSReward.from_pretrained(version, **kw)
 
 
+def _hps_entry(version: str) -> _Entry:
+    return _Entry(
+        True, _hps(version), {"checkpoint": "checkpoint"}, {"checkpoint": f"file {hps.FILES[version]}"},
+        paths=("checkpoint",), downloads=((hps.REPO, [hps.FILES[version]]),),
+    )
+
+
 _REGISTRY: dict[str, _Entry] = {
     "aesthetic": _Entry(
         True,
         aesthetic.AestheticReward.from_pretrained,
-        {"aesthetic_clip": "clip", "aesthetic_head": "head"},
-        ((aesthetic.CLIP_REPO, aesthetic.CLIP_FILES), (aesthetic.HEAD_REPO, [aesthetic.HEAD_FILE])),
+        {"clip": "clip", "head": "head"},
+        {"clip": f"hub id or directory of {aesthetic.CLIP_REPO} (transformers)", "head": f"file {aesthetic.HEAD_FILE}"},
+        paths=("clip", "head"),
+        downloads=((aesthetic.CLIP_REPO, aesthetic.CLIP_FILES), (aesthetic.HEAD_REPO, [aesthetic.HEAD_FILE])),
     ),
-    "hpsv2": _Entry(True, _hps("v2"), {"hpsv2_checkpoint": "checkpoint"}, ((hps.REPO, [hps.FILES["v2"]]),)),
-    "hpsv21": _Entry(True, _hps("v2.1"), {"hpsv21_checkpoint": "checkpoint"}, ((hps.REPO, [hps.FILES["v2.1"]]),)),
+    "hpsv2": _hps_entry("v2"),
+    "hpsv21": _hps_entry("v2.1"),
     "pickscore": _Entry(
         True,
         pickscore.PickScoreReward.from_pretrained,
-        {"pickscore_model": "model", "pickscore_processor": "processor"},
-        ((pickscore.MODEL_REPO, pickscore.MODEL_FILES), (pickscore.PROCESSOR_REPO, pickscore.PROCESSOR_FILES)),
+        {"model": "model", "processor": "processor"},
+        {"model": f"hub id or directory of {pickscore.MODEL_REPO}",
+         "processor": f"hub id or directory of {pickscore.PROCESSOR_REPO} (tokenizer)"},
+        paths=("model", "processor"),
+        downloads=(
+            (pickscore.MODEL_REPO, pickscore.MODEL_FILES), (pickscore.PROCESSOR_REPO, pickscore.PROCESSOR_FILES)
+        ),
     ),
     "jpeg_compressibility": _Entry(False, _jpeg(jpeg.JpegSize, -1.0)),
     "jpeg_incompressibility": _Entry(False, _jpeg(jpeg.JpegSize, +1.0)),
@@ -82,102 +108,202 @@ _REGISTRY: dict[str, _Entry] = {
     "jpeg_incompressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, +1.0)),
     "shapes_alignment": _Entry(True, shapes.ShapesAlignment.from_pretrained),
     "shapes_exact_match": _Entry(False, shapes.ShapesExactMatch.from_pretrained),
+    "remote": _Entry(
+        False,
+        remote.RemoteReward.build,
+        {"url": "url", "timeout": "timeout", "retries": "retries"},
+        {"url": "the server's URL, http://host:port (python -m rewards.serve)",
+         "timeout": f"seconds to wait for one answer (default {remote.TIMEOUT:g})",
+         "retries": f"attempts after a failed one, with backoff, before the run stops (default {remote.RETRIES})"},
+    ),
 }
 REWARDS: tuple[str, ...] = tuple(_REGISTRY)
-_OPTIONS = tuple(option for entry in _REGISTRY.values() for option in entry.options)
+_OPTIONS = tuple(f"{name}_{key}" for name, entry in _REGISTRY.items() for key in entry.paths)  # load() keywords
+
+_GRAMMAR = (
+    "a reward spec is name[key=value;...]:weight terms separated by commas, or a reward server's URL, e.g. "
+    "'hpsv2:1,aesthetic[head=/models/head.pth]:0.1' or 'http://127.0.0.1:8085'"
+)
+_URL = re.compile(r"\s*https?://", re.IGNORECASE)
+# What may follow a comma that ends a URL term: another term (a name then "[", ":", "," or the end), a URL, nothing.
+_AFTER_URL = re.compile(r"\s*($|https?://|[A-Za-z_]\w*\s*(\[|:|$))", re.IGNORECASE)
+_TERM = re.compile(r"(?P<name>[^\[\]:]*?)\s*(\[(?P<options>[^\[\]]*)\])?\s*(:(?P<weight>.*))?", re.DOTALL)
 
 
-def parse(spec: str) -> list[tuple[str, float]]:
-    """`"hpsv2:1,aesthetic:0.1"` -> `[("hpsv2", 1.0), ("aesthetic", 0.1)]`; a name without weight has weight 1.
+class Term(NamedTuple):
+    """One term of a reward spec: `name[key=value;...]:weight`; a bare URL is `remote` with option `url`."""
 
-    Raises RewardSpecError (a ValueError) for unknown names (listing the known ones), malformed or non-finite
-    weights, empty terms and repeated names. Loads nothing."""
+    name: str
+    weight: float
+    options: dict[str, str]
+
+    @property
+    def text(self) -> str:
+        """The term without its weight, as written canonically; it keys `WeightedSum.parts` and
+        `last_components`."""
+        if self.name == "remote" and list(self.options) == ["url"]:
+            return self.options["url"]
+        if not self.options:
+            return self.name
+        return f"{self.name}[{';'.join(f'{key}={value}' for key, value in self.options.items())}]"
+
+
+def _split_terms(spec: str) -> list[str]:
+    """Split at the commas outside brackets; a comma inside a URL splits only before what reads as a new term."""
+    pieces, depth, start = [], 0, 0
+    for i, char in enumerate(spec):
+        depth += (char == "[") - (char == "]")
+        if depth < 0:
+            raise RewardSpecError(f"']' without '[' in reward spec {spec!r}; {_GRAMMAR}")
+        if depth > 1:
+            raise RewardSpecError(f"nested '[' in reward spec {spec!r}; {_GRAMMAR}")
+        if char == "," and depth == 0:
+            pieces.append(spec[start:i])
+            start = i + 1
+    if depth:
+        raise RewardSpecError(f"'[' without ']' in reward spec {spec!r}; {_GRAMMAR}")
+    terms: list[str] = []
+    for piece in pieces + [spec[start:]]:
+        if terms and _URL.match(terms[-1]) and not _AFTER_URL.match(piece):
+            terms[-1] += "," + piece
+        else:
+            terms.append(piece)
+    return terms
+
+
+def _parse_options(name: str, text: str, term: str) -> dict[str, str]:
+    entry, options = _REGISTRY[name], {}
+    if not entry.options:
+        raise RewardSpecError(f"reward {name!r} takes no options, got {term!r}; {_GRAMMAR}")
+    known = "; ".join(f"{key}: {entry.help.get(key, '')}" for key in entry.options)
+    for item in text.split(";"):
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals or not key or not value:
+            raise RewardSpecError(f"malformed option {item.strip()!r} in {term!r}, expected key=value; {_GRAMMAR}")
+        if key not in entry.options:
+            raise RewardSpecError(f"unknown option {key!r} of reward {name!r} in {term!r}; its options are {known}")
+        if key in options:
+            raise RewardSpecError(f"option {key!r} given twice in {term!r}")
+        options[key] = value
+    return options
+
+
+def _parse_term(text: str, spec: str) -> Term:
+    if _URL.match(text):
+        return Term("remote", 1.0, {"url": remote.check_url(text.strip())})
+    match = _TERM.fullmatch(text.strip())
+    if not match:
+        raise RewardSpecError(f"malformed term {text.strip()!r} in reward spec {spec!r}; {_GRAMMAR}")
+    name = match["name"].strip()
+    if not name:
+        raise RewardSpecError(f"empty term {text.strip()!r} in reward spec {spec!r}; {_GRAMMAR}")
+    if name not in _REGISTRY:
+        raise RewardSpecError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(REWARDS)}")
+    options = {} if match["options"] is None else _parse_options(name, match["options"], text.strip())
+    weight = 1.0
+    if match["weight"] is not None:
+        try:
+            weight = float(match["weight"])
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight):
+            raise RewardSpecError(
+                f"malformed weight {match['weight'].strip()!r} of {name!r} in reward spec {spec!r}, expected a "
+                f"finite number; {_GRAMMAR}"
+            )
+    return Term(name, weight, options)
+
+
+def parse(spec: str) -> list[Term]:
+    """`"hpsv2:1,aesthetic[head=h.pth]:0.1"` -> `[Term("hpsv2", 1.0, {}), Term("aesthetic", 0.1, {"head": "h.pth"})]`.
+
+    Grammar in the module docstring. Raises RewardSpecError (a ValueError) naming the bad part for an unknown
+    name (listing the known ones), an unknown option key (listing the reward's keys), malformed brackets,
+    options or URLs, a malformed or non-finite weight, an empty term, the same term twice. Loads nothing."""
     if not isinstance(spec, str) or not spec.strip():
-        raise RewardSpecError(f"empty reward spec {spec!r}; known rewards: {', '.join(REWARDS)}")
-    parsed: list[tuple[str, float]] = []
-    for term in spec.split(","):
-        name, has_weight, weight_text = (part.strip() for part in term.partition(":"))
-        if not name:
-            raise RewardSpecError(f"empty term in reward spec {spec!r}; expected e.g. 'hpsv2:1,aesthetic:0.1'")
-        if name not in _REGISTRY:
-            raise RewardSpecError(f"unknown reward {name!r} in {spec!r}; known rewards: {', '.join(REWARDS)}")
-        weight = 1.0
-        if has_weight:
-            try:
-                weight = float(weight_text)
-            except ValueError:
-                weight = math.nan
-            if not math.isfinite(weight):
-                raise RewardSpecError(
-                    f"malformed weight {weight_text!r} for reward {name!r} in {spec!r}; "
-                    "expected a finite number, e.g. 'hpsv2:1,aesthetic:0.1'"
-                )
-        if name in (n for n, _ in parsed):
-            raise RewardSpecError(f"reward {name!r} appears twice in {spec!r}")
-        parsed.append((name, weight))
-    return parsed
+        raise RewardSpecError(f"empty reward spec {spec!r}; {_GRAMMAR}; known rewards: {', '.join(REWARDS)}")
+    terms: list[Term] = []
+    for text in _split_terms(spec):
+        term = _parse_term(text, spec)
+        if any(term.text == other.text for other in terms):
+            raise RewardSpecError(f"reward {term.text!r} appears twice in {spec!r}; give it one weight")
+        terms.append(term)
+    return terms
 
 
 def is_differentiable(spec: str) -> bool:
     """Whether gradients reach the pixels for every part of `spec` (no weights are loaded)."""
-    return all(_REGISTRY[name].differentiable for name, _ in parse(spec))
+    return all(_REGISTRY[term.name].differentiable for term in parse(spec))
 
 
 class WeightedSum(Reward):
-    """`sum_i w_i * r_i(images, prompts)`; keeps the unweighted, detached parts of the last call in
-    `last_components`. Non-differentiable parts are scored on detached images without a graph."""
+    """`sum_i w_i * r_i(images, prompts)`, keyed by term text; keeps the unweighted, detached parts of the last
+    call in `last_components`. Non-differentiable parts are scored on detached images without a graph."""
 
     def __init__(self, parts: list[tuple[str, float, Reward]]):
         super().__init__()
-        self.weights = {name: weight for name, weight, _ in parts}
-        self.parts = torch.nn.ModuleDict({name: reward for name, _, reward in parts})
+        self.weights = {text: weight for text, weight, _ in parts}
+        # A ModuleList, not a ModuleDict: term texts hold '.' (paths, URLs), which module names may not.
+        self.rewards = torch.nn.ModuleList([reward for _, _, reward in parts])
         self.differentiable = all(reward.differentiable for _, _, reward in parts)
         self.last_components: dict[str, torch.Tensor] = {}
         self.freeze()
 
+    @property
+    def parts(self) -> dict[str, Reward]:
+        return dict(zip(self.weights, self.rewards))
+
     def forward(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.check_batch(images, prompts)
         total, components = 0.0, {}
-        for name, reward in self.parts.items():
+        for text, reward in self.parts.items():
             if reward.differentiable:
                 score = reward(images, prompts)
             else:
                 with torch.no_grad():
                     score = reward(images.detach(), prompts)
-            components[name] = score.detach()
-            total = total + self.weights[name] * score
+            components[text] = score.detach()
+            total = total + self.weights[text] * score
         self.last_components = components
         return total
 
     def extra_repr(self) -> str:
-        return ",".join(f"{name}:{weight:g}" for name, weight in self.weights.items())
+        return ",".join(f"{text}:{weight:g}" for text, weight in self.weights.items())
+
+
+def _local_copies(name: str, entry: _Entry) -> str:
+    if not entry.paths:
+        return ""
+    spec = f"--reward '{name}[{';'.join(f'{key}=PATH' for key in entry.paths)}]'"
+    keywords = ", ".join(f"{name}_{key}=PATH (or env REWARDS_{name.upper()}_{key.upper()})" for key in entry.paths)
+    return f"Local copies for '{name}': {spec}, or rewards.load(..., {keywords})."
 
 
 def load(spec: str, device="cpu", dtype: torch.dtype = torch.float32, **paths) -> WeightedSum:
     """Build the reward(s) of `spec` (see `parse`) on `device` in `dtype`, downloading weights on first use.
 
-    `paths` are the local-copy options listed in the module docstring (each also read from the environment
-    variable `REWARDS_<OPTION>`); missing weights raise `WeightsNotFound` naming what to download."""
+    `paths` are the local-copy keywords `{reward}_{key}` of the path options (each also read from the environment
+    variable `REWARDS_{REWARD}_{KEY}`); an option in the spec overrides both. Missing weights raise
+    `WeightsNotFound` naming what to download."""
     unknown = sorted(set(paths) - set(_OPTIONS))
     if unknown:
         raise TypeError(f"unknown reward option(s) {unknown}; known: {', '.join(_OPTIONS)}")
     parts = []
-    for name, weight in parse(spec):
-        entry = _REGISTRY[name]
+    for term in parse(spec):
+        entry = _REGISTRY[term.name]
         kwargs = {}
-        for option, parameter in entry.options.items():
-            value = paths.get(option) or os.environ.get(f"REWARDS_{option.upper()}")
+        for key in entry.paths:  # precedence: spec option > load() keyword > environment variable
+            option = f"{term.name}_{key}"
+            value = term.options.get(key) or paths.get(option) or os.environ.get(f"REWARDS_{option.upper()}")
             if value:
-                kwargs[parameter] = value
+                kwargs[entry.options[key]] = value
+        kwargs.update({entry.options[key]: value for key, value in term.options.items()})
         try:
             reward = entry.build(device=device, dtype=dtype, **kwargs)
         except WeightsNotFound as e:
             everything = "\n".join(f"    hf download {repo} {' '.join(args)}" for repo, args in entry.downloads)
-            local = ", ".join(f"{option}=PATH (or env REWARDS_{option.upper()})" for option in entry.options)
-            e.args = (
-                f"{e.args[0]}\nEverything '{name}' downloads:\n{everything}\n"
-                f"Local copies for '{name}': rewards.load(..., {local}).",
-            )
+            local = _local_copies(term.name, entry)
+            e.args = (f"{e.args[0]}\nEverything '{term.name}' downloads:\n{everything}\n{local}",)
             raise
-        parts.append((name, weight, reward))
+        parts.append((term.text, term.weight, reward))
     return WeightedSum(parts)

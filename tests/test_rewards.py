@@ -3,6 +3,7 @@ checked against the official pipelines (PIL/transformers processors, open_clip's
 PIL's JPEG encoder, kornia's codec) computed independently here. CPU only, no network."""
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,7 @@ def test_names_and_import_is_light():
         "jpeg_incompressibility_diff",
         "shapes_alignment",
         "shapes_exact_match",
+        "remote",
     }
     heavy = ("transformers", "open_clip", "kornia", "diffusers")
     code = f"import sys, rewards; print(sorted(m for m in {heavy} if m in sys.modules))"
@@ -198,9 +200,10 @@ def test_names_and_import_is_light():
 
 
 def test_parse_and_is_differentiable():
-    assert rewards.parse("hpsv2:1,aesthetic:0.1") == [("hpsv2", 1.0), ("aesthetic", 0.1)]
-    assert rewards.parse(" pickscore ") == [("pickscore", 1.0)]
-    assert rewards.parse("jpeg_compressibility:-2.5e-1") == [("jpeg_compressibility", -0.25)]
+    T = rewards.Term
+    assert rewards.parse("hpsv2:1,aesthetic:0.1") == [T("hpsv2", 1.0, {}), T("aesthetic", 0.1, {})]
+    assert rewards.parse(" pickscore ") == [T("pickscore", 1.0, {})]
+    assert rewards.parse("jpeg_compressibility:-2.5e-1") == [T("jpeg_compressibility", -0.25, {})]
     with pytest.raises(ValueError, match="known rewards: aesthetic, hpsv2"):
         rewards.parse("hpsv3")
     malformed = ["hpsv2:abc", "hpsv2:", "hpsv2:1:2", "hpsv2:nan", "hpsv2:inf", "hpsv2,,aesthetic", "", ":1"]
@@ -210,8 +213,97 @@ def test_parse_and_is_differentiable():
     assert rewards.is_differentiable("hpsv2:1,aesthetic:0.1,pickscore,jpeg_incompressibility_diff")
     assert not rewards.is_differentiable("jpeg_compressibility")
     assert not rewards.is_differentiable("hpsv2:1,jpeg_incompressibility:0.1")
+    assert not rewards.is_differentiable("http://127.0.0.1:8085,jpeg_compressibility_diff")
     with pytest.raises(TypeError, match="aesthetic_head"):
         rewards.load("jpeg_compressibility", aesthetic_heads="x.pth")  # a typo in an option name
+
+
+def test_spec_grammar_options_and_urls():
+    T = rewards.Term
+    # commas and colons inside brackets split nothing; keys and values are stripped; list values stay text
+    assert rewards.parse("aesthetic[head=/m/a,b:c.pth; clip = /m/clip]:2,hpsv2[checkpoint=x.pt]") == [
+        T("aesthetic", 2.0, {"head": "/m/a,b:c.pth", "clip": "/m/clip"}),
+        T("hpsv2", 1.0, {"checkpoint": "x.pt"}),
+    ]
+    # a bare URL is the remote reward with weight 1; remote[url=...] weighs one; colons of the port split nothing
+    assert rewards.parse("http://127.0.0.1:8085,jpeg_compressibility:0.5") == [
+        T("remote", 1.0, {"url": "http://127.0.0.1:8085"}),
+        T("jpeg_compressibility", 0.5, {}),
+    ]
+    assert rewards.parse("https://gpu7.example:443/rewards/llava/") == [
+        T("remote", 1.0, {"url": "https://gpu7.example:443/rewards/llava"})
+    ]
+    assert rewards.parse("remote[url=http://127.0.0.1:8085;timeout=5]:0.25,http://[::1]:8086") == [
+        T("remote", 0.25, {"url": "http://127.0.0.1:8085", "timeout": "5"}),
+        T("remote", 1.0, {"url": "http://[::1]:8086"}),
+    ]
+    # a comma inside a URL splits only where a new term starts
+    assert [t.options["url"] for t in rewards.parse("http://h:1/a,b=2")] == ["http://h:1/a,b=2"]
+    terms = rewards.parse("http://h:1,http://h:2,aesthetic")
+    assert [t.text for t in terms] == ["http://h:1", "http://h:2", "aesthetic"]
+    # the same reward with different options is two terms, keyed by their text
+    terms = rewards.parse("aesthetic, aesthetic[head=h.pth]:0.5")
+    assert [(t.text, t.weight) for t in terms] == [("aesthetic", 1.0), ("aesthetic[head=h.pth]", 0.5)]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hpsv3:1", r"unknown reward 'hpsv3' in 'hpsv3:1'; known rewards: aesthetic, hpsv2, .*remote"),
+        ("aesthetic[heads=x]", r"unknown option 'heads' of reward 'aesthetic' in 'aesthetic\[heads=x\]'; its options "
+                               r"are clip: hub id or directory of openai/clip-vit-large-patch14.*; head: file sac"),
+        ("jpeg_compressibility[quality=90]", r"reward 'jpeg_compressibility' takes no options"),
+        ("aesthetic[head]", r"malformed option 'head' in 'aesthetic\[head\]', expected key=value"),
+        ("aesthetic[head=]", r"malformed option 'head=' in"),
+        ("aesthetic[]", r"malformed option '' in 'aesthetic\[\]'"),
+        ("aesthetic[head=a;head=b]", r"option 'head' given twice in 'aesthetic\[head=a;head=b\]'"),
+        ("aesthetic[head=x", r"'\[' without '\]' in reward spec"),
+        ("aesthetic]:1", r"'\]' without '\[' in reward spec"),
+        ("aesthetic[a=[b]]", r"nested '\[' in reward spec"),
+        ("aesthetic[head=x]junk", r"malformed term 'aesthetic\[head=x\]junk'"),
+        ("aesthetic:0.1x", r"malformed weight '0.1x' of 'aesthetic' in reward spec 'aesthetic:0.1x', expected a finite"),
+        ("aesthetic:inf", r"malformed weight 'inf'"),
+        ("aesthetic,,hpsv2", r"empty term '' in reward spec 'aesthetic,,hpsv2'"),
+        ("hpsv2, hpsv2:2", r"reward 'hpsv2' appears twice in 'hpsv2, hpsv2:2'"),
+        ("http://h:1,remote[url=http://h:1]:2", r"reward 'http://h:1' appears twice"),
+        ("http://h:port", r"malformed reward server URL 'http://h:port'; expected http://host:port"),
+        ("http://:8085", r"malformed reward server URL"),
+        ("http://h:1?x=1", r"malformed reward server URL"),
+        ("http://h:1,aesthtic", r"unknown reward 'aesthtic'"),
+        ("   ", r"empty reward spec"),
+    ],
+)
+def test_spec_errors_name_the_bad_part(spec, message):
+    with pytest.raises(rewards.RewardSpecError, match=message) as info:
+        rewards.parse(spec)
+    text = str(info.value)
+    assert "\n" not in text
+    # one sentence that shows the grammar by example, or lists what is known, or says what is repeated
+    assert any(part in text for part in ("e.g. ", "known rewards: ", "its options are ", "twice")), text
+
+
+def test_spec_options_reach_the_builder_with_precedence(monkeypatch, tmp_path):
+    """spec option > load() keyword > environment variable: the builder receives the winning path (a missing
+    local file names it), and an option's value goes to the builder's keyword."""
+    env, keyword, spec = (str(tmp_path / f"{n}.pt") for n in ("env", "keyword", "spec"))
+    monkeypatch.setenv("REWARDS_HPSV2_CHECKPOINT", env)
+    for kwargs, spec_text, expected in [
+        ({}, "hpsv2", env),
+        ({"hpsv2_checkpoint": keyword}, "hpsv2", keyword),
+        ({"hpsv2_checkpoint": keyword}, f"hpsv2[checkpoint={spec}]", spec),
+    ]:
+        with pytest.raises(rewards.WeightsNotFound, match=re.escape(repr(expected)) + " .*does not exist"):
+            rewards.load(spec_text, **kwargs)
+    with pytest.raises(rewards.RewardSpecError, match="option retries='many' is not an integer"):
+        rewards.load("remote[url=http://127.0.0.1:9;retries=many]")
+    with pytest.raises(rewards.RewardSpecError, match="reward 'remote' needs a server URL"):
+        rewards.load("remote")
+
+
+def test_every_option_is_described():
+    for name, entry in rewards._REGISTRY.items():
+        assert set(entry.help) == set(entry.options), name
+        assert set(entry.paths) <= set(entry.options), name
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
