@@ -27,6 +27,11 @@ README's "Rewards" section); the builder converts and checks the values.
 | `jpeg_*_diff` (compress., incompress.) | kornia's differentiable JPEG, q50 | -/+ mean of ((x - JPEG(x))·255)² |
 | `shapes_alignment` | shapes classifier (small CNN, `shapes/weights/`) | mean over 4 attributes of log p(value), ≤ 0 |
 | `shapes_exact_match` | the same classifier | 1 if all four argmaxes match the prompt, else 0; not differentiable |
+| `owlvit_detect`, `owlvit_remove` | OWL-ViT base-patch32, `queries` | ± sum over detections of (score + box area) |
+| `owlvit_count` | OWL-ViT, the object the prompt counts | -(sum of detection scores - n)², n named in the prompt |
+| `owlvit_count_exact` | the same detector | 1 if the number of detections is n, else 0; not differentiable |
+| `resnet50_target` | ImageNet ResNet-50 (microsoft/resnet-50), `target` class | log p(target) = -cross-entropy, ≤ 0 |
+| `imagereward` | ImageReward (BLIP ViT-L + BERT + MLP, THUDM/ImageReward) | (MLP(text-image CLS) - mean) / std |
 | `remote` | a reward server (`python -m rewards.serve`) | whatever it serves; not differentiable |
 
 Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies are
@@ -45,7 +50,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import aesthetic, hps, jpeg, pickscore, remote, shapes
+from . import aesthetic, hps, imagereward, jpeg, owlvit, pickscore, remote, resnet, shapes
 from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
 from ._hub import WeightsNotFound
 
@@ -80,6 +85,21 @@ def _hps_entry(version: str) -> _Entry:
     )
 
 
+_OWLVIT_HELP = {
+    "model": f"hub id or directory of {owlvit.MODEL_REPO} (transformers, with its tokenizer)",
+    "queries": "text queries separated by '|' (default: detect the prompt itself; remove 'a photo of a person')",
+    "threshold": f"score above which a box is a detection (default {owlvit.THRESHOLD:g})",
+}
+
+
+def _owlvit_entry(cls, keys: tuple[str, ...], **fixed) -> _Entry:
+    return _Entry(
+        cls.differentiable, lambda **kw: cls.from_pretrained(**fixed, **kw), {key: key for key in keys},
+        {key: _OWLVIT_HELP[key] for key in keys}, paths=("model",),
+        downloads=((owlvit.MODEL_REPO, owlvit.MODEL_FILES),),
+    )
+
+
 _REGISTRY: dict[str, _Entry] = {
     "aesthetic": _Entry(
         True,
@@ -108,6 +128,31 @@ _REGISTRY: dict[str, _Entry] = {
     "jpeg_incompressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, +1.0)),
     "shapes_alignment": _Entry(True, shapes.ShapesAlignment.from_pretrained),
     "shapes_exact_match": _Entry(False, shapes.ShapesExactMatch.from_pretrained),
+    "owlvit_detect": _owlvit_entry(owlvit.OwlViTDetection, ("model", "queries", "threshold"), sign=1.0),
+    "owlvit_remove": _owlvit_entry(owlvit.OwlViTDetection, ("model", "queries", "threshold"), sign=-1.0),
+    "owlvit_count": _owlvit_entry(owlvit.OwlViTCount, ("model", "threshold")),
+    "owlvit_count_exact": _owlvit_entry(owlvit.OwlViTCountExact, ("model", "threshold")),
+    "resnet50_target": _Entry(
+        True,
+        resnet.ResNetTarget.from_pretrained,
+        {"model": "model", "target": "target"},
+        {"model": f"hub id or directory of {resnet.MODEL_REPO} (transformers)",
+         "target": f"ImageNet class name or index 0-999 (default {resnet.TARGET!r})"},
+        paths=("model",),
+        downloads=((resnet.MODEL_REPO, resnet.MODEL_FILES),),
+    ),
+    "imagereward": _Entry(
+        True,
+        imagereward.ImageRewardModel.from_pretrained,
+        {"checkpoint": "checkpoint", "med_config": "med_config", "tokenizer": "tokenizer"},
+        {"checkpoint": f"file {imagereward.CHECKPOINT}", "med_config": f"file {imagereward.MED_CONFIG}",
+         "tokenizer": f"hub id or directory of {imagereward.TOKENIZER_REPO} (tokenizer)"},
+        paths=("checkpoint", "med_config", "tokenizer"),
+        downloads=(
+            (imagereward.REPO, [imagereward.CHECKPOINT, imagereward.MED_CONFIG]),
+            (imagereward.TOKENIZER_REPO, imagereward.TOKENIZER_FILES),
+        ),
+    ),
     "remote": _Entry(
         False,
         remote.RemoteReward.build,

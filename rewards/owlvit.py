@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from . import _hub
 from ._base import Reward, RewardSpecError, clip_preprocess, model_device_dtype
+from ._options import as_float, as_list
 
 MODEL_REPO = "google/owlvit-base-patch32"
 # `hf download` arguments for what the loaders read: config, tokenizer and preprocessor files, the weights
@@ -47,19 +48,13 @@ def owlvit_preprocess(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def parse_options(queries: str | list[str] | None, threshold: str | float | None) -> tuple[list[str] | None, float]:
-    """Spec option strings -> (queries, threshold). `queries` is `a|b|c` (or a list); `threshold` in [0, 1)."""
-    if isinstance(queries, str):
-        queries = [q.strip() for q in queries.split("|")]
-    if queries is not None and (not queries or not all(queries)):
-        raise RewardSpecError(f"empty OWL-ViT query in {queries!r}; expected e.g. queries=a person|a face")
+    """Spec option values -> (queries, threshold). `queries` is `a|b|c` (or a list); `threshold` in [0, 1)."""
+    queries = None if queries is None else as_list(queries, "queries")
     if threshold is None:
         return queries, THRESHOLD
-    try:
-        value = float(threshold)
-    except ValueError:
-        value = float("nan")
-    if not 0 <= value < 1:
-        raise RewardSpecError(f"OWL-ViT threshold {threshold!r} is not a number in [0, 1); e.g. threshold=0.1")
+    value = as_float(threshold, "threshold", minimum=0.0)
+    if value >= 1:
+        raise RewardSpecError(f"option threshold={value:g} must be below 1 (a detection score is a probability)")
     return queries, value
 
 

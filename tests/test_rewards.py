@@ -191,6 +191,12 @@ def test_names_and_import_is_light():
         "jpeg_incompressibility_diff",
         "shapes_alignment",
         "shapes_exact_match",
+        "owlvit_detect",
+        "owlvit_remove",
+        "owlvit_count",
+        "owlvit_count_exact",
+        "resnet50_target",
+        "imagereward",
         "remote",
     }
     heavy = ("transformers", "open_clip", "kornia", "diffusers")

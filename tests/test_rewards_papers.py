@@ -19,6 +19,7 @@ from test_rewards import (  # noqa: F401  (fixtures: pytest finds them by name i
     to_pil,
 )
 
+import rewards
 from rewards import RewardError, RewardSpecError, WeightsNotFound
 from rewards._base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from rewards.imagereward import ImageRewardModel, convert_state_dict
@@ -255,11 +256,13 @@ def test_resnet_target_class_option():
 
 def test_resnet_loader_from_local_copy(tmp_path, resnet):
     resnet.save_pretrained(tmp_path / "resnet")
-    reward = ResNetTarget.from_pretrained(str(tmp_path / "resnet"), target="281")
     images = as_batch([smooth_uint8(64, 80, seed=s) for s in (1, 2)])
-    torch.testing.assert_close(reward(images, PROMPTS), ResNetTarget(resnet, 281)(images, PROMPTS))
+    expected = ResNetTarget(resnet, 281)(images, PROMPTS)
+    for target in ("281", "tabby cat"):
+        reward = rewards.load(f"resnet50_target[model={tmp_path / 'resnet'};target={target}]")
+        torch.testing.assert_close(reward(images, PROMPTS), expected)
     with pytest.raises(RewardSpecError, match="unknown target class 'cat'"):
-        ResNetTarget.from_pretrained(str(tmp_path / "resnet"), target="cat")
+        rewards.load(f"resnet50_target[model={tmp_path / 'resnet'};target=cat]")
 
 
 # ---------------------------------------------------------------------------------------------- ImageReward
@@ -436,13 +439,15 @@ def test_imagereward_loader_from_local_files(tmp_path, bert_tokenizer):
     torch.save(official, tmp_path / "ImageReward.pt")
     (tmp_path / "med_config.json").write_text(json.dumps(MED))
     bert_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    reward = ImageRewardModel.from_pretrained(
-        str(tmp_path / "ImageReward.pt"), str(tmp_path / "med_config.json"), str(tmp_path / "tokenizer")
+    reward = rewards.load(
+        f"imagereward[checkpoint={tmp_path / 'ImageReward.pt'};med_config={tmp_path / 'med_config.json'};"
+        f"tokenizer={tmp_path / 'tokenizer'}]"
     )
     images = as_batch([smooth_uint8(224, 224, seed=s) for s in (1, 2)])
     # from_pretrained builds BLIP's ViT-L head count (16), as the tiny checkpoint here has
     expected = ImageRewardModel.from_official(official, MED, bert_tokenizer, vision_heads=16)(images, PROMPTS)
     torch.testing.assert_close(reward(images, PROMPTS), expected)
+    assert reward.differentiable
 
 
 # ---------------------------------------------------------------------------------------------- all of them
@@ -464,22 +469,41 @@ def test_gradients_reach_pixels(owlvit, resnet, bert_tokenizer):
         assert all(p.grad is None for p in reward.parameters()), name  # frozen
 
 
-# ---------------------------------------------------------------------------------------------- offline
+# ---------------------------------------------------------------------------------------------- registry
+def test_registry_names_flags_and_options(tmp_path, owlvit):
+    model, tokenizer = owlvit
+    for name in ("owlvit_detect", "owlvit_remove", "owlvit_count", "resnet50_target", "imagereward"):
+        assert name in rewards.REWARDS and rewards.is_differentiable(name), name
+    assert "owlvit_count_exact" in rewards.REWARDS and not rewards.is_differentiable("owlvit_count_exact")
+
+    # the spec's options reach the reward: local copy, queries (a '|' list), threshold
+    model.save_pretrained(tmp_path / "owlvit")
+    tokenizer.save_pretrained(tmp_path / "owlvit")
+    spec = f"owlvit_remove[model={tmp_path / 'owlvit'};queries=a photo of a cat|a photo of a dog;threshold=0.2]:0.5"
+    reward = rewards.load(spec)
+    images = as_batch([smooth_uint8(64, 64, seed=s) for s in (1, 2)])
+    direct = OwlViTDetection(model, tokenizer, -1.0, ["a photo of a cat", "a photo of a dog"], threshold=0.2)
+    torch.testing.assert_close(reward(images, PROMPTS), 0.5 * direct(images, PROMPTS))
+    for bad in ("owlvit_detect[threshold=high]", "owlvit_detect[threshold=1]", "owlvit_remove[queries=a||b]",
+                "owlvit_count[queries=a cat]", "resnet50_target[target=tabby cat;k=1]"):
+        with pytest.raises(RewardSpecError):
+            rewards.load(bad)  # refused before anything loads (there is no network here)
+
+
 @pytest.mark.parametrize(
-    "load, command",
+    "name, downloads, option",
     [
-        (lambda: OwlViTDetection.from_pretrained(), "hf download google/owlvit-base-patch32 --include"),
-        (lambda: OwlViTCount.from_pretrained(), "hf download google/owlvit-base-patch32 --include"),
-        (lambda: ResNetTarget.from_pretrained(), "hf download microsoft/resnet-50 config.json model.safetensors"),
-        (lambda: ImageRewardModel.from_pretrained(), "hf download THUDM/ImageReward med_config.json"),
+        ("owlvit_detect", ["hf download google/owlvit-base-patch32 --include '*.json' '*.txt' model.safetensors"],
+         "model"),
+        ("owlvit_count", ["hf download google/owlvit-base-patch32"], "model"),
+        ("resnet50_target", ["hf download microsoft/resnet-50 config.json model.safetensors"], "model"),
+        ("imagereward", ["hf download THUDM/ImageReward ImageReward.pt med_config.json",
+                         "hf download google-bert/bert-base-uncased vocab.txt"], "checkpoint"),
     ],
 )
-def test_offline_error_names_the_download(load, command, offline_empty_cache):
+def test_offline_error_names_the_download(name, downloads, option, offline_empty_cache):
     with pytest.raises(WeightsNotFound) as info:
-        load()
-    assert command in str(info.value)
-
-
-def test_bad_option_is_refused_before_loading(offline_empty_cache):
-    with pytest.raises(RewardSpecError, match="threshold"):
-        OwlViTDetection.from_pretrained(threshold="lots")  # offline: a download would fail differently
+        rewards.load(name)
+    message = str(info.value)
+    assert all(command in message for command in downloads), message
+    assert f"{name}[" in message and f"{option}=PATH" in message, message
