@@ -39,6 +39,16 @@ PROMPT_SETS = {
     "simple_animals": lambda: _lines(DATA / "simple_animals.txt"),  # DDPO's aesthetic prompts (45 animals)
     "imagenet_animals": lambda: _lines(DATA / "imagenet_animals.txt"),  # DDPO's compressibility prompts (398)
     "animal_activities": _animal_activities,  # DDPO's alignment prompts (135)
+    # The papers' own experiments (issue 13). AlignProp controls the number of objects but released no prompts:
+    # "counting" is ours in its style, numbers one..five x 12 countable objects (60) for owlvit_count.
+    "counting": lambda: _lines(DATA / "counting.txt"),
+    # DRaFT §5.3 adversarial examples: prompts of one class (a mouse, 10) to be classified as another
+    # (resnet50_target[target=...]); its exact prompts are not published, these are ours.
+    "imagenet_mouse": lambda: _lines(DATA / "imagenet_mouse.txt"),
+    # DRaFT §5.3 object removal (people, owlvit_remove) and detection ("a bowl of fruit", owlvit_detect): scenes
+    # where the objects are likely; only "a bowl of fruit" is the paper's example as issue 13 reports it.
+    "draft_removal": lambda: _lines(DATA / "draft_removal.txt"),
+    "draft_detection": lambda: _lines(DATA / "draft_detection.txt"),
     "shapes": lambda: _shapes("shapes"),  # the tiny-shapes testbed's 96 training captions
     "shapes_heldout": lambda: _shapes("shapes_heldout"),  # its 24 captions never seen in pretraining
 }

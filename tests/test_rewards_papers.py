@@ -169,6 +169,18 @@ def test_count_parser(prompt, expected):
     assert parse_count(prompt) == expected
 
 
+def test_paper_prompt_sets():
+    import common
+
+    counts = [parse_count(p) for p in common.load_prompts("counting")]
+    assert len(counts) == 60 and all(c is not None for c in counts)
+    assert sorted(n for n, _ in counts) == sorted(list(range(1, 6)) * 12)  # each number once per object
+    assert len({obj for _, obj in counts}) == 12
+    assert all("mouse" in p for p in common.load_prompts("imagenet_mouse"))
+    assert "a bowl of fruit" in common.load_prompts("draft_detection")
+    assert len(common.load_prompts("draft_removal")) >= 8
+
+
 def test_owlvit_count_matches_official_postprocessing(owlvit):
     model, tokenizer = owlvit
     images = [smooth_uint8(OWL_SIZE, OWL_SIZE, seed=s) for s in (7, 8, 9)]
