@@ -481,6 +481,25 @@ def test_gradients_reach_pixels(owlvit, resnet, bert_tokenizer):
         assert all(p.grad is None for p in reward.parameters()), name  # frozen
 
 
+def test_bfloat16_returns_float32(owlvit, resnet, bert_tokenizer):
+    import copy
+
+    model, tokenizer = owlvit
+    official = official_state_dict()
+    pairs = {  # threshold 0 for OWL-ViT: every box counts, so no box crosses the threshold between precisions
+        "owlvit": [OwlViTDetection(m, tokenizer, 1.0, ["a photo of a cat"], threshold=0.0)
+                   for m in (model, copy.deepcopy(model).to(torch.bfloat16))],
+        "resnet": [ResNetTarget(m, 281) for m in (resnet, copy.deepcopy(resnet).to(torch.bfloat16))],
+        "imagereward": [ImageRewardModel.from_official(official, MED, bert_tokenizer, VISION["heads"], dtype=dtype)
+                        for dtype in (torch.float32, torch.bfloat16)],
+    }
+    images = as_batch([smooth_uint8(64, 64, seed=s) for s in (1, 2)])
+    for name, (full, half) in pairs.items():
+        expected, scores = full(images, PROMPTS), half(images, PROMPTS)
+        assert scores.dtype == torch.float32 and torch.isfinite(scores).all(), name
+        torch.testing.assert_close(scores, expected, rtol=0.02, atol=0.05, msg=name)
+
+
 # ---------------------------------------------------------------------------------------------- registry
 def test_registry_names_flags_and_options(tmp_path, owlvit):
     model, tokenizer = owlvit
