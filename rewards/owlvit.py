@@ -15,10 +15,13 @@ of the image (the processor resizes the whole image to the model's square input,
 
 The detection set is chosen by a hard threshold, so the gradient flows through the scores and box sizes of the
 boxes above it, not through which boxes they are; an image with no detection gets no gradient (lower `threshold`
-for a detection task that starts from nothing; `threshold=0` counts every box). DRaFT §5.3's reward, as issue 13
-states it: "the sum of the detection scores of the queried objects plus the areas of their boxes", negated to
-remove them. Preprocessing is `OwlViTProcessor`'s (resize to the model's square input, 768 for base-patch32,
-bicubic, no crop, CLIP mean/std), written in torch so that gradients reach the pixels."""
+for a detection task that starts from nothing; `threshold=0` counts every box). Sources: DRaFT §5.3's reward as
+issue 13 states it ("the sum of the detection scores of the queried objects plus the areas of their boxes", negated
+to remove them; the paper's text itself could not be retrieved here, so which boxes it sums is our choice, the
+post-processing's); AlignProp names the task (README: "controllability of the number of objects present") but
+released no code for it, so the soft count and its squared error are ours. Preprocessing is `OwlViTProcessor`'s
+(resize to the model's square input, 768 for base-patch32, bicubic, no crop, CLIP mean/std), written in torch so
+that gradients reach the pixels."""
 
 from __future__ import annotations
 
