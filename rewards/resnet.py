@@ -5,9 +5,10 @@ class (the prompts name it, e.g. "a photo of a mouse") be classified as another 
 example issue 13 gives.
 
 Weights: transformers `microsoft/resnet-50` (`ResNetForImageClassification`, ResNet-50 v1.5 trained on ImageNet-1k),
-as issue 13 chose it: the DRaFT paper's text was not at hand here to say which ResNet-50 it used. Its processor (`preprocessor_config.json`: `ConvNextImageProcessor`, size 224,
-crop_pct 0.875, resample 3, ImageNet mean/std) resizes the shortest side to int(224 / 0.875) = 256 (bicubic),
-center-crops 224 and normalises; that is done here in torch so that gradients reach the pixels. Class names are
+as issue 13 chose it: the DRaFT paper's text was not at hand here to say which ResNet-50 it used. Its processor
+(`preprocessor_config.json`: `ConvNextImageProcessor`, size 224, crop_pct 0.875, resample 3, ImageNet mean/std)
+resizes the shortest side to int(224 / 0.875) = 256 (bicubic), center-crops 224 and normalises; that is done here
+in torch so that gradients reach the pixels. Class names are
 the model config's `id2label` (ImageNet's synonym lists, e.g. 281 "tabby, tabby cat")."""
 
 from __future__ import annotations
