@@ -132,6 +132,59 @@ def tiny_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
     return pipeline_components(unet, vae, tiny_text_encoder(), dtype)
 
 
+def random_weights_(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Give `module`, built with its parameters on the meta device, seeded random weights in `dtype` (in place).
+
+    Every weight of ≥ 2 dims gets U(±1/√fan_in), the distribution of PyTorch's default Linear/Conv init
+    (kaiming_uniform with a = √5, see torch.nn.init); for an embedding fan_in is its width (U(±1/√768) has std
+    0.021, about transformers' N(0, 0.02)). Norm scales are 1, every other 1-d parameter (biases) 0. One
+    `uniform_` per tensor is much faster than the modules' own initialisers (SD1.4's UNet on 2 CPU cores: 15 s →
+    4 s). Values are drawn in float32 and then cast, so a half-precision model is the float32 one rounded.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for sub in module.modules():
+        is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            w = torch.empty(p.shape, dtype=torch.float32)
+            if is_norm:
+                w.fill_(1.0 if name == "weight" else 0.0)
+            elif p.dim() >= 2:
+                bound = (p.shape[1] * p[0, 0].numel()) ** -0.5  # fan_in = input features × kernel size
+                w.uniform_(-bound, bound, generator=generator)
+            else:
+                w.zero_()
+            sub._parameters[name] = torch.nn.Parameter(w.to(dtype), requires_grad=p.requires_grad)
+    return module
+
+
+SD14_CONFIGS = Path(__file__).parent / "configs" / "sd14"
+
+
+def sd14_random_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    """SD1.4's real architecture with random weights: the full-size path (LoRA names, memory, speed) offline.
+
+    UNet (859.5 M parameters), VAE (83.7 M) and CLIP ViT-L/14 text encoder (123.1 M) from the configs of
+    `CompVis/stable-diffusion-v1-4` shipped in common/configs/sd14/ (their sources: its README.md), the real CLIP
+    tokenizer, and DDIM from the shipped scheduler config (SD1.4's schedule). Deterministic from `seed`.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    # Parameters on the meta device (buffers such as CLIP's position ids stay real), so nothing is allocated and
+    # initialised twice: random_weights_ does both once.
+    with init_empty_weights(include_buffers=False):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SD14_CONFIGS / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD14_CONFIGS / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(SD14_CONFIGS / "text_encoder" / "config.json"))
+    unet, vae, text_encoder = (random_weights_(m, seed + i, dtype) for i, m in enumerate((unet, vae, text_encoder)))
+    components = pipeline_components(unet, vae, text_encoder)
+    components["scheduler"] = DDIMScheduler.from_config(DDIMScheduler.load_config(SD14_CONFIGS / "scheduler"))
+    return components
+
+
 def _from_pretrained(model: str, dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
@@ -164,10 +217,11 @@ def load_pipeline(
 ):
     """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
 
-    `model`: hub id, local diffusers folder, "tiny" (random weights) or "tiny-shapes" (pretrained on the
+    `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
+    random weights) or "tiny-shapes" (pretrained on the
     shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (fp16/bf16
     on CUDA for speed); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
-    text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny`.
+    text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
@@ -175,9 +229,10 @@ def load_pipeline(
     device = torch.device(device)
     if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
         raise ValueError(f"{dtype} base weights need CUDA; on the CPU use float32 (--mixed-precision no).")
-    if model not in ("tiny", "tiny-shapes") and not os.path.isdir(model) and model.count("/") != 1:
+    if model not in ("tiny", "tiny-shapes", "sd14-random") and not os.path.isdir(model) and model.count("/") != 1:
         raise ValueError(
-            f"unknown model {model!r}: expected `tiny`, `tiny-shapes`, a hub id such as {SD14!r}, or a local folder"
+            f"unknown model {model!r}: expected `tiny`, `tiny-shapes`, `sd14-random`, a hub id such as {SD14!r}, "
+            "or a local folder"
         )
     if model == "tiny":
         pipe = StableDiffusionPipeline(
@@ -189,6 +244,12 @@ def load_pipeline(
 
         pipe = StableDiffusionPipeline(
             **components(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
+    elif model == "sd14-random":
+        # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download
+        pipe = StableDiffusionPipeline(
+            **sd14_random_components(seed, dtype), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
         )
     else:
         pipe = _from_pretrained(model, dtype)

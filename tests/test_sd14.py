@@ -1,0 +1,232 @@
+"""`--model sd14-random`: SD1.4's real architecture from its shipped configs with random weights (issue 11, part 3).
+
+The expected facts come from outside the code under test: the published parameter counts, the original LDM
+config of SD1.x (CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml, quoted below), and the
+LoRA module names derived from the block structure of the UNet config.
+"""
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import common
+import ddpo_sf
+import draft
+from conftest import ROOT, randomize_lora, read_metrics
+
+CONFIGS = ROOT / "common" / "configs" / "sd14"
+ATTENTION_FF = common.ATTENTION_TARGETS + common.FEEDFORWARD_TARGETS
+
+# Published parameter counts: the SD1.x UNet in diffusers' `ModelMixin.num_parameters` docstring; the VAE and
+# CLIP ViT-L/14 text encoder as quoted for SD1.x in public code (e.g. DeepSpeed-MII's notes).
+PARAMETERS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}
+# v1-inference.yaml: unet_config, first_stage_config.ddconfig, and the noise schedule
+LDM_UNET = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_levels=3, num_res_blocks=2, num_heads=8,
+                context_dim=768, channels=4)
+LDM_VAE = dict(ch=128, ch_mult=(1, 2, 4, 4), z_channels=4, resolution=512, scale_factor=0.18215)
+LDM_SCHEDULE = dict(linear_start=0.00085, linear_end=0.0120, timesteps=1000)
+
+
+def config(component: str) -> dict:
+    return json.loads((CONFIGS / component / "config.json").read_text())
+
+
+def expected_lora_modules(targets) -> set[str]:
+    """SD1.4's LoRA module names from the UNet config's block structure: every cross-attention block holds one
+    transformer block per resnet (transformer_layers_per_block defaults to 1) with attn1 (self), attn2 (cross) and
+    a feed-forward; a down block has layers_per_block resnets, an up block one more, the mid block one."""
+    cfg = config("unet")
+    n = cfg["layers_per_block"]
+    blocks = [f"down_blocks.{i}.attentions.{j}" for i, kind in enumerate(cfg["down_block_types"])
+              if kind.startswith("CrossAttn") for j in range(n)]
+    blocks += ["mid_block.attentions.0"]
+    blocks += [f"up_blocks.{i}.attentions.{j}" for i, kind in enumerate(cfg["up_block_types"])
+               if kind.startswith("CrossAttn") for j in range(n + 1)]
+    assert len(blocks) == 16  # down 2×3, mid 1, up 3×3
+    names = set()
+    for block in blocks:
+        for target in targets:
+            layers = [target] if target.startswith("ff.") else [f"attn1.{target}", f"attn2.{target}"]
+            names |= {f"{block}.transformer_blocks.0.{layer}" for layer in layers}
+    return names
+
+
+def lora_file_tensors(path) -> dict:
+    """{(module, "A" or "B"): tensor} of a saved LoRA, in either of diffusers' key formats (lora.down/up, lora_A/B)."""
+    from safetensors.torch import load_file
+
+    kinds = {".down.weight": "A", ".up.weight": "B", "_A.weight": "A", "_B.weight": "B"}
+    tensors = {}
+    for key, value in load_file(path).items():
+        assert key.startswith("unet."), key
+        module, suffix = key.removeprefix("unet.").rsplit(".lora", 1)
+        tensors[module, kinds[suffix]] = value
+    return tensors
+
+
+def check_loads_into(pipe, lora_dir, expected_modules) -> None:
+    """diffusers' own `load_lora_weights` puts every tensor of the file into the UNet's adapter and nothing else
+    (no missing or unexpected keys), with SD1.4's module names."""
+    saved = lora_file_tensors(lora_dir / common.LORA_FILE)
+    assert {module for module, _ in saved} == expected_modules
+    assert len(saved) == 2 * len(expected_modules)
+    pipe.load_lora_weights(str(lora_dir), adapter_name="check")
+    loaded = {(name.split(".lora_")[0], name.split(".lora_")[1][0]): p
+              for name, p in pipe.unet.named_parameters() if ".check." in name}
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key].float(), value.float()), key
+
+
+@pytest.fixture(scope="module")
+def plain_sd14():
+    """A pipeline built from the same configs without an adapter, for diffusers' loader. Seed 1: a LoRA has to fit
+    SD1.4's architecture, not one set of weights."""
+    from diffusers import StableDiffusionPipeline
+
+    from common.models import sd14_random_components
+
+    return StableDiffusionPipeline(**sd14_random_components(1), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def test_configs_are_sd14s_architecture():
+    """The shipped configs load into diffusers' and transformers' classes and give SD1.4's published sizes
+    (built on the meta device: no weights, a fraction of a second)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config("unet"))
+        vae = AutoencoderKL.from_config(config("vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(CONFIGS / "text_encoder" / "config.json"))
+    for name, module in dict(unet=unet, vae=vae, text_encoder=text_encoder).items():
+        assert sum(p.numel() for p in module.parameters()) == PARAMETERS[name], name
+
+    assert list(unet.config.block_out_channels) == [LDM_UNET["model_channels"] * m for m in LDM_UNET["channel_mult"]]
+    assert sum(hasattr(b, "attentions") for b in unet.down_blocks) == LDM_UNET["attention_levels"]
+    assert all(len(b.resnets) == LDM_UNET["num_res_blocks"] for b in unet.down_blocks)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert block.attn1.heads == block.attn2.heads == LDM_UNET["num_heads"]
+    assert block.attn2.to_k.in_features == LDM_UNET["context_dim"]
+    assert unet.conv_in.in_channels == unet.conv_out.out_channels == LDM_UNET["channels"]
+    assert unet.config.sample_size * 8 == LDM_VAE["resolution"]  # 64×64 latents of 512 px images
+
+    assert list(vae.config.block_out_channels) == [LDM_VAE["ch"] * m for m in LDM_VAE["ch_mult"]]
+    assert vae.config.latent_channels == LDM_VAE["z_channels"] and vae.config.sample_size == LDM_VAE["resolution"]
+    assert vae.config.scaling_factor == LDM_VAE["scale_factor"]
+    # FrozenCLIPEmbedder is OpenAI CLIP ViT-L/14's text tower, whose sizes open_clip ships
+    open_clip_configs = Path(importlib.util.find_spec("open_clip").origin).parent / "model_configs"
+    clip = json.loads((open_clip_configs / "ViT-L-14.json").read_text())["text_cfg"]
+    layers = [m for m in text_encoder.modules() if type(m).__name__ == "CLIPEncoderLayer"]
+    assert len(layers) == clip["layers"]
+    assert layers[0].self_attn.embed_dim == clip["width"] and layers[0].self_attn.num_heads == clip["heads"]
+    assert layers[0].mlp.fc1.out_features == 4 * clip["width"]
+    embeddings = text_encoder.get_input_embeddings().weight.shape, text_encoder.config.max_position_embeddings
+    assert embeddings == ((clip["vocab_size"], clip["width"]), clip["context_length"])
+
+    # LDM's "linear" schedule: betas = linspace(√start, √end, T)², written out in float64
+    s = LDM_SCHEDULE
+    betas = torch.linspace(s["linear_start"] ** 0.5, s["linear_end"] ** 0.5, s["timesteps"], dtype=torch.float64) ** 2
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(CONFIGS / "scheduler"))
+    torch.testing.assert_close(scheduler.alphas_cumprod.double(), torch.cumprod(1 - betas, 0), rtol=1e-5, atol=0)
+
+
+def test_random_weights_are_seeded_default_init_in_every_dtype():
+    """`random_weights_` draws PyTorch's default Linear/Conv distribution U(±1/√fan_in) per seed, and a half
+    precision model is the float32 one rounded (on `tiny`'s UNet, built on the meta device)."""
+    from common.models import random_weights_, tiny_unet
+
+    def build(seed, dtype=torch.float32):
+        with torch.device("meta"):
+            unet = tiny_unet()
+        return dict(random_weights_(unet, seed, dtype).named_parameters())
+
+    base = build(0)
+    assert all(torch.equal(p, q) for p, q in zip(base.values(), build(0).values()))
+    assert not any(torch.equal(p, q) for p, q in zip(base.values(), build(1).values()) if p.dim() >= 2)
+    for dtype in (torch.float16, torch.bfloat16):
+        for name, p in build(0, dtype).items():
+            assert p.dtype == dtype and torch.equal(p, base[name].to(dtype)), name
+
+    with torch.device("meta"):
+        modules = dict(tiny_unet().named_modules())
+    for name, p in base.items():
+        owner = modules[name.rsplit(".", 1)[0]]
+        if isinstance(owner, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            assert torch.all(p == (1.0 if name.endswith("weight") else 0.0)), name
+        elif p.dim() == 1:
+            assert torch.all(p == 0), name
+        else:
+            bound = 1 / math.sqrt(torch.nn.init._calculate_fan_in_and_fan_out(p)[0])
+            assert p.abs().max() <= bound, name
+            if p.numel() > 10_000:  # the std of U(±b) is b/√3
+                assert abs(p.std().item() / (bound / math.sqrt(3)) - 1) < 0.05, name
+
+
+def test_load_pipeline_sd14_random_lora(tmp_path, plain_sd14):
+    """`common.load_pipeline("sd14-random")`: SD1.4's sizes, LoRA on SD1.4's module names (128 attention modules,
+    160 with the feed-forward layers), saved so that diffusers' loader takes it and it changes the UNet."""
+    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 768)
+    with torch.no_grad():
+        before = plain_sd14.unet(x, 500, encoder_hidden_states=emb).sample
+    for targets, modules in ((common.ATTENTION_TARGETS, 128), (ATTENTION_FF, 160)):
+        pipe = common.load_pipeline("sd14-random", lora_rank=4, lora_targets=targets)
+        for name, count in PARAMETERS.items():
+            frozen = [p for p in getattr(pipe, name).parameters() if not p.requires_grad]
+            assert sum(p.numel() for p in frozen) == count and {p.dtype for p in frozen} == {torch.float32}, name
+        trainable = {n: p for n, p in pipe.unet.named_parameters() if p.requires_grad}
+        assert {n.split(".lora_")[0] for n in trainable} == expected_lora_modules(targets)
+        assert len(expected_lora_modules(targets)) == modules and len(trainable) == 2 * modules
+        assert all(p.dtype == torch.float32 for p in trainable.values())
+        assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight" in trainable
+        randomize_lora(pipe)  # B ≠ 0, so the adapter changes the model
+        lora_dir = tmp_path / "+".join(targets)
+        common.save_lora(pipe, lora_dir)
+        del pipe, trainable
+
+        try:
+            check_loads_into(plain_sd14, lora_dir, expected_lora_modules(targets))
+            with torch.no_grad():
+                assert (plain_sd14.unet(x, 500, encoder_hidden_states=emb).sample - before).abs().max() > 1e-4
+        finally:
+            plain_sd14.unload_lora_weights()
+
+
+def has_resolution_flag() -> bool:
+    """`--resolution` (issue 11) in both scripts' Args, i.e. in their `--help`."""
+    return all("resolution" in {f.name for f in dataclasses.fields(m.Args)} for m in (ddpo_sf, draft))
+
+
+RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 latents, SD1.4's smallest size)
+    "ddpo_sf.py": (common.ATTENTION_TARGETS, ["--reward", "jpeg_compressibility", "--sample-batch-size", "2",
+                                              "--train-batch-size", "2"]),
+    "draft.py": (ATTENTION_FF, ["--reward", "jpeg_compressibility_diff"]),
+}
+
+
+@pytest.mark.skipif(not has_resolution_flag(), reason="needs the scripts' --resolution flag (issue 11)")
+@pytest.mark.parametrize("script", sorted(RUNS))
+def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
+    targets, flags = RUNS[script]
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / script), "--model", "sd14-random", "--resolution", "64", "--steps", "1",
+           "--num-inference-steps", "2", "--batch-size", "2", "--num-sample-images", "1", "--output-dir", str(run_dir),
+           *flags]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=900,
+                         cwd=tmp_path)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    (row,) = read_metrics(run_dir)
+    assert row["step"] == 1 and math.isfinite(row["loss"]) and math.isfinite(row["reward_mean"]), row
+    try:
+        check_loads_into(plain_sd14, run_dir, expected_lora_modules(targets))
+    finally:
+        plain_sd14.unload_lora_weights()
