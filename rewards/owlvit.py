@@ -109,8 +109,9 @@ class _OwlViT(Reward):
 class OwlViTDetection(_OwlViT):
     """`sign * sum over boxes with score > threshold of (score + area)`: sign +1 detects, -1 removes.
 
-    `queries` (the same for every image): with None each image's own prompt is its only query, so
-    `owlvit_detect` asks for what the prompt names, confidently and large; `owlvit_remove` defaults to people."""
+    `queries` (the same for every image): with None each image's own prompt is its only query (cut to OWL-ViT's 16
+    tokens), so `owlvit_detect` asks for what the prompt names, confidently and large; `owlvit_remove` defaults to
+    people."""
 
     def __init__(self, model, tokenizer, sign: float, queries: list[str] | None = None, threshold: float = THRESHOLD):
         super().__init__(model, tokenizer, threshold)
