@@ -14,6 +14,7 @@ from .diffusion import (
     sample_trajectory,
 )
 from .errors import UserError, user_errors
+from .evaluation import GridResult, SampleGrid, diversity
 from .checkpoint import Checkpointer, StopSignal, UpdateGuard, find_checkpoint, resume_args
 from .distributed import average_gradients, gather, randint, randn, setup_distributed, shard
 from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale

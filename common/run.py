@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .errors import UserError
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -23,15 +24,20 @@ def seed_everything(seed: int) -> None:
 
 
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
-    """CUDA when present. Half precision applies to the frozen base weights only (LoRA stays float32).
-    "auto" is fp16 on CUDA and float32 on the CPU."""
+    """CUDA when present, and the dtype of the frozen base weights (LoRA weights, stored latents and log-probs stay
+    float32 whatever it is; see ALGORITHMS.md "Precision").
+
+    "auto": bf16 on a GPU that computes in bf16 natively (Ampere and newer; the DRaFT paper trained in bf16), fp16
+    on older GPUs (with dynamic loss scaling: `UpdateGuard(loss_scaling=True)`), float32 on the CPU. fp16 and bf16
+    also run on the CPU, slowly: that is how the tests exercise the precision a GPU runs."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if mixed_precision == "auto":
-        mixed_precision = "fp16" if device.type == "cuda" else "no"
+        if device.type == "cuda":
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        else:
+            mixed_precision = "no"
     if mixed_precision not in PRECISIONS:
-        raise ValueError(f"--mixed-precision must be auto or one of {list(PRECISIONS)}, got {mixed_precision!r}")
-    if device.type == "cpu" and mixed_precision != "no":
-        raise ValueError(f"--mixed-precision {mixed_precision} needs a CUDA GPU; on the CPU use --mixed-precision no")
+        raise UserError(f"--mixed-precision must be auto or one of {list(PRECISIONS)}, got {mixed_precision!r}")
     return device, PRECISIONS[mixed_precision]
 
 
@@ -113,18 +119,39 @@ class Tracker:
             self.wandb.log(scalars, step=step)
         return row
 
-    def samples(self, step: int, images: torch.Tensor, scores: torch.Tensor) -> float:
-        """The fixed-prompt, fixed-seed sample grid: samples/step_XXXXXX.png (step 0 is the base model), the
-        grid in TensorBoard and the grid's mean reward as charts/eval_reward (also in eval.jsonl)."""
+    def samples(self, step: int, grid: GridResult | torch.Tensor, scores: torch.Tensor | None = None) -> float:
+        """The fixed-prompt, fixed-seed sample grid (`evaluation.SampleGrid`'s result): samples/step_XXXXXX.png
+        (step 0 is the base model) with the prompts, seeds, scores, step and means written on it; the same picture
+        in TensorBoard; the grid's mean training reward as charts/eval_reward, each held-out reward's mean as
+        eval/<name> and the diversity as eval/diversity; all of them in one row of eval.jsonl. Returns eval_reward.
+
+        `samples(step, images, scores)` (unlabelled images and their training rewards) is the older call, kept
+        until every script passes a GridResult."""
+        from .evaluation import GridResult
+
+        if isinstance(grid, torch.Tensor):  # the older call: no prompts or seeds to write, 4 images per row
+            grid = GridResult(grid.detach().float().cpu(), [], [], scores.detach().float().cpu(), seeds_per_prompt=4)
+        values = grid.metrics()
         if not self.enabled:
-            return float("nan")
-        grid = save_grid(images, self.run_dir / "samples" / f"step_{step:06d}.png")
-        self.writer.add_image("samples", grid, step)
-        value = float(scores.float().mean())
-        self.writer.add_scalar("charts/eval_reward", value, step)
+            return values["eval_reward"]
+        labelled = bool(grid.prompts)
+        picture = save_grid(grid.images, self.run_dir / "samples" / f"step_{step:06d}.png", grid.seeds_per_prompt,
+                            grid.row_captions() if labelled else None, grid.cell_captions() if labelled else None,
+                            header=grid.header(step))
+        self.writer.add_image("samples", picture, step)
+        self.writer.add_scalar("charts/eval_reward", values["eval_reward"], step)
+        for k, v in values.items():
+            if k.startswith("eval/"):
+                self.writer.add_scalar(k, v, step)
         with open(self.run_dir / "eval.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "eval_reward": value, "scores": scores.float().tolist()}) + "\n")
-        return value
+            row = {"step": step, "eval_reward": values["eval_reward"], "scores": grid.scores.float().tolist()}
+            f.write(json.dumps(row | {k: v for k, v in values.items() if k != "eval_reward"}) + "\n")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"charts/eval_reward": values["eval_reward"], "samples": wandb.Image(picture)}
+                           | {k: v for k, v in values.items() if k.startswith("eval/")}, step=step)
+        return values["eval_reward"]
 
     def close(self) -> None:
         if not self.enabled:
@@ -135,11 +162,14 @@ class Tracker:
             self.wandb.finish()
 
 
-def save_grid(images: torch.Tensor, path: Path, nrow: int = 4) -> torch.Tensor:
-    """Save images [B,3,H,W] in [0,1] as one PNG grid; returns the grid for TensorBoard."""
-    from torchvision.utils import make_grid, save_image
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 4, row_captions: list[str] | None = None,
+              cell_captions: list[str] | None = None, header: str | None = None) -> torch.Tensor:
+    """Save images [B,3,H,W] in [0,1] as one PNG grid, `ncol` per row, small images enlarged, with the captions and
+    header of `evaluation.captioned_grid`; returns the same picture as a [3,H,W] tensor in [0,1] for TensorBoard."""
+    from .evaluation import captioned_grid
 
-    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2)
+    canvas = captioned_grid(images, ncol, row_captions, cell_captions, header)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(grid, path)
-    return grid
+    canvas.save(path)
+    return torch.from_numpy(np.asarray(canvas).copy()).permute(2, 0, 1).float() / 255

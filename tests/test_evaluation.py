@@ -1,0 +1,156 @@
+"""common.evaluation: the sample grid's diversity, its logged values, its seeds and its captioned picture.
+
+References: diversity re-computed in numpy with explicit loops and block averages; the grid's images re-sampled by
+diffusers' own StableDiffusionPipeline from the same initial noise, and its rewards re-computed in numpy on those.
+"""
+
+import json
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import common
+from common.evaluation import SampleGrid, captioned_grid, diversity
+from common.models import tiny_components
+
+PROMPTS = ["a red circle on a blue background", "two green squares", "an unused third prompt"]
+
+
+def reference_diversity(images: np.ndarray, group: int, block: int) -> float:
+    """Mean over prompts of the mean over seed pairs of the RMS pixel difference, after `block`×`block` averaging."""
+    n, c, h, w = images.shape
+    small = images.reshape(n, c, h // block, block, w // block, block).mean(axis=(3, 5))
+    per_prompt = []
+    for p in range(n // group):
+        pairs = [np.sqrt(np.mean((small[p * group + i] - small[p * group + j]) ** 2))
+                 for i, j in combinations(range(group), 2)]
+        per_prompt.append(np.mean(pairs))
+    return float(np.mean(per_prompt))
+
+
+def test_diversity_zero_for_identical_images_and_equal_to_direct_computation():
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3 * 4, 3, 128, 128, generator=g)  # 3 prompts × 4 seeds, averaged down to 64×64
+    value = diversity(images, 4)
+    assert value == pytest.approx(reference_diversity(images.double().numpy(), 4, 2), rel=1e-5)
+    assert value > 0.1
+    same = images[::4].repeat_interleave(4, dim=0)  # every prompt's 4 images identical
+    assert diversity(same, 4) == 0.0
+    # half the prompts collapsed: the mean falls accordingly
+    assert diversity(torch.cat([same[:4], images[4:]]), 4) < value
+    # an embedding instead of pixels: here the per-channel means
+    embed = diversity(images, 4, embed_fn=lambda x: x.mean(dim=(2, 3)))
+    assert embed == pytest.approx(reference_diversity(images.double().numpy(), 4, 128), rel=1e-5)
+
+
+def brightness(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3))
+
+
+def contrast(images, prompts):
+    return images.flatten(1).std(dim=1)
+
+
+@dataclass
+class Args:
+    model: str = "tiny"
+
+
+def diffusers_images(prompts, seeds, steps):
+    """The grid's images drawn by diffusers' pipeline from the same noise: seed s's generator draws the initial
+    latents of all prompts at once; row-major (prompt, seed) order."""
+    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    per_seed = []
+    for s in seeds:
+        latents = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(s))
+        per_seed.append(pipe(prompts, latents=latents, num_inference_steps=steps, guidance_scale=7.5, eta=0.0,
+                             output_type="np").images)  # [P, H, W, 3] in [0, 1]
+    return np.stack(per_seed, axis=1).reshape(-1, *per_seed[0].shape[1:]).transpose(0, 3, 1, 2).astype(np.float64)
+
+
+def test_logged_values_equal_an_independent_computation(tmp_path):
+    pipe = common.load_pipeline("tiny", lora_rank=0)
+    grid = SampleGrid(PROMPTS, num_images=4, seeds_per_prompt=2, reward_fn=brightness,
+                      eval_rewards={"redness": redness, "contrast": contrast}, num_steps=3, guidance_scale=7.5,
+                      eta=0.0, reward_name="brightness")
+    result = grid(pipe)
+    assert result.prompts == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 and result.seeds == [0, 1, 0, 1]
+    tracker = common.Tracker(tmp_path, Args())
+    assert tracker.samples(7, result) == pytest.approx(float(result.scores.mean()))
+    tracker.samples(8, result.images, result.scores)  # the scripts' older call: unlabelled images and scores
+    tracker.close()
+
+    ref = diffusers_images(PROMPTS[:2], [0, 1], 3)
+    assert np.allclose(result.images.numpy(), ref, atol=1e-4)
+    expected = {
+        "eval_reward": ref.mean(axis=(1, 2, 3)).mean(),
+        "eval/redness": (ref[:, 0].mean(axis=(1, 2)) - ref[:, 1:].mean(axis=(1, 2, 3))).mean(),
+        "eval/contrast": np.array([np.std(x.ravel(), ddof=1) for x in ref]).mean(),
+        "eval/diversity": reference_diversity(ref, 2, 1),  # 32×32 images: no averaging
+    }
+    row, older = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert older == {"step": 8, "eval_reward": pytest.approx(expected["eval_reward"], abs=1e-5),
+                     "scores": pytest.approx(row["scores"])}
+    assert (tmp_path / "samples" / "step_000008.png").is_file()
+    assert row["step"] == 7 and set(row) == {"step", "scores", *expected}
+    assert row["scores"] == pytest.approx(list(ref.mean(axis=(1, 2, 3))), abs=1e-5)
+    for key, value in expected.items():
+        assert row[key] == pytest.approx(value, abs=1e-5), key
+
+    events = EventAccumulator(str(tmp_path)).Reload()
+    for key, value in expected.items():
+        scalar = events.Scalars("charts/eval_reward" if key == "eval_reward" else key)[0]
+        assert scalar.step == 7 and scalar.value == pytest.approx(row[key], rel=1e-6)
+    image = events.Images("samples")[0]
+    png = Image.open(tmp_path / "samples" / "step_000007.png")
+    assert (image.width, image.height) == png.size  # TensorBoard shows the same picture
+
+
+def test_same_prompt_and_seed_give_the_same_image_across_calls():
+    pipe = common.load_pipeline("tiny", lora_rank=0)
+    grid = SampleGrid(PROMPTS, num_images=4, seeds_per_prompt=2, num_steps=2, eta=1.0)  # η = 1: noise at every step
+    first = grid(pipe).images
+    torch.manual_seed(123)  # training draws from the global RNG between two grids
+    torch.rand(10)
+    again = grid(pipe).images
+    assert torch.equal(first, again)
+    assert not torch.equal(first[0], first[1])  # the two seeds of a prompt differ
+
+
+def find(picture: np.ndarray, image: np.ndarray) -> tuple[int, int]:
+    """Where `image` [h, w, 3] appears pixel for pixel in `picture`."""
+    h, w = image.shape[:2]
+    for y, x in zip(*np.nonzero((picture == image[0, 0]).all(axis=-1))):
+        if np.array_equal(picture[y : y + h, x : x + w], image):
+            return int(y), int(x)
+    raise AssertionError("image not found in the grid")
+
+
+def test_captioned_grid_enlarges_orders_and_captions():
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(4, 3, 32, 32, generator=g) * 255).round() / 255  # exact 8-bit values
+    # nearest-neighbour ×4, computed here with np.repeat: every pixel a 4×4 block
+    bigs = [(im.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8).repeat(4, axis=0).repeat(4, axis=1)
+            for im in images]
+    picture = np.asarray(captioned_grid(images, 2, ["first prompt", "second prompt"],
+                                        ["seed 0", "seed 1", "seed 0", "seed 1"], "step 3 · mean reward 0.5"))
+    blank = np.asarray(captioned_grid(images, 2))
+    assert picture.shape[1] == blank.shape[1] == 2 * (128 + 8) and picture.shape[0] > blank.shape[0]
+    (y0, x0), (y1, x1), (y2, x2), (y3, x3) = [find(picture, big) for big in bigs]
+    assert y0 == y1 < y2 == y3 and x0 == x2 < x1 == x3  # one row per prompt, one column per seed
+    dark = picture.min(axis=-1) < 100
+    assert dark[:y0].sum() > 200  # the header, the first prompt and the seed labels above the first row
+    assert dark[y0 + 128 : y2].sum() > 100  # the second prompt and its labels
+    by0, _ = find(blank, bigs[0])
+    assert not (blank.min(axis=-1) < 100)[:by0].any()  # without captions nothing is written above the images
