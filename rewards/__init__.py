@@ -32,6 +32,7 @@ README's "Rewards" section); the builder converts and checks the values.
 | `owlvit_count_exact` | the same detector | 1 if the number of detections is n, else 0; not differentiable |
 | `resnet50_target` | ImageNet ResNet-50 (microsoft/resnet-50), `target` class | log p(target) = -cross-entropy, ≤ 0 |
 | `imagereward` | ImageReward (BLIP ViT-L + BERT + MLP, THUDM/ImageReward) | (MLP(text-image CLS) - mean) / std |
+| `llava_bertscore` | LLaVA-1.5 + BERTScore (DeBERTa-xlarge-MNLI) | BERTScore recall of the answer; not differentiable |
 | `remote` | a reward server (`python -m rewards.serve`) | whatever it serves; not differentiable |
 
 Weights are downloaded through huggingface_hub on first use (Hugging Face cache, $HF_HOME). Local copies are
@@ -50,7 +51,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from . import aesthetic, hps, imagereward, jpeg, owlvit, pickscore, remote, resnet, shapes
+from . import aesthetic, bertscore, hps, imagereward, jpeg, llava, owlvit, pickscore, remote, resnet, shapes
 from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
 from ._hub import WeightsNotFound
 
@@ -152,6 +153,18 @@ _REGISTRY: dict[str, _Entry] = {
             (imagereward.REPO, [imagereward.CHECKPOINT, imagereward.MED_CONFIG]),
             (imagereward.TOKENIZER_REPO, imagereward.TOKENIZER_FILES),
         ),
+    ),
+    "llava_bertscore": _Entry(
+        False,
+        llava.LlavaBertScore.from_pretrained,
+        {key: key for key in ("model", "question", "max_new_tokens", "bertscore_model", "bertscore_layer")},
+        {"model": f"hub id or directory of a LLaVA checkpoint in transformers' format (default {llava.LLAVA_REPO})",
+         "question": f"what LLaVA is asked (default DDPO's {llava.QUESTION!r})",
+         "max_new_tokens": f"longest answer in tokens (default {llava.MAX_NEW_TOKENS}, DDPO's)",
+         "bertscore_model": f"hub id or directory of BERTScore's encoder (default {bertscore.DEFAULT_MODEL}, DDPO's)",
+         "bertscore_layer": "the encoder layer whose embeddings are matched (default: bert_score's for the model)"},
+        paths=("model", "bertscore_model"),
+        downloads=((llava.LLAVA_REPO, llava.LLAVA_FILES), (bertscore.DEFAULT_MODEL, bertscore.MODEL_FILES)),
     ),
     "remote": _Entry(
         False,

@@ -96,11 +96,9 @@ class RewardServer(ThreadingHTTPServer):
         self.lock = threading.Lock()
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> list[float | None]:
+        chunks = [slice(i, i + self.max_batch) for i in range(0, len(prompts), self.max_batch)]
         with self.lock, torch.no_grad():
-            scores = torch.cat([
-                self.reward(images[i : i + self.max_batch].to(self.device), prompts[i : i + self.max_batch]).float().cpu()
-                for i in range(0, len(prompts), self.max_batch)
-            ])
+            scores = torch.cat([self.reward(images[c].to(self.device), prompts[c]).float().cpu() for c in chunks])
         return [s if math.isfinite(s) else None for s in scores.tolist()]  # JSON has no NaN: null
 
 
@@ -165,7 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--port", type=int, default=8085, help="port to listen on; 0 picks a free one (printed)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on; not loopback: reachable by others")
     parser.add_argument("--device", default="auto", help="torch device of the reward; auto: cuda if available")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float16 on CUDA, else float32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: float16 on CUDA, else fp32")
     parser.add_argument("--max-batch", type=int, default=16, help="images scored at once (DDPO's LLaVA client: 16)")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="largest image accepted, in pixels")
     parser.add_argument("--max-request-mb", type=float, default=256, help="largest request accepted, in MiB")

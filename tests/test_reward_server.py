@@ -341,5 +341,5 @@ def test_ddpo_through_the_server_equals_in_process_and_survives_its_death(tmp_pa
     for key in ("reward_mean", "reward_std", "reward_queries"):
         assert [r[key] for r in remote_rows] == [r[key] for r in local_rows], key
     assert len({r["reward_mean"] for r in local_rows}) == len(local_rows)  # the rewards move: not vacuous
-    grids = [[json.loads(line) for line in (d / "eval.jsonl").read_text().splitlines()] for d in (local_dir, remote_dir)]
+    grids = [[json.loads(row) for row in (d / "eval.jsonl").read_text().splitlines()] for d in (local_dir, remote_dir)]
     assert grids[0] == grids[1] and len(grids[0]) == 2  # the step-0 and final sample grids scored alike
