@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
+
+from .errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -49,3 +54,96 @@ def load_lora(pipe, directory: str | Path) -> None:
 def set_lora_scale(pipe, scale: float) -> None:
     """Interpolate toward the base model: 0 is the base model, 1 the trained LoRA."""
     pipe.unet.set_adapters(["default"], weights=[scale])
+
+
+# --- LoRA files as plain factors, for tools that edit a LoRA outside a model (lora_tools.py) ---------------------
+#
+# A LoRA is held as {module name: (A [r, in], B [out, r])}, float32, with ΔW = B·A: the alpha/rank scale a file
+# may carry is folded into B on reading, and a written file carries alpha = rank for every module (scale 1).
+
+
+def lora_file(path: str | Path) -> Path:
+    """The LoRA file of a run directory (its final LoRA), a checkpoint folder (`checkpoints/step_N`), any folder
+    holding `pytorch_lora_weights.safetensors`, or that file itself. Anything else raises UserError."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    if (path / LORA_FILE).is_file():
+        return path / LORA_FILE
+    steps = sorted((path / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
+    hint = f"; the run has not finished: its newest checkpoint is {steps[-1]}" if steps else ""
+    raise UserError(f"{path} holds no {LORA_FILE} (expected a run directory, a checkpoints/step_N folder or a LoRA "
+                    f"folder){hint}")
+
+
+def _matches(pattern: str, module: str) -> bool:
+    # peft's rule for rank_pattern / alpha_pattern keys: the key matches the module name or a dotted suffix of it
+    return re.fullmatch(rf"(.*\.)?({pattern})", module) is not None
+
+
+def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The UNet LoRA of a diffusers-format file (`lora_file(path)`) as {module: (A, B)} with ΔW = B·A.
+
+    diffusers writes the factors as `unet.<module>.lora.down.weight` (A) and `.lora.up.weight` (B), or with peft's
+    `lora_A` / `lora_B` names; alpha is stored only as peft-config metadata (`lora_adapter_metadata` in the
+    safetensors header, diffusers ≥ 0.35), and without it diffusers' loader uses alpha = rank (scale 1), the
+    convention of our saves (`common.load_pipeline`). Text-encoder LoRAs, biases, DoRA and kohya files raise
+    UserError."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from safetensors import SafetensorError, safe_open
+
+    file = lora_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            header = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e})") from e
+    foreign = [k for k in state if not k.startswith("unet.")]
+    if foreign or not state:
+        raise UserError(f"{file} is not a diffusers-format UNet LoRA (key {foreign[0] if foreign else None!r}); "
+                        "kohya/A1111 files and text-encoder LoRAs are not supported here")
+    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+    config = {k.removeprefix("unet."): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
+              if k.startswith("unet.")}
+    unsupported = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if unsupported:
+        raise UserError(f"{file} holds {unsupported[0]!r}: only plain LoRA factors (lora_A/lora_B weights) are "
+                        "supported, not biases or DoRA")
+    layers = {}
+    for key, down in sorted(state.items()):
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removesuffix(".lora_A.weight")
+        up = state.get(module + ".lora_B.weight")
+        if up is None or up.shape[1] != down.shape[0]:
+            raise UserError(f"{file}: the factors of {module} do not pair up (missing B or ranks differ)")
+        rank = down.shape[0]
+        alpha = next((a for p, a in config.get("alpha_pattern", {}).items() if _matches(p, module)),
+                     config.get("lora_alpha", rank))
+        layers[module] = (down.float(), up.float() * (alpha / rank))
+    return layers
+
+
+def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: str | Path) -> Path:
+    """Write {module: (A, B)} in the format of `save_lora`, so that `load_lora_weights(directory)` applies ΔW = B·A.
+
+    Modules may have different ranks (e.g. a mix of a rank-2 and a rank-4 LoRA). diffusers' loader then builds a
+    peft config with the most common rank and a rank pattern for the rest; the alpha it assumes for those has
+    varied between versions, so the file states it: peft-config metadata with alpha = rank for every module."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    state, ranks = {}, {}
+    for module, (down, up) in layers.items():
+        state[f"{module}.lora_A.weight"] = down.float().contiguous()
+        state[f"{module}.lora_B.weight"] = up.float().contiguous()
+        ranks[module] = down.shape[0]
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: r for m, r in ranks.items() if r != rank}
+    metadata = dict(r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern, target_modules=sorted(ranks))
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    return Path(directory) / LORA_FILE
