@@ -6,6 +6,7 @@ LoRA module names derived from the block structure of the UNet config.
 """
 
 import dataclasses
+import importlib
 import importlib.util
 import json
 import math
@@ -230,3 +231,64 @@ def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
         check_loads_into(plain_sd14, run_dir, expected_lora_modules(targets))
     finally:
         plain_sd14.unload_lora_weights()
+
+
+def test_bench_sd14_reads_runs_and_formats_its_table(tmp_path):
+    """benchmark/bench_sd14.py on fake results (it is never run here): seconds from metrics.jsonl, peak from the
+    wrapper's file, the verdicts against issue 11's goals, and a table whose columns line up."""
+    from benchmark import bench_sd14
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, step_seconds=s)) + "\n"
+                                                    for i, s in enumerate([9.0, 2.0, 4.0])))
+    (tmp_path / "result.json").write_text(json.dumps(dict(device="cuda", peak_bytes=9.5 * 2**30)))
+    run = bench_sd14.read_run(tmp_path, tmp_path / "result.json")
+    assert run == dict(seconds=3.0, peak_gb=9.5, device="cuda")  # the first update (warm-up) left out
+
+    rows = [dict(script="ddpo_sf.py", variant="defaults", flags="--reward jpeg_compressibility", wall_s=80.0, **run),
+            dict(script="draft.py", variant="micro-1", flags="--train-batch-size 1", wall_s=60.0, seconds=7.25,
+                 peak_gb=30.0, device="cuda"),
+            dict(script="rwr.py", variant="defaults", flags="", wall_s=50.0, seconds=1.0, peak_gb=30.0,
+                 device="cuda"),
+            dict(script="refl.py", variant="plain", flags="", wall_s=40.0, seconds=1.0, peak_gb=23.0, device="cpu"),
+            dict(script="alignprop.py", variant="plain", flags="", wall_s=40.0, seconds=1.0, peak_gb=25.0,
+                 device="cpu"),
+            dict(script="draft_lv.py", variant="vae-ckpt", flags="--vae-checkpointing", wall_s=3.0,
+                 error="exit 2: unknown flag")]
+    assert [bench_sd14.verdict(r) for r in rows] == ["≤ 10 GB goal", "> 24 GB goal", "no goal", "fits 24 GB",
+                                                     "over 24 GB", "failed"]
+
+    lines = bench_sd14.format_table(rows).splitlines()
+    assert len(lines) == 1 + len(rows) and lines[0].split()[:4] == ["script", "variant", "s/update", "peak"]
+    seconds, verdicts = lines[0].index("s/update"), lines[0].index("verdict")  # columns line up under the header
+    assert [line[seconds:].split()[0] for line in lines] == ["s/update", "3.00", "7.25", "1.00", "1.00", "1.00", "-"]
+    assert all(line[verdicts:].startswith(bench_sd14.verdict(r)) for line, r in zip(lines[1:], rows))
+    assert lines[1].split()[:4] == ["ddpo_sf.py", "defaults", "3.00", "9.50"]
+    assert lines[2].split()[:4] == ["draft.py", "micro-1", "7.25", "30.00"]
+    assert lines[-1].split()[:4] == ["draft_lv.py", "vae-ckpt", "-", "-"] and lines[-1].endswith("unknown flag")
+
+    markdown = bench_sd14.format_table(rows, markdown=True).splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in markdown]
+    assert cells[0][:3] == ["script", "variant", "s/update"] and set(markdown[1]) <= set("|-")
+    assert all(len(c) == 7 for c in cells) and cells[3][2:5] == ["7.25", "30.00", "> 24 GB goal"]
+    assert cells[3][6] == "`--train-batch-size 1`"
+
+
+def test_bench_sd14_cpu_reductions_keep_the_scripts_batch_rules():
+    """The smaller RL batch of a CPU run still divides into the scripts' sample batches, minibatches and train
+    batches (their Args defaults), and ReFL's window fits in a short schedule."""
+    from benchmark import bench_sd14
+
+    opts = bench_sd14.parse_args(["--rl-batch-size", "16", "--num-inference-steps", "2"])
+    for script in bench_sd14.RL_SCRIPTS + bench_sd14.GRADIENT_SCRIPTS:
+        defaults = importlib.import_module(script.removesuffix(".py")).Args()
+        for variant in ["defaults"] if script in bench_sd14.RL_SCRIPTS else bench_sd14.VARIANTS:
+            flags = bench_sd14.script_flags(script, variant, opts)
+            value = dict(zip(flags[::2], flags[1::2]))
+            if script in bench_sd14.RL_SCRIPTS:
+                batch = int(value["--batch-size"])
+                minibatch = batch // int(value.get("--num-minibatches", 1))
+                assert batch % defaults.sample_batch_size == 0 and minibatch % defaults.train_batch_size == 0
+            else:
+                assert value["--train-batch-size"] in ("1", str(defaults.batch_size))
+            if script == "refl.py":
+                assert int(value["--max-step"]) <= 2
