@@ -105,6 +105,7 @@ class RewardServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: RewardServer
     protocol_version = "HTTP/1.1"  # keep-alive: a training run sends one request per reward call
+    timeout = 3600  # seconds a connection may stall (a body that never arrives); an idle client just reconnects
 
     def _send(self, status: int, answer: dict) -> None:
         body = json.dumps(answer).encode()
