@@ -6,24 +6,23 @@ Black, Janner, Du, Kostrikov & Levine, "Training Diffusion Models with Reinforce
 Idea: treat denoising as a T-step MDP whose policy is the guided noise prediction. A DDIM step with η > 0
 is a Gaussian, so each sampled step x_t → x_{t−1} has a log-probability that is differentiable in the
 weights. The reward of the final image, normalised per prompt into an advantage A, weights these
-log-probabilities: ∇J = E[A · Σ_t ∇log p_θ(x_{t−1} | x_t, c)]. The reward itself is a black box: it is
-never differentiated, so any scorer works (JPEG size, a VLM, a human).
+log-probabilities. The reward is never differentiated, so any scorer works (JPEG size, a VLM, a human).
 
-Sibling: `ddpo_is.py` (DDPO-IS) reuses each sampled batch for several updates with an importance ratio and
-PPO-style clipping; this file takes exactly one on-policy update per sampled batch, with no ratio.
+DDPO-SF takes one on-policy update per sampled batch over every sample and timestep, L = −mean_{i,t} A_i ·
+log p_θ(x_{t−1} | x_t, c_i), whose gradient is the score-function estimate. Sibling: `ddpo_is.py` reuses each
+batch for several clipped, importance-weighted updates; `diff ddpo_sf.py ddpo_is.py` shows exactly that.
 
     python ddpo_sf.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
     python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --sample-batch-size 4 \
         --num-inference-steps 10
 """
-
 from __future__ import annotations
 
 import random
 import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -36,13 +35,15 @@ import rewards
 
 @dataclass
 class Args:
-    exp_name: str = "ddpo_sf"
-    """name of this experiment (the run directory's prefix)"""
+    # ---- the algorithm ---------------------------------------------------------------------------------------
+    # "ddpo-pytorch" is the authors' LoRA implementation (github.com/kvablack/ddpo-pytorch); the paper's own code
+    # (github.com/jannerm/ddpo) fine-tunes the full UNet at lr 1e-5.
     model: str = common.SD14
-    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests) or `tiny-shapes` (the CPU
-    testbed pretrained on coloured shapes, shapes/)"""
+    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests), `tiny-shapes` (the CPU
+    testbed, shapes/) or `sd14-random` (SD1.4's architecture with random weights)"""
     reward: str = "aesthetic"
-    """any reward of `rewards.REWARDS` (need not be differentiable), or a weighted sum `name:w,name:w`"""
+    """any reward of `rewards.REWARDS` (need not be differentiable), a weighted sum `name:w,name:w`, or a reward
+    server's URL"""
     prompts: Optional[str] = None
     """named prompt set (common.PROMPT_SETS): simple_animals (aesthetic; the default), imagenet_animals
     (compressibility), animal_activities (alignment); with --model tiny-shapes the default is shapes"""
@@ -50,40 +51,46 @@ class Args:
     """a newline-separated prompt file; overrides --prompts"""
     steps: int = 200
     """number of optimizer updates; here one update per sampled batch"""
-    seed: int = 0
-    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
-    output_dir: Optional[str] = None
-    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     batch_size: int = 64
-    """images sampled per update, over all processes (paper: 256 across 8 GPUs; 64 keeps a 1-GPU step minutes)"""
+    """images sampled per batch, over all processes (ddpo-pytorch: 256 over 8 GPUs; 64 keeps a 1-GPU batch minutes)"""
     sample_batch_size: int = 8
-    """per process: images per sampling call (memory only; paper: 8 per GPU)"""
+    """per process: images per sampling call (memory only; ddpo-pytorch: 8 per GPU)"""
     train_batch_size: int = 4
-    """per process: images per forward/backward chunk of the training pass (memory only; gradients are accumulated)"""
+    """per process: images per forward/backward chunk of the training pass (memory only; gradients accumulate)"""
     num_inference_steps: int = 50
     """DDIM steps T (paper: 50)"""
     guidance_scale: float = 5.0
     """classifier-free guidance weight w; the guided prediction is the policy (paper: 5.0)"""
     eta: float = 1.0
     """DDIM stochasticity η; must be > 0 for the steps to have log-probabilities (paper: 1.0)"""
+    resolution: Optional[int] = None
+    """image side in pixels; default the model's native size (SD1.4: 512)"""
     lora_rank: int = 4
-    """LoRA rank on the attention layers (paper: 4)"""
+    """LoRA rank on the attention layers (ddpo-pytorch: 4)"""
     learning_rate: float = 3e-4
-    """AdamW learning rate (paper: 3e-4)"""
+    """AdamW learning rate (ddpo-pytorch: 3e-4)"""
     weight_decay: float = 1e-4
-    """AdamW weight decay (DDPO's code: 1e-4)"""
+    """AdamW weight decay (ddpo-pytorch: 1e-4)"""
     max_grad_norm: float = 1.0
-    """gradient-norm clip (paper: 1.0)"""
+    """gradient-norm clip (ddpo-pytorch: 1.0)"""
     adv_clip_max: float = 5.0
-    """advantages are clipped to ±this (paper: 5)"""
+    """advantages are clipped to ±this (ddpo-pytorch: 5)"""
     per_prompt_stat_tracking: bool = True
-    """normalise rewards by each prompt's running mean/std rather than the batch's (paper: on)"""
+    """normalise rewards by each prompt's running mean/std rather than the batch's (ddpo-pytorch: on)"""
     stat_buffer_size: int = 32
-    """rewards kept per prompt for the running statistics"""
+    """rewards kept per prompt for the running statistics (ddpo-pytorch: 32)"""
     stat_min_count: int = 16
-    """below this many rewards for a prompt, the batch mean/std are used instead"""
-    mixed_precision: str = "auto"
-    """dtype of the frozen base weights: auto (fp16 on CUDA, float32 on CPU), no, fp16, bf16; LoRA is float32"""
+    """below this many rewards for a prompt, the batch mean/std are used instead (ddpo-pytorch: 16)"""
+    # ---- the run: seed, precision, logging, checkpoints (the same in all scripts) ----------------------------
+    exp_name: str = "ddpo_sf"
+    """name of this experiment (the run directory's prefix)"""
+    seed: int = 0
+    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
+    output_dir: Optional[str] = None
+    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
+    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 10
@@ -91,13 +98,21 @@ class Args:
     num_sample_images: int = 8
     """images in the sample grid (the first prompts of the set, seed fixed)"""
     save_every: int = 50
-    """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
+    """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
+    a multiple of the updates per sampled batch (checkpoints fall between sampled batches)"""
     keep_checkpoints: int = 2
     """keep only the newest this many checkpoints (0: keep all)"""
     resume: Optional[str] = None
     """continue the run in this directory from its newest checkpoint, with its own flags (--steps may grow)"""
     max_bad_steps: int = 10
     """stop after this many consecutive updates skipped for a non-finite reward, loss or gradient"""
+
+    def __post_init__(self):  # every flag is checked before anything loads; a mistake ends in one line
+        common.check_run_args(self)
+        rewards.parse(self.reward)
+        common.check_flags(self, positive=("sample_batch_size", "train_batch_size", "eta", "stat_buffer_size"),
+                           non_negative=("adv_clip_max", "stat_min_count"))
+        common.check_batch_split(self.batch_size, self.sample_batch_size, 1, self.train_batch_size)
 
 
 class PerPromptStatTracker:
@@ -107,18 +122,18 @@ class PerPromptStatTracker:
         self.buffers = defaultdict(lambda: deque(maxlen=buffer_size))
         self.min_count = min_count
 
-    def update(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+    def update(self, prompts: list[str], scores: np.ndarray) -> np.ndarray:
         prompts = np.array(prompts)
-        advantages = np.empty_like(rewards, dtype=np.float64)
+        advantages = np.empty_like(scores, dtype=np.float64)
         for prompt in np.unique(prompts):
             mine = prompts == prompt
             buffer = self.buffers[prompt]
-            buffer.extend(rewards[mine].tolist())
+            buffer.extend(scores[mine].tolist())
             if len(buffer) < self.min_count:  # too few samples of this prompt yet: batch statistics
-                mean, std = rewards.mean(), rewards.std()
+                mean, std = scores.mean(), scores.std()
             else:
                 mean, std = np.mean(buffer), np.std(buffer)
-            advantages[mine] = (rewards[mine] - mean) / (std + 1e-6)
+            advantages[mine] = (scores[mine] - mean) / (std + 1e-6)
         return advantages
 
     def state_dict(self) -> dict:  # for checkpoints: the buffered rewards per prompt
@@ -129,49 +144,53 @@ class PerPromptStatTracker:
             self.buffers[prompt].extend(values)
 
 
-def compute_advantages(prompts, rewards_np, tracker, args) -> torch.Tensor:
+def compute_advantages(prompts: list[str], scores: np.ndarray, stat_tracker, args) -> torch.Tensor:
     if args.per_prompt_stat_tracking:
-        advantages = tracker.update(prompts, rewards_np)
+        advantages = stat_tracker.update(prompts, scores)
     else:
-        advantages = (rewards_np - rewards_np.mean()) / (rewards_np.std() + 1e-6)
+        advantages = (scores - scores.mean()) / (scores.std() + 1e-6)
     return torch.as_tensor(advantages, dtype=torch.float32).clamp(-args.adv_clip_max, args.adv_clip_max)
 
 
-def accumulate_policy_gradient(pipe, traj, cond, uncond, advantages, args) -> dict:
-    """Backpropagate L = −mean_{i,t} A_i · log p_θ(x_{t−1} | x_t, c_i) over every sample and timestep.
+def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+    """Yield (i, k, log p_θ(x_{t−1} | x_t, c)) for one minibatch: the samples `samples` [M], each at its timestep
+    indices `timestep_idx` [M, K] (row m belongs to samples[m]), re-evaluated on the stored trajectory in chunks of
+    train_batch_size samples and one column of timesteps at a time (each sample of a chunk at its own timestep)."""
+    for s in range(0, len(samples), args.train_batch_size):
+        i = samples[s : s + args.train_batch_size]
+        for j in range(timestep_idx.shape[1]):
+            k = timestep_idx[s : s + args.train_batch_size, j]
+            t = traj.timesteps[k]
+            eps = common.guided_eps(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
+            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, eps, t, traj.latents[i, k], args.eta,
+                                                        prev_sample=traj.latents[i, k + 1])
+            yield i, k, log_prob
 
-    Gradients are accumulated (no optimizer step here), so the log-probs are evaluated at exactly the
-    weights that generated the data: on-policy, no ratio needed.
-    """
-    n, num_steps = traj.log_probs.shape
-    loss_sum, kl_sum = 0.0, 0.0
-    for s in range(0, n, args.train_batch_size):
-        i = slice(s, s + args.train_batch_size)
-        for j, t in enumerate(traj.timesteps):
-            eps = common.guided_eps(pipe, traj.latents[i, j], t, cond[i], uncond, args.guidance_scale)
-            _, log_prob = common.ddim_step_with_logprob(
-                pipe.scheduler, eps, t, traj.latents[i, j], args.eta, prev_sample=traj.latents[i, j + 1]
-            )
-            # DDPO-SF: the score-function loss; its gradient is −A·∇log p. No ratio, no clipping.
-            loss = -(advantages[i] * log_prob).sum() / (n * num_steps)
-            loss.backward()
-            loss_sum += loss.item()
-            kl_sum += 0.5 * ((log_prob - traj.log_probs[i, j]) ** 2).sum().item() / (n * num_steps)
-    return dict(loss=loss_sum, approx_kl=kl_sum)
+
+def policy_gradient_loss(log_prob, old_log_prob, advantages):
+    """L = −mean(A · log p_θ): its gradient is the score-function estimate −A·∇log p. Returns (L, diagnostics);
+    approx_kl = ½·mean((log p_θ − log p_old)²) is 0 up to rounding here (on-policy)."""
+    loss = -(advantages * log_prob).mean()
+    return loss, dict(approx_kl=0.5 * ((log_prob.detach() - old_log_prob) ** 2).mean())
+
+
+def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_idx, guard, args) -> dict:
+    """Backpropagate the loss averaged over one minibatch's (sample, timestep) pairs, chunk by chunk (gradients
+    accumulate; the caller takes one optimizer step). Returns the loss and its diagnostics, averaged the same way."""
+    stats = defaultdict(float)
+    for i, k, log_prob in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+        loss, diagnostics = policy_gradient_loss(log_prob, traj.log_probs[i, k], advantages[i])
+        weight = len(i) / len(samples) / timestep_idx.shape[1]  # this chunk's share of the minibatch's mean
+        guard.backward(loss * weight)  # × the loss scale in fp16
+        for name, value in dict(loss=loss.detach(), **diagnostics).items():
+            stats[name] += value * weight  # tensors: no host synchronisation inside the loop
+    return dict(stats)
 
 
 def main(args: Args) -> None:
     args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
-    # Checks that need no model: fail before minutes of loading.
-    rewards.parse(args.reward)
-    if args.eta <= 0:
-        raise SystemExit("DDPO needs stochastic steps (--eta > 0): with η = 0 a DDIM step has no log-probability.")
     world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
     local_batch = args.batch_size // world.size  # each process samples and trains on its share of the batch
-    for name in ("sample_batch_size", "train_batch_size"):
-        if args.batch_size % world.size or local_batch % getattr(args, name):
-            raise SystemExit(f"--batch-size {args.batch_size} over {world.size} process(es) must be a multiple of "
-                             f"--{name.replace('_', '-')} {getattr(args, name)} per process")
     prompts = common.load_prompts(args.prompts, args.prompt_file, args.model)
     run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
@@ -179,16 +198,22 @@ def main(args: Args) -> None:
     rng = random.Random(args.seed)
 
     # Model, reward, optimizer
-    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=common.ATTENTION_TARGETS)
+    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=common.ATTENTION_TARGETS,
+                                resolution=args.resolution)
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+
+    # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
+    guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
     start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
+    guard.load_state_dict(state.get("guard", {}))
     stat_tracker.load_state_dict(state.get("stat_tracker", {}))
-    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
-    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
+    reward_queries = state.get("reward_queries", 0)
+    logger = common.Tracker(run_dir, args, args.track, start_step=start)
+    stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid_prompts = prompts[: args.num_sample_images]
 
@@ -196,65 +221,68 @@ def main(args: Args) -> None:
         if world.is_main:
             images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale,
                                           args.eta)
-            tracker.samples(step, images, reward_fn(images, grid_prompts))
+            logger.samples(step, images, reward_fn(images, grid_prompts))
 
     if start == 0:
         log_samples(0)
-    reward_queries = state.get("reward_queries", 0)
+    minibatches = []  # the sampled batch's (samples, timestep indices) not yet trained on
     pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
                 disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
-        # 1. Sample with the current policy, keeping every latent and its log-prob. Every rank draws the global
-        # batch's prompts (and noise) and keeps its share (common.shard).
-        all_prompts = common.sample_prompts(prompts, args.batch_size, rng)
-        batch_prompts = common.shard(all_prompts)
-        cond = common.encode_prompts(pipe, batch_prompts)
-        chunks = [
-            common.sample_trajectory(pipe, cond[s : s + args.sample_batch_size], uncond, args.num_inference_steps,
-                                     args.guidance_scale, args.eta)
-            for s in range(0, local_batch, args.sample_batch_size)
-        ]
-        traj = common.Trajectory(torch.cat([c.latents for c in chunks]), torch.cat([c.log_probs for c in chunks]),
-                                 chunks[0].timesteps)
-        with torch.no_grad():  # all ranks' rewards: the statistics are the global batch's
-            reward = common.gather(reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float()).cpu()
-        reward_queries += args.batch_size
+        if not minibatches:  # a new batch once the last one's updates are used up
+            # ALGO 1. Sample with the current policy, keeping every latent and its log-prob. Every rank draws the
+            # global batch's prompts (and noise) and keeps its share (common.shard).
+            all_prompts = common.sample_prompts(prompts, args.batch_size, rng)
+            batch_prompts = common.shard(all_prompts)
+            cond = common.encode_prompts(pipe, batch_prompts)
+            traj = common.sample_trajectory(pipe, cond, uncond, args.num_inference_steps, args.guidance_scale,
+                                            args.eta, chunk_size=args.sample_batch_size)
+            with torch.no_grad():  # all ranks' rewards: the statistics are the global batch's
+                reward = common.gather(reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float()).cpu()
+            reward_queries += args.batch_size
+            batch_ok = guard.ok(step, reward=reward)  # a non-finite reward must not reach the per-prompt statistics
+            # ALGO 2. Rewards -> advantages (a skipped batch keeps NaN, for the log).
+            advantages = torch.full((local_batch,), float("nan"), device=device)
+            if batch_ok:
+                advantages = common.shard(compute_advantages(all_prompts, reward.numpy(), stat_tracker, args)).to(device)
+            # ALGO 3. One minibatch: every sample, at every timestep in sampling order.
+            timestep_idx = torch.arange(args.num_inference_steps, device=device).expand(local_batch, -1)
+            minibatches = [(torch.arange(local_batch, device=device), timestep_idx)]
 
-        stats, grad_norm, advantages = {}, torch.tensor(float("nan")), torch.tensor(float("nan"))
-        if guard.ok(step, reward=reward):  # a non-finite reward must not reach the per-prompt statistics
-            # 2. Rewards -> advantages.
-            advantages = common.shard(compute_advantages(all_prompts, reward.numpy(), stat_tracker, args)).to(device)
-
-            # 3. One on-policy update.
+        # ALGO 4. One update on the next minibatch.
+        samples, timestep_idx = minibatches.pop(0)
+        stats, grad_norm = {}, torch.tensor(float("nan"))
+        if batch_ok:
             optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_policy_gradient(pipe, traj, cond, uncond, advantages, args)
-            common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+            stats = accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_idx, guard, args)
+            common.average_gradients(params)  # under torchrun: the mean over ranks is the global minibatch's gradient
+            grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
                 optimizer.step()
 
-        row = tracker.log(
-            step,
-            charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                        optimizer_steps=step, advantage_abs_mean=advantages.abs().mean(), grad_norm=grad_norm,
-                        skipped_updates=guard.skipped, step_seconds=time.time() - t0),
-            losses=stats,
-        )
+        # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop signal
+        row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
+                                           reward_queries=reward_queries, advantage_abs_mean=advantages.abs().mean(),
+                                           grad_norm=grad_norm, step_seconds=time.time() - t0, **guard.charts()),
+                         losses=stats)
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
-        stopping = stop.requested(device)  # SIGINT/SIGTERM: save, then exit
-        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
-            checkpointer.save(step, reward_queries=reward_queries, stat_tracker=stat_tracker.state_dict())
-        if stopping:
+        stopping = stop.requested(device)  # SIGINT/SIGTERM: save once this batch's updates are done, then exit
+        between_batches = not minibatches  # checkpoints fall between sampled batches (resuming mid-batch needs it)
+        if (between_batches and (args.save_every and step % args.save_every == 0 or stopping)) or step == args.steps:
+            checkpointer.save(step, reward_queries=reward_queries, stat_tracker=stat_tracker.state_dict(),
+                              guard=guard.state_dict())
+        if stopping and (between_batches or step == args.steps):
             stop.exit(run_dir, step)
 
-    tracker.close()
+    logger.close()
     if world.is_main:
         common.save_lora(pipe, run_dir)
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with common.user_errors(rewards.RewardError):  # a user's mistake ends in one line on stderr, not a traceback
+        main(tyro.cli(Args))

@@ -3,9 +3,11 @@
 from .diffusion import (
     Trajectory,
     add_noise,
+    check_scheduler,
     ddim_step,
     ddim_step_with_logprob,
     decode,
+    denoising_target,
     encode_prompts,
     guided_eps,
     initial_latents,
@@ -13,11 +15,15 @@ from .diffusion import (
     sample_images,
     sample_trajectory,
 )
-from .errors import UserError, user_errors
+from .errors import UserError, check_flags, require, user_errors
 from .evaluation import GridResult, SampleGrid, diversity
 from .checkpoint import Checkpointer, StopSignal, UpdateGuard, find_checkpoint, resume_args
-from .distributed import average_gradients, gather, randint, randn, setup_distributed, shard
+from .distributed import (
+    average_gradients, check_batch_split, gather, launched_world_size, randint, randn, setup_distributed, shard
+)
 from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale
-from .models import ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters
+from .models import (
+    ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters, set_resolution
+)
 from .prompts import PROMPT_SETS, load_prompts, sample_prompts
-from .run import Tracker, device_and_dtype, make_run_dir, save_grid, seed_everything
+from .run import Tracker, check_run_args, device_and_dtype, make_run_dir, save_grid, seed_everything

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .errors import UserError
 from .lora import LORA_FILE, load_lora, save_lora
 
 STATE_FILE = "training_state.pt"
@@ -57,7 +58,7 @@ def _newest_complete(run_dir: str | Path) -> Checkpoint:
         if d.is_dir() and d.name[5:].isdigit() and (d / MANIFEST).is_file():
             complete.append(Checkpoint(d, int(d.name[5:])))
     if not complete:
-        raise SystemExit(f"--resume {run_dir}: no complete checkpoint in {root} (the run stopped before its first "
+        raise UserError(f"--resume {run_dir}: no complete checkpoint in {root} (the run stopped before its first "
                          "save); start a new run instead")
     return max(complete, key=lambda c: c.step)
 
@@ -65,7 +66,7 @@ def _newest_complete(run_dir: str | Path) -> Checkpoint:
 def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     """The newest complete checkpoint of `run_dir`, verified against its manifest (no model needed).
 
-    Raises SystemExit with what is wrong: no run, no complete checkpoint, or a corrupt one."""
+    Raises UserError with what is wrong: no run, no complete checkpoint, or a corrupt one."""
     ckpt = _newest_complete(run_dir)
     try:
         manifest = json.loads((ckpt.path / MANIFEST).read_text())
@@ -73,7 +74,7 @@ def find_checkpoint(run_dir: str | Path) -> Checkpoint:
     except (OSError, ValueError, KeyError) as e:
         bad = [f"{MANIFEST} ({e})"]
     if bad or manifest.get("step") != ckpt.step:
-        raise SystemExit(f"--resume {run_dir}: checkpoint {ckpt.path} is corrupt ({', '.join(bad) or 'step mismatch'} "
+        raise UserError(f"--resume {run_dir}: checkpoint {ckpt.path} is corrupt ({', '.join(bad) or 'step mismatch'} "
                          f"does not match {MANIFEST}). Delete that folder to resume from the previous checkpoint.")
     return ckpt
 
@@ -88,10 +89,10 @@ def resume_args(args):
     try:
         stored = json.loads((run_dir / "args.json").read_text())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--resume {run_dir}: not a run directory (cannot read args.json: {e})") from e
+        raise UserError(f"--resume {run_dir}: not a run directory (cannot read args.json: {e})") from e
     names = {f.name for f in dataclasses.fields(args)}
     if set(stored) != names:
-        raise SystemExit(f"--resume {run_dir}: that run was made by another script (exp_name "
+        raise UserError(f"--resume {run_dir}: that run was made by another script (exp_name "
                          f"{stored.get('exp_name')!r}); its flags {sorted(set(stored) ^ names)} do not match "
                          "this one's")
     defaults = type(args)()
@@ -100,13 +101,13 @@ def resume_args(args):
                  if stored[n] != getattr(args, n) and n != "output_dir"}
     if conflicts:
         listing = ", ".join(f"--{n.replace('_', '-')} (run: {a!r}, given: {b!r})" for n, (a, b) in conflicts.items())
-        raise SystemExit(f"--resume {run_dir} continues that run with its own flags; these differ: {listing}. "
+        raise UserError(f"--resume {run_dir} continues that run with its own flags; these differ: {listing}. "
                          f"Only {', '.join('--' + n.replace('_', '-') for n in RESUMABLE_CHANGES[1:])} may change.")
     merged = {n: stored[n] for n in names} | {n: getattr(args, n) for n in given & set(RESUMABLE_CHANGES)}
     args = dataclasses.replace(args, **(merged | dict(resume=str(run_dir), output_dir=str(run_dir))))
     ckpt = find_checkpoint(run_dir)
     if ckpt.step >= args.steps:
-        raise SystemExit(f"--resume {run_dir}: its checkpoint is at step {ckpt.step} and --steps is {args.steps}; "
+        raise UserError(f"--resume {run_dir}: its checkpoint is at step {ckpt.step} and --steps is {args.steps}; "
                          f"pass a larger --steps to train further")
     _check_lora_rank(ckpt.path / LORA_FILE, args.lora_rank)
     return args
@@ -119,9 +120,9 @@ def _check_lora_rank(path: Path, rank: int) -> None:
         with safe_open(str(path), "pt") as f:
             ranks = {f.get_slice(k).get_shape()[0] for k in f.keys() if "lora.down" in k}  # diffusers' format
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise SystemExit(f"--resume: cannot read the LoRA file {path} ({e})") from e
+        raise UserError(f"--resume: cannot read the LoRA file {path} ({e})") from e
     if ranks != {rank}:
-        raise SystemExit(f"--resume: {path} holds LoRA rank(s) {sorted(ranks)}, but the run's --lora-rank is {rank}")
+        raise UserError(f"--resume: {path} holds LoRA rank(s) {sorted(ranks)}, but the run's --lora-rank is {rank}")
 
 
 def _rng_state(rng: random.Random) -> dict:
@@ -230,25 +231,66 @@ class StopSignal:
 
 
 class UpdateGuard:
-    """Skip updates whose loss, gradients or rewards are not finite; stop after `max_bad_steps` steps in a row.
+    """Skip updates whose loss, gradients or rewards are not finite, stop after `max_bad_steps` bad steps in a row,
+    and, with fp16 base weights, scale the loss so that its gradient survives half precision:
 
+        guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
+        guard.backward(loss)                                    # (loss × scale).backward()
+        grad_norm = guard.clip_grad_norm_(params, max_norm)     # unscale, then clip
         if guard.ok(step, loss=loss, grad_norm=grad_norm):
             optimizer.step()
 
-    Under torchrun the verdict is agreed by all ranks. `skipped` counts skipped checks (logged per step)."""
+    Why loss scaling (Micikevicius et al., "Mixed Precision Training", 2018; torch.amp.GradScaler does the same):
+    the backward pass through fp16 base weights carries every activation gradient in fp16, whose smallest
+    subnormal is 6e-8. DDPO's loss is divided by n·T and averaged over 16,384 latent elements on SD1.4, so the
+    gradient reaching the UNet output is about 4e-8 per element: unscaled, fp16 trains on zeros and rounding noise
+    while clipping and Adam still take full-size steps. The loss is multiplied by S (2^16 at first); the LoRA
+    gradients, float32, are divided by S before clipping. A non-finite gradient with a finite loss is an fp16
+    overflow: the update is skipped and S halved; after `growth_interval` good updates S doubles. bf16 has
+    float32's exponent range and needs no scaling. Overflow skips count toward `max_bad_steps` only once S < 1.
 
-    def __init__(self, max_bad_steps: int):
+    Under torchrun the verdict (and so S) is agreed by all ranks. `skipped` counts skipped checks (logged per
+    step). `state_dict()` goes into checkpoints, so a resumed run continues with the same scale."""
+
+    def __init__(self, max_bad_steps: int, loss_scaling: bool = False, init_scale: float = 2.0**16,
+                 growth_interval: int = 2000):
         self.max_bad_steps = max_bad_steps
+        self.loss_scaling = loss_scaling
+        self.scale = init_scale if loss_scaling else 1.0
+        self.growth_interval = growth_interval
+        self.good_updates = 0  # since the last change of scale
         self.skipped = 0
         self.consecutive = 0
         self.last_bad_step = -1
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, with the loss multiplied by the current scale (1 without loss scaling)."""
+        (loss * self.scale if self.loss_scaling else loss).backward()
+
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Divide the gradients by the loss scale, then clip their norm to `max_norm` (0: no clipping); returns the
+        norm before clipping, as `torch.nn.utils.clip_grad_norm_` does."""
+        if self.loss_scaling:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.scale)
+        return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
 
     def ok(self, step: int, **values) -> bool:
         bad = [name for name, v in values.items() if not torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all()]
         device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), None)
         if not distributed.any_rank(bool(bad), device):
+            if self.loss_scaling:
+                self.good_updates += 1
+                if self.good_updates >= self.growth_interval:
+                    self.scale, self.good_updates = self.scale * 2, 0
             return True
         self.skipped += 1
+        if self.loss_scaling and bad == ["grad_norm"] and self.scale >= 1:  # an fp16 overflow: lower the scale
+            self.scale, self.good_updates = self.scale / 2, 0
+            print(f"step {step}: fp16 gradient overflow; update skipped, loss scale lowered to {self.scale:g}",
+                  file=sys.stderr)
+            return False
         if step != self.last_bad_step:
             self.consecutive = self.consecutive + 1 if step == self.last_bad_step + 1 else 1
             self.last_bad_step = step
@@ -262,3 +304,15 @@ class UpdateGuard:
                 "--mixed-precision bf16 or no), or a reward model returning NaN/inf for these images. The last good "
                 "checkpoint is in checkpoints/; --resume it after changing the cause.")
         return False
+
+    def charts(self) -> dict:
+        """What to log every step: the skipped updates so far, and the loss scale when scaling."""
+        return dict(skipped_updates=self.skipped) | (dict(loss_scale=self.scale) if self.loss_scaling else {})
+
+    def state_dict(self) -> dict:
+        return dict(scale=self.scale, good_updates=self.good_updates, skipped=self.skipped)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale = state.get("scale", self.scale)
+        self.good_updates = state.get("good_updates", 0)
+        self.skipped = state.get("skipped", 0)

@@ -70,6 +70,17 @@ def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
     return abar.view(-1, *([1] * (like.ndim - 1)))
 
 
+def _x0_and_eps(scheduler, model_output, timestep, sample):
+    """x̂0 and ε̂ from the model's output, for ε-prediction (SD1.x) or v-prediction (SD2.x, Salimans & Ho 2022:
+    v = √ᾱ·ε − √(1−ᾱ)·x0, so x0 = √ᾱ·x_t − √(1−ᾱ)·v and ε = √ᾱ·v + √(1−ᾱ)·x_t), as diffusers' DDIM step does.
+    `check_scheduler` refuses every other prediction type before training."""
+    alpha_t = _abar(scheduler, timestep, sample)
+    if scheduler.config.prediction_type == "v_prediction":
+        return alpha_t.sqrt() * sample - (1 - alpha_t).sqrt() * model_output, \
+            alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * sample
+    return (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt(), model_output
+
+
 def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     """μ and σ of the DDIM step x_t → x_{t−1} (Song et al. 2021, eq. 12), t scalar or per-sample [B]."""
     sample, model_output = _at_least_f32(sample), _at_least_f32(model_output)
@@ -77,10 +88,10 @@ def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t, alpha_prev = _abar(scheduler, t, sample), _abar(scheduler, t - step, sample)
 
-    x0 = (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    x0, eps = _x0_and_eps(scheduler, model_output, t, sample)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.sqrt()
-    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * model_output
+    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
     return mean, std
 
 
@@ -93,7 +104,7 @@ def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
     """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
 
-    Same arithmetic as diffusers' `DDIMScheduler.step` (epsilon prediction, no clipping), but `timestep` may
+    Same arithmetic as diffusers' `DDIMScheduler.step` (ε- or v-prediction, no clipping), but `timestep` may
     be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
     DDPO's clip range ε = 1e-4 is calibrated to the mean). With `prev_sample` given (re-evaluating a stored
     trajectory) it is used instead of drawing one. `prev_sample` is returned detached: a constant, as the RL
@@ -111,15 +122,42 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
 
 
 def predict_x0(scheduler, model_output, timestep, sample) -> torch.Tensor:
-    """The one-step prediction x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t."""
-    alpha_t = _abar(scheduler, timestep, sample)
-    return (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt()
+    """The one-step prediction x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t (or its v-prediction form)."""
+    return _x0_and_eps(scheduler, _at_least_f32(model_output), timestep, _at_least_f32(sample))[0]
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
     """The forward process q(x_t | x0): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (t scalar or per-sample)."""
     alpha_t = _abar(scheduler, timestep, x0)
     return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+
+
+def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """What the UNet is trained to output at x_t = add_noise(x0, ε, t): ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 for a
+    v-prediction model (diffusers' `get_velocity`)."""
+    if scheduler.config.prediction_type == "v_prediction":
+        alpha_t = _abar(scheduler, timestep, x0)
+        return alpha_t.sqrt() * noise - (1 - alpha_t).sqrt() * x0
+    return noise
+
+
+def check_scheduler(scheduler) -> None:
+    """Refuse a scheduler configuration whose DDIM step differs from the one `ddim_step_with_logprob` computes:
+    only ε- and v-prediction, without clipping or dynamic thresholding of x̂0 (both would change μ and the
+    log-prob). The noise schedule itself (betas, ᾱ, spacing) is read from the scheduler, so any is fine."""
+    from .errors import UserError
+
+    cfg = scheduler.config
+    problems = []
+    if cfg.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+        problems.append(f"prediction_type={cfg.prediction_type!r} (supported: epsilon, v_prediction)")
+    if cfg.get("clip_sample", False):
+        problems.append("clip_sample=True (x̂0 clipping)")
+    if cfg.get("thresholding", False):
+        problems.append("thresholding=True (dynamic thresholding of x̂0)")
+    if problems:
+        raise UserError(f"this model's scheduler config changes the DDIM step the algorithms differentiate: "
+                        f"{'; '.join(problems)}")
 
 
 def initial_latents(pipe, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -136,13 +174,22 @@ class Trajectory:
 
 
 @torch.no_grad()
-def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latents=None, generator=None) -> Trajectory:
+def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latents=None, generator=None,
+                      chunk_size: int | None = None) -> Trajectory:
     """Sample with the current policy, keeping what the RL algorithms train on: every latent, its log-prob
     and the timesteps. Latents are stored in float32 whatever the UNet's dtype, so that re-evaluating them
-    with unchanged weights reproduces the stored log-probs (ratio 1)."""
+    with unchanged weights reproduces the stored log-probs (ratio 1). `chunk_size` bounds the images per UNet
+    call (memory only: chunks are sampled one after the other and concatenated)."""
+    n = cond.shape[0]
+    if chunk_size is not None and chunk_size < n:
+        parts = [sample_trajectory(pipe, cond[s : s + chunk_size], uncond, num_steps, guidance_scale, eta,
+                                   None if latents is None else latents[s : s + chunk_size], generator)
+                 for s in range(0, n, chunk_size)]
+        return Trajectory(torch.cat([p.latents for p in parts]), torch.cat([p.log_probs for p in parts]),
+                          parts[0].timesteps)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(num_steps, device=cond.device)
-    x = initial_latents(pipe, cond.shape[0], generator) if latents is None else latents.float()
+    x = initial_latents(pipe, n, generator) if latents is None else latents.float()
     all_latents, log_probs = [x], []
     for t in scheduler.timesteps:
         eps = guided_eps(pipe, x, t, cond, uncond, guidance_scale)

@@ -47,6 +47,36 @@ def setup_distributed() -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
+def launched_world_size() -> int:
+    """The number of processes torchrun launched (1 without torchrun), known before any process group exists:
+    the flag checks use it to refuse a batch that does not split over the processes."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_batch_split(batch_size: int, sample_batch_size: int | None = None, num_minibatches: int = 1,
+                      train_batch_size: int | None = None) -> int:
+    """Refuse (UserError) a global `batch_size` that does not split evenly into: one share per process, each share
+    into sampling chunks of `sample_batch_size`, into `num_minibatches` minibatches (one optimizer update each), each
+    minibatch into training chunks of `train_batch_size` (gradients accumulate over them). Returns the minibatch
+    size per process."""
+    from .errors import require
+
+    size = launched_world_size()
+    require(batch_size % size == 0, f"--batch-size {batch_size} (the global batch) must divide among {size} processes")
+    local = batch_size // size
+    if sample_batch_size is not None:
+        require(local % sample_batch_size == 0, f"--batch-size {batch_size} over {size} process(es) must be a "
+                f"multiple of --sample-batch-size {sample_batch_size} per process")
+    require(local % num_minibatches == 0, f"--batch-size {batch_size} over {size} process(es) must be a multiple of "
+            f"--num-minibatches {num_minibatches}")
+    minibatch = local // num_minibatches
+    if train_batch_size is not None:
+        require(minibatch % train_batch_size == 0, f"--batch-size {batch_size} over {size} process(es) and "
+                f"{num_minibatches} minibatch(es) is {minibatch} images per update and process, which must be a "
+                f"multiple of --train-batch-size {train_batch_size}")
+    return minibatch
+
+
 def world() -> World:
     """The current world (a world of one outside torchrun)."""
     if dist.is_available() and dist.is_initialized():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -27,3 +29,28 @@ def user_errors(*more: type[BaseException]):
         message = " ".join(str(e).split("\n")) if str(e) else type(e).__name__
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise UserError(message) unless `condition`: the one-line form of a flag check."""
+    if not condition:
+        raise UserError(message)
+
+
+def check_flags(args, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                fractions: tuple[str, ...] = ()) -> None:
+    """Refuse flags out of range with one line naming the flag, its value and the range: `positive` (> 0),
+    `non_negative` (≥ 0), `fractions` (in (0, 1]); and any non-finite float flag (NaN, inf)."""
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+    for names, ok, what in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 < v <= 1, "in (0, 1]")):
+        for name in names:
+            value = getattr(args, name)
+            require(ok(value), f"{flag(name)} must be {what}, got {value}")

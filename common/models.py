@@ -9,6 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .diffusion import check_scheduler
+from .errors import UserError
+
 SD14 = "CompVis/stable-diffusion-v1-4"
 
 # LoRA targets (ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
@@ -201,12 +204,37 @@ def _from_pretrained(model: str, dtype: torch.dtype):
             if local
             else f"{model!r} could not be fetched from the Hugging Face Hub and is not in the local cache"
         )
-        raise RuntimeError(
-            f"Could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {e}).\n"
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {reason}). "
             f"On a machine with network: `hf download {SD14 if local else model}` (about 5 GB; the cache "
             "is reused offline), or pass --model /path/to/folder with unet/, vae/, text_encoder/, tokenizer/ "
-            "and scheduler/ in diffusers' format. For a CPU smoke test without weights use --model tiny."
+            "and scheduler/ in diffusers' format. For a CPU run without weights use --model tiny or tiny-shapes."
         ) from e
+
+
+BUILT_IN_MODELS = ("tiny", "tiny-shapes", "sd14-random")
+
+
+def check_model_name(model: str) -> None:
+    """Refuse (UserError) a --model that is neither built in, a local folder, nor shaped like a hub id, before
+    anything loads."""
+    if model not in BUILT_IN_MODELS and not os.path.isdir(model) and model.count("/") != 1:
+        raise UserError(f"unknown model {model!r}: expected one of {', '.join(BUILT_IN_MODELS)}, a hub id such as "
+                        f"{SD14!r}, or a local folder")
+
+
+def set_resolution(pipe, resolution: int | None) -> None:
+    """Sample at `resolution` pixels (None: the model's native size, `unet.config.sample_size` × the VAE's factor).
+    The latent side must be divisible by the UNet's total downsampling (SD1.4: 8, so multiples of 64 px)."""
+    if resolution is None:
+        return
+    factor = pipe.vae_scale_factor
+    down = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    if resolution % (factor * down):
+        raise UserError(f"--resolution {resolution} does not fit this model: it must be a multiple of "
+                        f"{factor * down} px (VAE factor {factor} × UNet downsampling {down})")
+    pipe.unet.register_to_config(sample_size=resolution // factor)  # what diffusers' pipelines read as the default
 
 
 def load_pipeline(
@@ -216,33 +244,34 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     lora_targets: tuple[str, ...] = ATTENTION_TARGETS,
     seed: int = 0,
+    resolution: int | None = None,
 ):
     """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
 
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
     random weights) or "tiny-shapes" (pretrained on the
-    shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (fp16/bf16
-    on CUDA for speed); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
+    shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU
+    too, slowly, for tests); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
     text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
+    `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from peft import LoraConfig
 
     device = torch.device(device)
-    if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
-        raise ValueError(f"{dtype} base weights need CUDA; on the CPU use float32 (--mixed-precision no).")
-    if model not in ("tiny", "tiny-shapes", "sd14-random") and not os.path.isdir(model) and model.count("/") != 1:
-        raise ValueError(
-            f"unknown model {model!r}: expected `tiny`, `tiny-shapes`, `sd14-random`, a hub id such as {SD14!r}, "
-            "or a local folder"
-        )
+    check_model_name(model)
     if model == "tiny":
         pipe = StableDiffusionPipeline(
             **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     elif model == "tiny-shapes":
-        # `tiny`'s layout pretrained on the shapes testbed (shapes/model.py); weights committed in shapes/weights/
-        from shapes.model import components
+        # `tiny`'s layout pretrained on the shapes testbed (shapes/model.py); weights committed in shapes/weights/.
+        # Imported here so that common/ works without shapes/ (a script copied with common/ and rewards/).
+        try:
+            from shapes.model import components
+        except ImportError as e:
+            raise UserError(f"--model tiny-shapes needs the testbed's shapes/ folder, which is not importable "
+                            f"here ({e})") from e
 
         pipe = StableDiffusionPipeline(
             **components(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
@@ -256,11 +285,10 @@ def load_pipeline(
     else:
         pipe = _from_pretrained(model, dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        cfg = pipe.scheduler.config
-        bad = {k: (cfg[k], v) for k, v in SD14_SCHEDULER.items() if k in cfg and cfg[k] != v}
-        if bad:
-            print(f"note: {model} scheduler differs from SD1.4's DDIM config (found, SD1.4): {bad}")
+        # a schedule other than SD1.4's is read from the config; a step the log-prob does not describe is refused
+        check_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    set_resolution(pipe, resolution)
     for module in (pipe.unet, pipe.vae, pipe.text_encoder):
         module.requires_grad_(False)
         module.eval()

