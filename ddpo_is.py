@@ -114,7 +114,15 @@ class Args:
     sample_every: int = 40
     """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
     num_sample_images: int = 8
-    """images in the sample grid (the first prompts of the set, seed fixed)"""
+    """images in the sample grid: its first num_sample_images / sample_seeds prompts, each with every seed"""
+    sample_seeds: int = 2
+    """seeds per prompt in the sample grid; with ≥ 2, eval/diversity (the mean distance between the images of one
+    prompt) is logged: it falls when a run collapses to one image"""
+    eval_prompts: Optional[str] = None
+    """a held-out prompt set (common.PROMPT_SETS) for the sample grid, instead of the training prompts"""
+    eval_rewards: tuple[str, ...] = ()
+    """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
+    (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
     save_every: int = 200
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
     a multiple of the updates per sampled batch (checkpoints fall between sampled batches)"""
@@ -127,7 +135,8 @@ class Args:
 
     def __post_init__(self):  # every flag is checked before anything loads; a mistake ends in one line
         common.check_run_args(self)
-        rewards.parse(self.reward)
+        for spec in (self.reward, *self.eval_rewards):
+            rewards.parse(spec)
         common.check_flags(self, positive=("sample_batch_size", "train_batch_size", "eta", "num_minibatches",
                                            "num_inner_epochs", "clip_range", "stat_buffer_size"),
                            non_negative=("adv_clip_max", "stat_min_count"), fractions=("timestep_fraction",))
@@ -229,6 +238,7 @@ def main(args: Args) -> None:
     pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=common.ATTENTION_TARGETS,
                                 resolution=args.resolution)
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
+    eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
@@ -246,13 +256,11 @@ def main(args: Args) -> None:
     logger = common.Tracker(run_dir, args, args.track, start_step=start)
     stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
-    grid_prompts = prompts[: args.num_sample_images]
+    grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
 
-    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+    def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale,
-                                          args.eta)
-            logger.samples(step, images, reward_fn(images, grid_prompts))
+            logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)

@@ -118,6 +118,16 @@ class SampleGrid:
         self.num_steps, self.guidance_scale, self.eta = num_steps, guidance_scale, eta
         self.reward_name, self.embed_fn = reward_name, embed_fn
 
+    @classmethod
+    def from_args(cls, args, prompts: list[str], reward_fn: RewardFn, eval_rewards: dict[str, RewardFn]):
+        """The grid a script's flags describe: --num-sample-images, --sample-seeds, --eval-prompts (a held-out set
+        instead of the training `prompts`), its sampler settings (η = 0 for scripts without --eta)."""
+        from .prompts import load_prompts
+
+        return cls(load_prompts(args.eval_prompts) if args.eval_prompts else prompts, args.num_sample_images,
+                   args.sample_seeds, reward_fn, eval_rewards, args.num_inference_steps, args.guidance_scale,
+                   getattr(args, "eta", 0.0), reward_name=args.reward)
+
     @torch.no_grad()
     def __call__(self, pipe) -> GridResult:
         per_seed = [sample_images(pipe, self.prompts, s, self.num_steps, self.guidance_scale, self.eta)
