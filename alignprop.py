@@ -5,17 +5,20 @@ Backpropagation" (arXiv:2310.03739, 2023).
 
 Idea: as in DRaFT, DDIM sampling with η = 0 is a differentiable function of the weights, and a differentiable
 reward of the decoded image is backpropagated through the chain into LoRA weights on the attention layers.
-Gradient checkpointing of every UNet call (only each step's input latent is stored, activations are recomputed
-in the backward pass) makes the full 50-step backward pass fit in memory. To keep the gradient from
-collapsing onto the last steps or exploding through all of them, the truncation is random: for each batch
-K ~ U{1..T} is drawn and the gradient flows through the last K steps only. `--truncation fixed --k 1` is the
-K = 1 variant the paper also reports (the same estimator as DRaFT-1). AlignProp's released code (main.py)
-draws the cut with random.randint(0, 50) afresh at every step and detaches ε̂ of the steps before it; here
-one K is drawn per batch (a single cut).
+Checkpointing every UNet call (only each step's input latent is stored; activations are recomputed in the
+backward pass) makes the full 50-step backward pass fit in memory. To keep the gradient from collapsing onto the
+last steps or exploding through all of them, the truncation is random.
+
+Three truncations exist. The paper-era code (main.py, 2023) redraws randint(0, 50) at every step and detaches that
+step's ε̂ when the step index is below the draw, so each step keeps its gradient independently; the current code
+(sd_pipeline.py, 2024) makes one cut per batch, drawn from N(42, 5) by default; this file makes one cut per batch,
+K ~ U{1..T} (the gradient flows through the last K steps), the paper's description of a random truncation, which
+`--truncation fixed --k K` turns into DRaFT-K (`--k 1`: the K = 1 variant the paper also reports). A single cut
+keeps the backward pass one contiguous window, which is what the checkpointed chain and `draft.py` share.
 
 What differs from `draft.py` (marked `# AlignProp:`): K is drawn per batch (--truncation random) or fixed
-(--truncation fixed --k K) and logged as `k`; LoRA rank 4 on attention only; AdamW lr 1e-3 and gradient-norm
-clip 1.0. With `--truncation fixed --k K` the update is DRaFT-K's.
+(--truncation fixed --k K) and logged as `k`; LoRA rank 4 on attention only; AdamW lr 1e-3; the loss is
+multiplied by 0.01 and the gradient norm clipped at 5.0, as the paper's configs (config/align_prop.py).
 
     python alignprop.py --reward aesthetic --steps 2000             # SD1.4 on one GPU
     python alignprop.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
@@ -38,11 +41,10 @@ import rewards
 
 @dataclass
 class Args:
-    exp_name: str = "alignprop"
-    """name of this experiment (the run directory's prefix)"""
+    # ---- the algorithm ---------------------------------------------------------------------------------------
     model: str = common.SD14
-    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests) or `tiny-shapes` (the CPU
-    testbed pretrained on coloured shapes, shapes/)"""
+    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests), `tiny-shapes` (the CPU
+    testbed, shapes/) or `sd14-random` (SD1.4's architecture with random weights)"""
     reward: str = "aesthetic"
     """a differentiable reward of `rewards.REWARDS`, or a weighted sum such as `hpsv2:1,aesthetic:0.1`"""
     prompts: Optional[str] = None
@@ -51,17 +53,18 @@ class Args:
     prompt_file: Optional[str] = None
     """a newline-separated prompt file; overrides --prompts"""
     steps: int = 2000
-    """number of optimizer updates"""
-    seed: int = 0
-    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
-    output_dir: Optional[str] = None
-    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    """number of optimizer updates (paper, small scale: 2k)"""
     batch_size: int = 4
-    """images per optimizer update (AlignProp's code: 128 by gradient accumulation; 4 fits one GPU)"""
+    """images per optimizer update, over all processes (paper, small scale: 4; large scale: 16)"""
+    train_batch_size: Optional[int] = None
+    """per process: images per forward/backward chunk (memory only: the gradients of the chunks add up to the whole
+    batch's); default the whole per-process batch"""
     num_inference_steps: int = 50
     """DDIM steps T, at train and test time (paper: 50)"""
     guidance_scale: float = 7.5
     """classifier-free guidance weight w (paper: 7.5)"""
+    resolution: Optional[int] = None
+    """image side in pixels; default the model's native size (SD1.4: 512)"""
     truncation: Literal["random", "fixed"] = "random"
     """AlignProp: `random` draws K ~ U{1..T} for each batch; `fixed` always uses --k"""
     k: int = 1
@@ -72,20 +75,43 @@ class Args:
     lora_ff: bool = False
     """also adapt the feed-forward layers (AlignProp: attention only; DRaFT adds them)"""
     learning_rate: float = 1e-3
-    """AdamW learning rate (paper: 1e-3)"""
+    """AdamW learning rate (paper and config/align_prop.py: 1e-3)"""
     weight_decay: float = 0.1
-    """AdamW weight decay (AlignProp's aesthetic and HPS configs: 0.1)"""
-    max_grad_norm: float = 1.0
-    """clip the gradient norm to this value; 0 disables (paper-era setting: 1.0; the released aesthetic and
-    HPS configs use 5.0)"""
-    mixed_precision: str = "auto"
-    """dtype of the frozen base weights: auto (fp16 on CUDA, float32 on CPU), no, fp16, bf16; LoRA is float32"""
+    """AdamW weight decay (config/align_prop.py, aesthetic and HPS: 0.1)"""
+    loss_coeff: float = 0.01
+    """AlignProp: the loss is −loss_coeff·mean r (config/align_prop.py, aesthetic and HPS: 0.01); it matters for the
+    clipping below (AdamW itself is nearly invariant to the loss's scale)"""
+    max_grad_norm: float = 5.0
+    """clip the gradient norm of the scaled loss to this value; 0 disables (config/align_prop.py, the paper-era
+    aesthetic and HPS configs: 5.0, about 500 on the unscaled −mean r; the 2024 code: 1.0)"""
+    vae_checkpointing: bool = True
+    """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
+    checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
+    forward (about 2% of a DRaFT-1 update)"""
+    # ---- the run: seed, precision, logging, checkpoints (the same in all scripts) ----------------------------
+    exp_name: str = "alignprop"
+    """name of this experiment (the run directory's prefix)"""
+    seed: int = 0
+    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
+    output_dir: Optional[str] = None
+    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
+    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 100
     """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
     num_sample_images: int = 8
-    """images in the sample grid (the first prompts of the set, seed fixed)"""
+    """images in the sample grid: its first num_sample_images / sample_seeds prompts, each with every seed"""
+    sample_seeds: int = 2
+    """seeds per prompt in the sample grid; with ≥ 2, eval/diversity (the mean distance between the images of one
+    prompt) is logged: it falls when a run collapses to one image"""
+    eval_prompts: Optional[str] = None
+    """a held-out prompt set (common.PROMPT_SETS) for the sample grid, instead of the training prompts"""
+    eval_rewards: tuple[str, ...] = ()
+    """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
+    (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
     save_every: int = 500
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
     keep_checkpoints: int = 2
@@ -95,12 +121,25 @@ class Args:
     max_bad_steps: int = 10
     """stop after this many consecutive updates skipped for a non-finite loss or gradient"""
 
+    def __post_init__(self):  # every flag is checked before anything loads; a mistake ends in one line
+        common.check_run_args(self)
+        for spec in (self.reward, *self.eval_rewards):
+            rewards.parse(spec)
+        common.require(rewards.is_differentiable(self.reward), f"AlignProp backpropagates through the reward, and "
+                       f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
+                       "pickscore, jpeg_compressibility_diff).")
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
+        common.check_flags(self, positive=("loss_coeff",))
+        common.require(1 <= self.k <= self.num_inference_steps,
+                       f"--k {self.k} must be between 1 and --num-inference-steps ({self.num_inference_steps})")
 
-def sample_with_grad(pipe, cond, uncond, args, k, generator=None):
-    """DDIM η = 0 from fresh noise; gradient flows through the last k steps only. Returns x_0 latents."""
+
+def sample_with_grad(pipe, cond, uncond, latents, args, k):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last k steps only. Returns x_0."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
-    x = common.initial_latents(pipe, cond.shape[0], generator)
+    x = latents
     for i, t in enumerate(timesteps):
         # AlignProp: the first T − K steps are plain sampling, for this batch's K; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - k):
@@ -109,17 +148,31 @@ def sample_with_grad(pipe, cond, uncond, args, k, generator=None):
     return x
 
 
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
+    """Decode x0, score it, and backpropagate this chunk's share of L = −loss_coeff·mean r over the batch of
+    `batch_size`. Returns the rewards and the share of L, detached."""
+    reward = reward_fn(common.decode(pipe, x0), prompts)
+    loss = -args.loss_coeff * reward.mean() * len(reward) / batch_size  # AlignProp: × loss_coeff
+    guard.backward(loss)  # × the loss scale in fp16
+    return reward.detach(), loss.detach()
+
+
+def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, args, k):
+    """Backpropagate L = −mean r over the batch, train_batch_size images at a time: each chunk is backpropagated as
+    soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the whole batch's.
+    Returns the rewards (per image, per term) and L, detached."""
+    results = []
+    for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
+        chunk = slice(s, s + (args.train_batch_size or len(prompts)))
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, k)  # AlignProp: this batch's K
+        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args))
+    scores, losses = zip(*results)
+    return torch.cat(scores), sum(losses)
+
+
 def main(args: Args) -> None:
     args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
-    # Checks that need no model: fail before minutes of loading.
-    if not rewards.is_differentiable(args.reward):
-        raise SystemExit(f"AlignProp backpropagates through the reward, and {args.reward!r} is not differentiable. "
-                         "Use a differentiable reward (e.g. aesthetic, hpsv2, pickscore, jpeg_compressibility_diff).")
-    if not 1 <= args.k <= args.num_inference_steps:
-        raise SystemExit(f"--k {args.k} must be between 1 and --num-inference-steps ({args.num_inference_steps})")
     world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
-    if args.batch_size % world.size:
-        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must divide among {world.size} processes")
     prompts = common.load_prompts(args.prompts, args.prompt_file, args.model)
     run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
@@ -128,70 +181,73 @@ def main(args: Args) -> None:
 
     # Model, reward, optimizer
     targets = common.ATTENTION_TARGETS + (common.FEEDFORWARD_TARGETS if args.lora_ff else ())
-    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=targets)
+    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=targets,
+                                resolution=args.resolution)
+    if args.vae_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
+    eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
+    guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
     start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
-    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
-    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
+    guard.load_state_dict(state.get("guard", {}))
+    reward_queries = state.get("reward_queries", 0)
+    logger = common.Tracker(run_dir, args, args.track, start_step=start)
+    stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
-    grid_prompts = prompts[: args.num_sample_images]
+    grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
 
-    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+    def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale)
-            tracker.samples(step, images, reward_fn(images, grid_prompts).detach())
+            logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
-    reward_queries = state.get("reward_queries", 0)
     pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
                 disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
-        # every rank draws the global batch's prompts (and noise) and keeps its share: common.shard
+        # ALGO 1. The batch's prompts and initial noise: every rank draws the global batch's and keeps its share.
         batch_prompts = common.shard(common.sample_prompts(prompts, args.batch_size, rng))
         cond = common.encode_prompts(pipe, batch_prompts)
-        # AlignProp: the truncation K ~ U{1..T}, drawn for each batch
-        k = rng.randint(1, args.num_inference_steps) if args.truncation == "random" else args.k
-        latents = sample_with_grad(pipe, cond, uncond, args, k)
-        images = common.decode(pipe, latents)
-        reward = reward_fn(images, batch_prompts)
-        reward_queries += args.batch_size
-        loss = -reward.mean()
+        latents = common.initial_latents(pipe, len(batch_prompts))
+        k = rng.randint(1, args.num_inference_steps) if args.truncation == "random" else args.k  # AlignProp: K ~ U{1..T}
 
+        # ALGO 2. Sample with gradient through the last K steps, decode, score: L = −mean r, backpropagated.
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, guard, args, k)
+        reward_queries += args.batch_size
         common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
         if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
 
-        reward = common.gather(reward.detach())  # the global batch's rewards, for logging
-        row = tracker.log(
-            step,
-            charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                        optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped,
-                        step_seconds=time.time() - t0,
-                        k=k),  # AlignProp: the truncation used
-            losses=dict(loss=loss),
-        )
+        # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop signal
+        reward = common.gather(reward)  # the global batch's rewards, for logging
+        row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
+                                           reward_queries=reward_queries, grad_norm=grad_norm,
+                                           step_seconds=time.time() - t0, **guard.charts(),
+                                           k=k),  # AlignProp: the truncation used
+                         losses=dict(loss=loss))
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         stopping = stop.requested(device)  # SIGINT/SIGTERM: save, then exit
-        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
-            checkpointer.save(step, reward_queries=reward_queries)
+        if (args.save_every and step % args.save_every == 0) or stopping or step == args.steps:
+            checkpointer.save(step, reward_queries=reward_queries, guard=guard.state_dict())
         if stopping:
             stop.exit(run_dir, step)
 
-    tracker.close()
+    logger.close()
     if world.is_main:
         common.save_lora(pipe, run_dir)
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with common.user_errors(rewards.RewardError):  # a user's mistake ends in one line on stderr, not a traceback
+        main(tyro.cli(Args))

@@ -1,20 +1,12 @@
 """DRaFT-LV: DRaFT-1 with a lower-variance gradient from re-noised copies of the last step.
 
-Clark, Vicol, Swersky & Fleet, "Directly Fine-Tuning Diffusion Models on Differentiable Rewards", ICLR 2024
-(arXiv:2309.17400): the same paper as DRaFT (`draft.py`), section "DRaFT-LV".
+Clark, Vicol, Swersky & Fleet, ICLR 2024 (arXiv:2309.17400), §4 "DRaFT-LV": the same paper as `draft.py`.
 
-Idea: DRaFT-1 backpropagates through the last sampling step only, so its gradient comes from one noisy
-sample of that step per image. DRaFT-LV reuses the sampled image x0: it draws fresh noise ε, re-noises
-the detached x0 to the last timestep of the schedule t₁, x_{t₁} = √ᾱ_{t₁}·sg(x0) + √(1−ᾱ_{t₁})·ε, and
-denoises it again with one guided DDIM step with gradient to x0ⁱ; it does this n times (n = 2). The loss
-sums the rewards, L = −mean(r(x0) + Σ_i r(x0ⁱ)), and one update follows from the summed gradients. Each extra term
-costs one UNet call, one decode and one reward, not a new T-step chain: the paper reports it about 2× more
-sample-efficient than DRaFT-1 and ReFL for about 10% more compute.
-
-What differs from `draft.py` (marked `# DRaFT-LV:`): K = 1 is fixed (no --k), `renoise_with_grad` and
---n are new, the loss sums n + 1 rewards per image (one backward per term, one optimizer step), and
-`reward_queries` counts every scored image, B·(n + 1) per update. `reward_mean` is the sampled x0's reward;
-`reward_renoised_mean` the copies'.
+Idea: DRaFT-1's gradient comes from one noisy sample of the last step per image. DRaFT-LV re-noises the detached
+x0 n times (n = 2) to the last timestep t₁, x_{t₁} = √ᾱ_{t₁}·sg(x0) + √(1−ᾱ_{t₁})·ε, denoises each copy with one
+guided DDIM step with gradient to x0ⁱ, and sums the rewards: L = −mean(r(x0) + Σ_i r(x0ⁱ)). A copy costs one UNet
+call, one decode and one reward: the paper reports about 2× the sample efficiency of DRaFT-1 and ReFL for ~10% more
+compute. What differs from `draft.py` (marked `# DRaFT-LV:`): K = 1, the copies, reward_queries B·(n + 1).
 
     python draft_lv.py --reward hpsv2 --steps 2000              # SD1.4 on one GPU
     python draft_lv.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
@@ -25,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import tyro
@@ -37,11 +29,10 @@ import rewards
 
 @dataclass
 class Args:
-    exp_name: str = "draft_lv"
-    """name of this experiment (the run directory's prefix)"""
+    # ---- the algorithm ---------------------------------------------------------------------------------------
     model: str = common.SD14
-    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests) or `tiny-shapes` (the CPU
-    testbed pretrained on coloured shapes, shapes/)"""
+    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests), `tiny-shapes` (the CPU
+    testbed, shapes/) or `sd14-random` (SD1.4's architecture with random weights)"""
     reward: str = "aesthetic"
     """a differentiable reward of `rewards.REWARDS`, or a weighted sum such as `hpsv2:1,aesthetic:0.1`"""
     prompts: Optional[str] = None
@@ -51,18 +42,19 @@ class Args:
     """a newline-separated prompt file; overrides --prompts"""
     steps: int = 2000
     """number of optimizer updates (paper, small scale: 2k)"""
-    seed: int = 0
-    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
-    output_dir: Optional[str] = None
-    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     batch_size: int = 4
-    """images per optimizer update (paper, small scale: 4; large scale: 16)"""
+    """images per optimizer update, over all processes (paper, small scale: 4; large scale: 16)"""
+    train_batch_size: Optional[int] = None
+    """per process: images per forward/backward chunk (memory only: the gradients of the chunks add up to the whole
+    batch's); default the whole per-process batch"""
     num_inference_steps: int = 50
     """DDIM steps T, at train and test time (paper: 50)"""
     guidance_scale: float = 7.5
     """classifier-free guidance weight w (paper: 7.5)"""
-    n: int = 2
-    """DRaFT-LV: re-noised copies of the last step per image, each scored and backpropagated (paper: 2;
+    resolution: Optional[int] = None
+    """image side in pixels; default the model's native size (SD1.4: 512)"""
+    num_copies: int = 2
+    """DRaFT-LV: n, the re-noised copies of the last step per image, each scored and backpropagated (paper: n = 2;
     0 is DRaFT-1)"""
     lora_rank: int = 8
     """LoRA rank (paper, small scale: 8; large scale: 32)"""
@@ -74,14 +66,34 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
-    mixed_precision: str = "auto"
-    """dtype of the frozen base weights: auto (fp16 on CUDA, float32 on CPU), no, fp16, bf16; LoRA is float32"""
+    vae_checkpointing: bool = True
+    """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
+    checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
+    forward (about 2% of a DRaFT-1 update)"""
+    # ---- the run: seed, precision, logging, checkpoints (the same in all scripts) ----------------------------
+    exp_name: str = "draft_lv"
+    """name of this experiment (the run directory's prefix)"""
+    seed: int = 0
+    """seed of python, numpy and torch (the tiny base model itself is always built from seed 0)"""
+    output_dir: Optional[str] = None
+    """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
+    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 100
     """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
     num_sample_images: int = 8
-    """images in the sample grid (the first prompts of the set, seed fixed)"""
+    """images in the sample grid: its first num_sample_images / sample_seeds prompts, each with every seed"""
+    sample_seeds: int = 2
+    """seeds per prompt in the sample grid; with ≥ 2, eval/diversity (the mean distance between the images of one
+    prompt) is logged: it falls when a run collapses to one image"""
+    eval_prompts: Optional[str] = None
+    """a held-out prompt set (common.PROMPT_SETS) for the sample grid, instead of the training prompts"""
+    eval_rewards: tuple[str, ...] = ()
+    """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
+    (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
     save_every: int = 500
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
     keep_checkpoints: int = 2
@@ -91,46 +103,69 @@ class Args:
     max_bad_steps: int = 10
     """stop after this many consecutive updates skipped for a non-finite loss or gradient"""
 
+    def __post_init__(self):  # every flag is checked before anything loads; a mistake ends in one line
+        common.check_run_args(self)
+        for spec in (self.reward, *self.eval_rewards):
+            rewards.parse(spec)
+        common.require(rewards.is_differentiable(self.reward), f"DRaFT backpropagates through the reward, and "
+                       f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
+                       "pickscore, jpeg_compressibility_diff).")
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
+        common.check_flags(self, non_negative=("num_copies",))  # DRaFT-LV
 
-def sample_with_grad(pipe, cond, uncond, args, generator=None):
-    """DDIM η = 0 from fresh noise; gradient flows through the last step only (DRaFT-1). Returns x_0 latents."""
+
+def sample_with_grad(pipe, cond, uncond, latents, args):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last K steps only. Returns x_0."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
-    x = common.initial_latents(pipe, cond.shape[0], generator)
+    x = latents
     for i, t in enumerate(timesteps):
-        # DRaFT-LV: K = 1 as in DRaFT-1; the first T − 1 steps are plain sampling, the stop-gradient is here.
-        with torch.set_grad_enabled(i >= len(timesteps) - 1):
+        # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
+        with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
             eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale, use_checkpoint=True)
             x = common.ddim_step(pipe.scheduler, eps, t, x)
     return x
 
 
-def renoise_with_grad(pipe, x0, cond, uncond, args, generator=None):
-    """DRaFT-LV: one re-noised copy x0ⁱ of the sample x0: noise sg(x0) to t₁, one guided DDIM step with gradient.
-
-    Call after `sample_with_grad` (the scheduler's timesteps are set). ε is drawn on the CPU from `generator`
-    (the shared RNG when None, sharded under torchrun), so a CPU generator gives the same copies on any device."""
-    t1 = pipe.scheduler.timesteps[-1]  # the last (least noisy) timestep of the schedule
-    noise = common.randn(x0.shape, generator).to(x0.device, x0.dtype)
+def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
+    """DRaFT-LV: one re-noised copy x0ⁱ of the sample x0: noise sg(x0) with `noise` to t₁, the last (least noisy)
+    timestep of the schedule, then one guided DDIM step with gradient. Call after `sample_with_grad`."""
+    t1 = pipe.scheduler.timesteps[-1]
     # DRaFT-LV: the stop-gradient is on x0: each copy's gradient reaches the weights through this one step only.
     x = common.add_noise(pipe.scheduler, x0.detach(), noise, t1)
     eps = common.guided_eps(pipe, x, t1, cond, uncond, args.guidance_scale, use_checkpoint=True)
     return common.ddim_step(pipe.scheduler, eps, t1, x)
 
 
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
+    """Decode x0, score it, and backpropagate this chunk's share of L = −mean r over the batch of `batch_size`.
+    Returns the rewards and the share of L, detached."""
+    reward = reward_fn(common.decode(pipe, x0), prompts)
+    loss = -reward.mean() * len(reward) / batch_size
+    guard.backward(loss)  # × the loss scale in fp16
+    return reward.detach(), loss.detach()
+
+
+def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, noises, guard, args):
+    """Backpropagate L = −mean r over the batch, train_batch_size images at a time: each chunk is backpropagated as
+    soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the whole batch's.
+    Returns the rewards (per image, per term) and L, detached."""
+    results = []
+    for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
+        chunk = slice(s, s + (args.train_batch_size or len(prompts)))
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args)
+        # DRaFT-LV: x0 and its n re-noised copies, scored and backpropagated in turn: L = −mean(r(x0) + Σ_i r(x0ⁱ)).
+        for x in [x0] + [renoise_with_grad(pipe, x0, cond[chunk], uncond, noise[chunk], args) for noise in noises]:
+            results.append(backpropagate_reward(pipe, reward_fn, x, prompts[chunk], len(prompts), guard))
+    scores, losses = zip(*results)
+    n = args.num_copies + 1  # DRaFT-LV: n + 1 results per chunk
+    return torch.stack([torch.cat(scores[i::n]) for i in range(n)], 1), sum(losses)
+
+
 def main(args: Args) -> None:
     args = common.resume_args(args)  # --resume: that run's flags; its checkpoint is verified here
-    # Checks that need no model: fail before minutes of loading.
-    if not rewards.is_differentiable(args.reward):
-        raise SystemExit(f"DRaFT backpropagates through the reward, and {args.reward!r} is not differentiable. "
-                         "Use a differentiable reward (e.g. aesthetic, hpsv2, pickscore, jpeg_compressibility_diff).")
-    if args.n < 0:  # DRaFT-LV
-        raise SystemExit(f"--n {args.n} must be >= 0 (the number of re-noised copies; 0 is DRaFT-1)")
-    if args.num_inference_steps < 1:
-        raise SystemExit(f"--num-inference-steps {args.num_inference_steps} must be >= 1")
     world = common.setup_distributed()  # under torchrun: this process's rank; otherwise a world of one
-    if args.batch_size % world.size:
-        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) must divide among {world.size} processes")
     prompts = common.load_prompts(args.prompts, args.prompt_file, args.model)
     run_dir = common.make_run_dir(args.output_dir, args.exp_name, args.reward, args.seed, args.resume)
     device, dtype = common.device_and_dtype(args.mixed_precision)
@@ -139,72 +174,74 @@ def main(args: Args) -> None:
 
     # Model, reward, optimizer
     targets = common.ATTENTION_TARGETS + (common.FEEDFORWARD_TARGETS if args.lora_ff else ())
-    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=targets)
+    pipe = common.load_pipeline(args.model, args.lora_rank, device, dtype, lora_targets=targets,
+                                resolution=args.resolution)
+    if args.vae_checkpointing:
+        pipe.vae.enable_gradient_checkpointing()
     reward_fn = rewards.load(args.reward, device=device, dtype=dtype)
+    eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+
+    # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
+    guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
     start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
-    tracker = common.Tracker(run_dir, args, args.track, start_step=start)
-    guard, stop = common.UpdateGuard(args.max_bad_steps), common.StopSignal()
+    guard.load_state_dict(state.get("guard", {}))
+    reward_queries = state.get("reward_queries", 0)
+    logger = common.Tracker(run_dir, args, args.track, start_step=start)
+    stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
-    grid_prompts = prompts[: args.num_sample_images]
+    grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
 
-    def log_samples(step):  # rank 0 only; its own generator leaves the shared RNG untouched
+    def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            images = common.sample_images(pipe, grid_prompts, 0, args.num_inference_steps, args.guidance_scale)
-            tracker.samples(step, images, reward_fn(images, grid_prompts).detach())
+            logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
-    reward_queries = state.get("reward_queries", 0)
     pbar = tqdm(range(start + 1, args.steps + 1), desc=args.exp_name, initial=start, total=args.steps,
                 disable=not world.is_main)
     for step in pbar:
         t0 = time.time()
-        # every rank draws the global batch's prompts (and noise) and keeps its share: common.shard
+        # ALGO 1. The batch's prompts and initial noise: every rank draws the global batch's and keeps its share.
         batch_prompts = common.shard(common.sample_prompts(prompts, args.batch_size, rng))
         cond = common.encode_prompts(pipe, batch_prompts)
-        optimizer.zero_grad(set_to_none=True)
-        latents = sample_with_grad(pipe, cond, uncond, args)
-        x0, scores = latents.detach(), []
-        # DRaFT-LV: score x0, then n re-noised copies of it; the gradients of the n + 1 terms of
-        # L = −mean(r(x0) + Σ_i r(x0ⁱ)) add up in .grad (a backward per term keeps one decoder graph in memory).
-        for i in range(args.n + 1):
-            if i > 0:
-                latents = renoise_with_grad(pipe, x0, cond, uncond, args)
-            reward = reward_fn(common.decode(pipe, latents), batch_prompts)
-            (-reward.mean()).backward()
-            scores.append(reward.detach())
-        reward_queries += args.batch_size * (args.n + 1)  # DRaFT-LV: every scored image counts
-        reward, loss = scores[0], -torch.stack(scores).sum(0).mean()
+        latents = common.initial_latents(pipe, len(batch_prompts))
+        noises = [common.randn(latents.shape, device=device) for _ in range(args.num_copies)]  # DRaFT-LV: ε per copy
 
+        # ALGO 2. Sample with gradient through the last K steps, decode, score: L = −mean r, backpropagated.
+        optimizer.zero_grad(set_to_none=True)
+        reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, noises, guard, args)
+        reward_queries += args.batch_size * (args.num_copies + 1)  # DRaFT-LV: every scored image counts
         common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm or float("inf"))
+        grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
         if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
 
+        # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop signal
         reward = common.gather(reward)  # the global batch's rewards, for logging
-        charts = dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0), reward_queries=reward_queries,
-                      optimizer_steps=step, grad_norm=grad_norm, skipped_updates=guard.skipped,
-                      step_seconds=time.time() - t0)
-        if args.n:  # DRaFT-LV: the copies' mean reward (close to reward_mean: t₁ is a nearly clean timestep)
-            charts["reward_renoised_mean"] = common.gather(torch.stack(scores[1:], 1)).mean()
-        row = tracker.log(step, charts=charts, losses=dict(loss=loss))
+        reward, renoised = reward[:, 0], reward[:, 1:]  # DRaFT-LV: x0's, and the copies' (close: t₁ is nearly clean)
+        row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
+                                           reward_queries=reward_queries, grad_norm=grad_norm,
+                                           step_seconds=time.time() - t0, **guard.charts())
+                         | (dict(reward_renoised_mean=renoised.mean()) if args.num_copies else {}),
+                         losses=dict(loss=loss))
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         stopping = stop.requested(device)  # SIGINT/SIGTERM: save, then exit
-        if (args.save_every and step % args.save_every == 0) or step == args.steps or stopping:
-            checkpointer.save(step, reward_queries=reward_queries)
+        if (args.save_every and step % args.save_every == 0) or stopping or step == args.steps:
+            checkpointer.save(step, reward_queries=reward_queries, guard=guard.state_dict())
         if stopping:
             stop.exit(run_dir, step)
 
-    tracker.close()
+    logger.close()
     if world.is_main:
         common.save_lora(pipe, run_dir)
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    with common.user_errors(rewards.RewardError):  # a user's mistake ends in one line on stderr, not a traceback
+        main(tyro.cli(Args))
