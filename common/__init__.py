@@ -4,6 +4,7 @@ from .diffusion import (
     Trajectory,
     add_noise,
     check_scheduler,
+    ddim_mean_std,
     ddim_step,
     ddim_step_with_logprob,
     decode,

@@ -95,6 +95,12 @@ def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     return mean, std
 
 
+def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
+    """μ and σ of the stochastic DDIM step (ALGORITHMS.md §0), for terms between two policies' Gaussians at the same
+    step, such as GRPO's KL to the base model (grpo.py)."""
+    return _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+
+
 def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
     """Deterministic DDIM (η = 0), differentiable w.r.t. the noise prediction and the sample: the step the
     gradient-based algorithms backpropagate through."""

@@ -1,0 +1,248 @@
+"""GRPO (grpo.py), each piece against an independent computation: group-relative advantages against a group-by-group
+recomputation, the first minibatch's gradient against DDPO-IS's, the KL to the base model against torch.distributions
+on a separately built base model, the shared initial noise, and the script through its command line on `tiny`."""
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+import common
+import ddpo_is
+import grpo
+from conftest import ROOT, randomize_lora, read_metrics
+from test_rl_algorithms import GUARD, lora_grads, one_thread  # noqa: F401 (one_thread: autouse, one torch thread)
+
+
+def small_args(**kw):
+    """Args of a small batch: sampled in chunks of 2, one minibatch, trained in chunks of 2."""
+    return grpo.Args(**(dict(sample_batch_size=2, num_minibatches=1, train_batch_size=2) | kw))
+
+
+def reference_advantages(r, group_size, global_std, clip):
+    """(r − mean of its group) / (population std of its group, or of the batch, + 1e-4), clipped; written out."""
+    def mean_std(values):
+        m = sum(values) / len(values)
+        return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
+
+    out = []
+    for start in range(0, len(r), group_size):
+        group = list(r[start : start + group_size])
+        mean, std = mean_std(group)
+        if global_std:
+            std = mean_std(list(r))[1]
+        out += [min(clip, max(-clip, (v - mean) / (std + 1e-4))) for v in group]
+    return np.array(out)
+
+
+@pytest.mark.parametrize("global_std", [False, True])
+@pytest.mark.parametrize("clip", [1e9, 0.9])
+def test_group_advantages(global_std, clip):
+    r = np.random.default_rng(0).normal(size=12) * 3 + 1
+    r[4:8] = 2.5  # a group whose rewards are all equal
+    args = small_args(batch_size=12, group_size=4, global_std=global_std, adv_clip_max=clip)
+    got = grpo.compute_advantages(r, args).numpy()
+    np.testing.assert_allclose(got, reference_advantages(r, 4, global_std, clip), rtol=1e-5, atol=1e-6)
+    assert np.isfinite(got).all() and (got[4:8] == 0).all()
+    if clip < 10:  # the clip was exercised
+        assert (np.abs(reference_advantages(r, 4, global_std, 1e9)) > clip).any() and np.abs(got).max() == clip
+    # a batch of equal rewards: no NaN, every advantage 0
+    assert (grpo.compute_advantages(np.full(12, -3.7), args).numpy() == 0).all()
+
+
+def test_batch_of_whole_groups_and_flags_refused():
+    with pytest.raises(common.UserError, match="--batch-size 12 must be a multiple of --group-size 8"):
+        small_args(batch_size=12, group_size=8)
+    with pytest.raises(common.UserError, match="--group-size must be > 0"):
+        grpo.Args(group_size=0)
+    with pytest.raises(common.UserError, match="--kl-beta must be >= 0"):
+        grpo.Args(kl_beta=-0.1)
+
+
+def one_prompt_batch(pipe, n, num_steps, seed=0):
+    """n images of one prompt: a single group (G·P = n with P = 1)."""
+    cond = common.encode_prompts(pipe, ["a cat"] * n)
+    uncond = common.encode_prompts(pipe, [""])
+    g = torch.Generator().manual_seed(seed)
+    traj = common.sample_trajectory(pipe, cond, uncond, num_steps, 5.0, 1.0, generator=g)
+    return cond, uncond, traj
+
+
+def test_first_minibatch_gradient_equals_ddpo_is(tiny_pipe):
+    """One prompt per batch, G = the batch, no KL: the group statistics are the batch's, and the first minibatch's
+    gradient is DDPO-IS's (batch-normalised advantages) for the same data."""
+    randomize_lora(tiny_pipe)
+    n, num_steps = 4, 5
+    cond, uncond, traj = one_prompt_batch(tiny_pipe, n, num_steps)
+    reward = np.array([12.0, -3.5, 7.25, 30.0])
+    g_args = small_args(batch_size=n, group_size=n, guidance_scale=5.0, eta=1.0)
+    d_args = ddpo_is.Args(batch_size=n, sample_batch_size=2, num_minibatches=1, train_batch_size=2,
+                          per_prompt_stat_tracking=False, guidance_scale=5.0, eta=1.0)
+    a_grpo = grpo.compute_advantages(reward, g_args)
+    a_ddpo = ddpo_is.compute_advantages(["a cat"] * n, reward, None, d_args)
+    torch.testing.assert_close(a_grpo, a_ddpo, rtol=2e-5, atol=0)  # ε: 1e-4 against 1e-6, on a std of 12
+
+    g = torch.Generator().manual_seed(1)
+    samples = torch.randperm(n, generator=g)
+    timestep_idx = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n)])
+    ddpo_stats = ddpo_is.accumulate_gradient(tiny_pipe, traj, cond, uncond, a_ddpo, samples, timestep_idx, GUARD,
+                                             d_args)
+    reference = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+    stats = grpo.accumulate_gradient(tiny_pipe, traj, cond, uncond, a_grpo, samples, timestep_idx, GUARD, g_args)
+    ours = lora_grads(tiny_pipe)
+
+    assert "kl" not in stats and stats["clipfrac"] == 0.0 == ddpo_stats["clipfrac"]
+    assert float(stats["loss"]) == pytest.approx(float(ddpo_stats["loss"]), abs=1e-5)
+    assert all(a.abs().max() > 0 for a in reference)
+    for a, b in zip(reference, ours):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+
+
+# ------------------------------------------------------------------------------------------- KL to the base model
+
+
+def fixed_step(pipe, num_steps=5):
+    """Two latents at their own timesteps (per-sample t, as in training), their prompts, the guided policy ε̂."""
+    pipe.scheduler.set_timesteps(num_steps)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 4, 16, 16, generator=g)
+    t = pipe.scheduler.timesteps[torch.tensor([1, 4])]
+    cond, uncond = common.encode_prompts(pipe, ["a cat", "a dog"]), common.encode_prompts(pipe, [""])
+    return x, t, cond, uncond
+
+
+def guided_unet(unet, x, t, cond, uncond, w):
+    """ε(∅) + w·(ε(c) − ε(∅)) from two separate UNet calls."""
+    e_c = unet(x, t, encoder_hidden_states=cond).sample
+    e_u = unet(x, t, encoder_hidden_states=uncond.expand(len(x), -1, -1)).sample
+    return e_u + w * (e_c - e_u)
+
+
+def test_kl_is_zero_while_the_lora_is_zero(tiny_pipe):
+    x, t, cond, uncond = fixed_step(tiny_pipe)
+    args = grpo.Args(guidance_scale=5.0, eta=1.0)
+    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    assert kl.item() == 0.0  # B = 0: the adapted UNet is the base model exactly
+    kl.backward()
+    assert all((p.grad == 0).all() for p in common.lora_parameters(tiny_pipe))
+
+
+def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
+    """The closed form against torch.distributions' KL of N(μ_θ, σ²) and N(μ_ref, σ²), per element and averaged;
+    μ from diffusers' DDIMScheduler.step with zero noise, μ_ref from a base model loaded without a LoRA, σ written
+    out from ᾱ."""
+    randomize_lora(tiny_pipe, seed=3)
+    x, t, cond, uncond = fixed_step(tiny_pipe)
+    args = grpo.Args(guidance_scale=5.0, eta=0.8)
+    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+
+    base = common.load_pipeline("tiny", lora_rank=0)
+    scheduler = base.scheduler
+    scheduler.set_timesteps(5)
+    with torch.no_grad():
+        eps_theta = guided_unet(tiny_pipe.unet, x, t, cond, uncond, args.guidance_scale)
+        eps_ref = guided_unet(base.unet, x, t, cond, uncond, args.guidance_scale)
+    assert (eps_theta - eps_ref).abs().max() > 1e-3  # the LoRA changes the model
+    reference = []
+    for b in range(2):
+        def mean(e):
+            return scheduler.step(e[b : b + 1], t[b], x[b : b + 1], eta=args.eta,
+                                  variance_noise=torch.zeros_like(x[:1])).prev_sample
+
+        prev = int(t[b]) - 1000 // 5  # below 0 after the last step: the scheduler's final ᾱ
+        a_t = scheduler.alphas_cumprod[t[b]]
+        a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+        sigma = args.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        reference.append(kl_divergence(Normal(mean(eps_theta), sigma), Normal(mean(eps_ref), sigma)).mean())
+    assert ours.item() > 0
+    torch.testing.assert_close(ours.detach(), torch.stack(reference).mean(), rtol=1e-4, atol=0)
+
+
+def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
+    """One normalised gradient step on the KL alone brings the LoRA's output closer to the base output; the LoRA is
+    enabled and trainable again after the base model's forward."""
+    randomize_lora(tiny_pipe, seed=5)
+    x, t, cond, uncond = fixed_step(tiny_pipe)
+    args = grpo.Args(guidance_scale=5.0, eta=1.0)
+    params = common.lora_parameters(tiny_pipe)
+    base = common.load_pipeline("tiny", lora_rank=0)
+
+    def distance():
+        with torch.no_grad():
+            return (guided_unet(tiny_pipe.unet, x, t, cond, uncond, 5.0) - guided_unet(base.unet, x, t, cond, uncond,
+                                                                                     5.0)).norm()
+
+    before = distance()
+    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    kl.backward()
+    assert len(params) == len(common.lora_parameters(tiny_pipe)) and all(p.requires_grad for p in params)
+    norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
+    with torch.no_grad():
+        for p in params:
+            p -= 0.05 * p.grad / norm
+    after = distance()
+    assert 0 < after < before, (before, after)
+    with torch.no_grad():
+        eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args) < kl.detach()
+
+
+# ------------------------------------------------------------------------------------------------ the script
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_groups_share_their_prompt_and_optionally_their_noise(shared, tmp_path, monkeypatch):
+    """The sampler gets batch_size / G prompts each repeated G times; with --shared-noise, one x_T per group. With a
+    KL weight the KL is logged, exactly 0 on the first update (the LoRA starts at zero), and absent without one."""
+    seen = []
+    sample_trajectory = common.sample_trajectory
+
+    def spy(pipe, cond, *rest, **kw):
+        traj = sample_trajectory(pipe, cond, *rest, **kw)
+        seen.append((cond, traj.latents[:, 0]))
+        return traj
+
+    monkeypatch.setattr(common, "sample_trajectory", spy)
+    grpo.main(grpo.Args(model="tiny", reward="jpeg_compressibility", steps=1, batch_size=6, group_size=3,
+                        num_minibatches=1, train_batch_size=6, sample_batch_size=2, num_inference_steps=2,
+                        shared_noise=shared, kl_beta=0.04 if shared else 0.0, output_dir=str(tmp_path / "run"),
+                        sample_every=100, num_sample_images=2, save_every=0))
+    (cond, x_T), = seen
+    for group in (slice(0, 3), slice(3, 6)):
+        assert (cond[group] == cond[group][:1]).all()
+        assert (x_T[group] == x_T[group][:1]).all() == shared
+    assert (x_T[0] != x_T[3]).any()
+    row, = read_metrics(tmp_path / "run")
+    assert row["kl"] == 0.0 if shared else "kl" not in row
+
+
+def test_cli_on_tiny_files_resume_and_kl(tmp_path, monkeypatch):
+    """test_scripts' CLI check (metrics, grids, checkpoints, a LoRA diffusers loads, --resume) on grpo.py with the
+    KL and shared noise on; the KL is logged."""
+    import test_scripts
+
+    monkeypatch.setitem(test_scripts.SMOKE, "grpo.py", [
+        "--reward", "jpeg_compressibility", "--batch-size", "4", "--group-size", "2", "--sample-batch-size", "4",
+        "--train-batch-size", "2", "--num-minibatches", "2", "--kl-beta", "0.04", "--shared-noise"])
+    test_scripts.test_script_cli_on_tiny("grpo.py", tmp_path)
+    rows = read_metrics(tmp_path / "run")
+    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows) and rows[-1]["kl"] > 0
+
+
+def test_cli_refuses_a_batch_of_partial_groups(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, str(ROOT / "grpo.py"), "--model", "tiny", "--batch-size", "6",
+                          "--group-size", "4", "--output-dir", str(out)], capture_output=True, text=True,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=120, cwd=tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == "grpo.py: error: --batch-size 6 must be a multiple of --group-size 4"
+    assert not out.exists()
