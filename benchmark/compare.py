@@ -1,4 +1,4 @@
-"""The seven algorithms compared at an equal budget of reward queries, on `tiny-shapes`: one command.
+"""The seven algorithms and GRPO compared at an equal budget of reward queries, on `tiny-shapes`: one command.
 
     python benchmark/compare.py                 # both comparisons, about an hour on a 2-core CPU
     python benchmark/compare.py --smoke         # the whole pipeline on `--model tiny` in a few minutes
@@ -20,15 +20,15 @@ LoRAs are all scored on both rewards (and exact match and attribute accuracy, to
 in prompt fidelity).
 
 Configuration rule (stated in summary.md): the scripts' own defaults (LoRA rank and targets, weight decay,
-gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's 4 minibatches, RWR's 4 epochs × 4 minibatches, 8 images per
-prompt and β) except: T and w from `shapes.RECOMMENDED` for all; one learning rate per family (RL, gradient)
+gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's and GRPO's 4 minibatches, RWR's 4 epochs × 4 minibatches, 8 images
+per prompt and β) except: T and w from `shapes.RECOMMENDED` for all; one learning rate per family (RL, gradient)
 instead of per script, chosen by a short sweep of one script per family on one seed; small batches (4 images per
 update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
-40% of the steps (DRaFT's 20 of 50); DDPO-IS's clip range scaled with the learning rate (1e-4 at the paper's
-3e-4); `--steps` = budget / queries per update. The sample grid (the eval curve) is drawn at step 0 and ~6 more
-times per run from a fixed shuffle of the training prompts, 48 images in the main comparison (`--grid-images`:
-16 gave a grid of prompts the base model already drew well, see docs/benchmark) and 8, the scripts' default, in
-the JPEG one.
+40% of the steps (DRaFT's 20 of 50); DDPO-IS's and GRPO's clip range scaled with the learning rate (1e-4 at the
+paper's 3e-4); GRPO's groups of 8 (2 prompts × 8 images per batch of 16); `--steps` = budget / queries per update.
+The sample grid (the eval curve) is drawn at step 0 and ~6 more times per run from a fixed shuffle of the training
+prompts, 48 images in the main comparison (`--grid-images`: 16 gave a grid of prompts the base model already drew
+well, see docs/benchmark) and 8, the scripts' default, in the JPEG one.
 
 Cost on this 2-core CPU (one thread per job, T = 20, two jobs at a time, 2026-11-30): 0.19 (DRaFT-LV) to 1.06
 (DDPO-IS) seconds of training per reward query, 4.3 s per query for the seven scripts together, plus about 2 min
@@ -61,10 +61,11 @@ sys.path.insert(0, str(ROOT))
 
 from benchmark import analysis  # noqa: E402
 
-ALGORITHMS = ("ddpo_sf", "ddpo_is", "rwr", "draft", "draft_lv", "refl", "alignprop")
-RL = ("ddpo_sf", "ddpo_is", "rwr")
+ALGORITHMS = ("ddpo_sf", "ddpo_is", "rwr", "draft", "draft_lv", "refl", "alignprop", "grpo")
+RL = ("ddpo_sf", "ddpo_is", "rwr", "grpo")
 LABELS = dict(ddpo_sf="DDPO-SF", ddpo_is="DDPO-IS", rwr="RWR", draft="DRaFT-1", draft_lv="DRaFT-LV", refl="ReFL",
-              alignprop="AlignProp")
+              alignprop="AlignProp", grpo="GRPO")
+GRPO_GROUP = 8  # images per prompt: Flow-GRPO's one-GPU configs (DanceGRPO: 16, which would leave 1 prompt per batch)
 PAPER_LR = dict(rl=3e-4)  # DDPO's learning rate, at which its clip range 1e-4 is calibrated
 
 
@@ -77,7 +78,7 @@ class Comparison:
     model: str
     prompts: str  # training prompt set
     heldout_prompts: str  # held-out prompt set, evaluation only
-    rl_reward: str  # reward of ddpo_sf, ddpo_is, rwr (used as a black box)
+    rl_reward: str  # reward of ddpo_sf, ddpo_is, rwr, grpo (used as a black box)
     grad_reward: str  # reward of draft, draft_lv, refl, alignprop (differentiated)
     eval_rewards: list[str]  # rewards of the final evaluation
     budget: int  # reward queries per run
@@ -119,12 +120,15 @@ def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, di
         B = c.rl_batch
         flags = ["--batch-size", B, "--sample-batch-size", min(B, 16), "--train-batch-size", min(B, 16)]
         per_update, settings = B, dict(batch=f"{B} per update")
-    elif algo == "ddpo_is":  # 4 clipped updates per sampled batch (default), clip range scaled with the LR
+    elif algo in ("ddpo_is", "grpo"):  # 4 clipped updates per sampled batch (default), clip range scaled with the LR
         B, mb = c.rl_batch, 4
         clip = 1e-4 * lr / PAPER_LR["rl"]
         flags = ["--batch-size", B, "--sample-batch-size", min(B, 16), "--num-minibatches", mb,
                  "--train-batch-size", B // mb, "--clip-range", f"{clip:.3g}"]
         per_update, settings = B / mb, dict(batch=f"{B} per batch, {mb} updates of {B // mb}", clip_range=clip)
+        if algo == "grpo":  # GRPO: B / G prompts × G images
+            flags += ["--group-size", GRPO_GROUP]
+            settings["batch"] = f"{B} per batch ({B // GRPO_GROUP} prompts × {GRPO_GROUP}), {mb} updates of {B // mb}"
     elif algo == "rwr":  # 4 epochs × 4 minibatches per round (default), 8 images per prompt (default)
         B, mb, ep = c.rl_batch, 4, 4
         flags = ["--batch-size", B, "--sample-batch-size", min(B, 16), "--images-per-prompt", 8,
@@ -375,7 +379,7 @@ def parse_args(argv=None):
     p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
-    p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr")
+    p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr, grpo")
     p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
     p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
                    "evaluation of the main comparison (every prompt the same number of times; JPEG: a quarter)")

@@ -15,7 +15,7 @@ import numpy as np
 from benchmark import analysis
 
 COLORS = dict(ddpo_sf="tab:red", ddpo_is="tab:orange", rwr="tab:brown", draft="tab:blue", draft_lv="tab:green",
-              refl="tab:purple", alignprop="tab:cyan")
+              refl="tab:purple", alignprop="tab:cyan", grpo="tab:olive")
 GRID_POINTS = 80
 
 

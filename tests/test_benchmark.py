@@ -156,7 +156,7 @@ def test_plan_orders_seeds_first_and_skips_finished(tmp_path):
     comps = compare.comparisons(a)
     files = {c.prompts: tmp_path / "p.txt" for c in comps}
     jobs = compare.plan(comps, tmp_path, files)
-    assert len(jobs) == 7 * 2 + 7 * 1
+    assert len(jobs) == 8 * 2 + 8 * 1
     assert [j.seed for j in jobs[:14]] == [0] * 14 and {j.comparison.name for j in jobs[:14]} == {"alignment", "jpeg"}
     job = jobs[0]
     assert not compare.run_finished(job)
