@@ -54,9 +54,10 @@ def check_run_args(args) -> None:
     require(args.resolution is None or (args.resolution > 0 and args.resolution % 8 == 0),
             f"--resolution must be a positive multiple of 8 pixels, got {args.resolution}")
     require(0 <= args.seed < 2**32, f"--seed must be in [0, 2**32), got {args.seed}")
-    check_flags(args, positive=("steps", "batch_size", "num_inference_steps", "lora_rank", "learning_rate",
+    check_flags(args, positive=("steps", "batch_size", "num_inference_steps", "lora_rank",
                                 "sample_every", "num_sample_images", "sample_seeds", "max_bad_steps"),
-                non_negative=("weight_decay", "max_grad_norm", "guidance_scale", "save_every", "keep_checkpoints"))
+                non_negative=("learning_rate", "weight_decay", "max_grad_norm", "guidance_scale", "save_every",
+                              "keep_checkpoints"))
     require(not args.resume or Path(args.resume).is_dir(), f"--resume {args.resume}: no such run directory")
 
 
