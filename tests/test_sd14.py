@@ -5,7 +5,6 @@ config of SD1.x (CompVis/stable-diffusion configs/stable-diffusion/v1-inference.
 LoRA module names derived from the block structure of the UNet config.
 """
 
-import dataclasses
 import importlib
 import importlib.util
 import json
@@ -19,8 +18,6 @@ import pytest
 import torch
 
 import common
-import ddpo_sf
-import draft
 from conftest import ROOT, randomize_lora, read_metrics
 
 CONFIGS = ROOT / "common" / "configs" / "sd14"
@@ -202,11 +199,6 @@ def test_load_pipeline_sd14_random_lora(tmp_path, plain_sd14):
             plain_sd14.unload_lora_weights()
 
 
-def has_resolution_flag() -> bool:
-    """`--resolution` (issue 11) in both scripts' Args, i.e. in their `--help`."""
-    return all("resolution" in {f.name for f in dataclasses.fields(m.Args)} for m in (ddpo_sf, draft))
-
-
 RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 latents, SD1.4's smallest size)
     "ddpo_sf.py": (common.ATTENTION_TARGETS, ["--reward", "jpeg_compressibility", "--sample-batch-size", "2",
                                               "--train-batch-size", "2"]),
@@ -214,7 +206,6 @@ RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 laten
 }
 
 
-@pytest.mark.skipif(not has_resolution_flag(), reason="needs the scripts' --resolution flag (issue 11)")
 @pytest.mark.parametrize("script", sorted(RUNS))
 def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
     targets, flags = RUNS[script]
@@ -225,6 +216,7 @@ def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
     res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=900,
                          cwd=tmp_path)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"LoRA, metrics and sample grids in {run_dir}" in res.stdout
     (row,) = read_metrics(run_dir)
     assert row["step"] == 1 and math.isfinite(row["loss"]) and math.isfinite(row["reward_mean"]), row
     try:
