@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, re
     if resume:
         return Path(resume)
     name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
+    name = re.sub(r"[^\w.+-]+", "_", name)[:80]  # URLs, paths and options in a spec: one folder name
     # under torchrun every rank must agree on the time-stamped name: rank 0's is broadcast
     run_dir = Path(output_dir or distributed.broadcast_object(f"runs/{script}__{name}__{seed}__{int(time.time())}"))
     metrics = run_dir / "metrics.jsonl"

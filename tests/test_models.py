@@ -33,7 +33,7 @@ def test_offline_hub_id_error_names_the_download(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     start = time.time()
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(common.UserError) as info:
         common.load_pipeline("CompVis/stable-diffusion-v1-4", lora_rank=4)
     message = str(info.value)
     assert "hf download CompVis/stable-diffusion-v1-4" in message and "--model" in message
@@ -41,23 +41,25 @@ def test_offline_hub_id_error_names_the_download(tmp_path, monkeypatch):
 
 
 def test_unknown_model_name_is_refused_before_any_download():
-    with pytest.raises(ValueError, match="unknown model 'tny'"):
+    with pytest.raises(common.UserError, match="unknown model 'tny'"):
         common.load_pipeline("tny")
 
 
 def test_local_folder_that_is_not_a_pipeline(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RuntimeError, match="not a diffusers Stable Diffusion folder"):
+    with pytest.raises(common.UserError, match="not a diffusers Stable Diffusion folder"):
         common.load_pipeline(str(tmp_path / "empty"))
 
 
-def test_half_precision_on_cpu_is_refused():
-    with pytest.raises(ValueError, match="CUDA"):
-        common.load_pipeline("tiny", dtype=torch.float16)
+def test_precision_modes_on_the_cpu():
+    """fp16 and bf16 run on the CPU (how the tests exercise the GPU's precision); auto is float32 there."""
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA"):
-            common.device_and_dtype("fp16")
         assert common.device_and_dtype("auto") == (torch.device("cpu"), torch.float32)
+        assert common.device_and_dtype("fp16") == (torch.device("cpu"), torch.float16)
+        assert common.device_and_dtype("bf16") == (torch.device("cpu"), torch.bfloat16)
+    pipe = common.load_pipeline("tiny", dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16 and pipe.vae.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in common.lora_parameters(pipe))  # LoRA stays float32
 
 
 def test_tiny_is_deterministic_and_sd_shaped():
@@ -101,7 +103,9 @@ def test_run_dir_refuses_a_previous_run_but_not_a_failed_start(tmp_path):
     (run / "metrics.jsonl").write_text("")  # a run that stopped before its first update (e.g. weights missing)
     assert common.make_run_dir(str(run), "draft", "aesthetic", 0) == run
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    with pytest.raises(FileExistsError, match="already holds a run"):
+    with pytest.raises(common.UserError, match="already holds a run"):
         common.make_run_dir(str(run), "draft", "aesthetic", 0)
     default = common.make_run_dir(None, "draft", "hpsv2:1,aesthetic:0.1", 3)
     assert default.parent.name == "runs" and default.name.startswith("draft__hpsv2-1+aesthetic-0.1__3__")
+    served = common.make_run_dir(None, "ddpo_sf", "http://127.0.0.1:8085,owlvit_remove[queries=a person|a face]", 0)
+    assert served.parent.name == "runs" and "/" not in served.name.split("__")[1]  # one folder, not nested
