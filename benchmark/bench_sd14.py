@@ -53,9 +53,7 @@ def child(result_file: str, script: str, argv: list[str]) -> None:
     import torch
     import tyro
 
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    cuda = torch.cuda.is_available()  # a fresh process: both peaks start from nothing
     module = importlib.import_module(script.removesuffix(".py"))  # the scripts are importable modules
     module.main(tyro.cli(module.Args, args=argv))
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
