@@ -47,7 +47,7 @@ CONFIGS = {
     "ddpo_sf": (ddpo_sf, dict(RL, steps=15)),
     "ddpo_is": (ddpo_is, dict(RL, steps=30, num_minibatches=2, train_batch_size=16, clip_range=1e-2)),
     "draft": (draft, dict(GRAD, steps=15, k=1)),
-    "draft_lv": (draft_lv, dict(GRAD, steps=15, n=2)),
+    "draft_lv": (draft_lv, dict(GRAD, steps=15, num_copies=2)),
     "refl": (refl, dict(GRAD, steps=15, max_step=3)),
     "alignprop": (alignprop, dict(GRAD, steps=15)),
 }
