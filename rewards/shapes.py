@@ -9,7 +9,7 @@ box, the analogue of DDPO's vision-language judge. Weights: `shapes/weights/clas
 
 import torch
 
-from ._base import Reward
+from ._base import Reward, RewardError
 
 
 class _ShapesReward(Reward):
@@ -21,7 +21,11 @@ class _ShapesReward(Reward):
     @classmethod
     def from_pretrained(cls, device="cpu", dtype=torch.float32):
         """The committed classifier, in float32 whatever `dtype` (it is tiny; the scores stay comparable)."""
-        from shapes.classifier import ShapesClassifier
+        try:  # the testbed is imported only here, so rewards/ works without shapes/ (a script copied elsewhere)
+            from shapes.classifier import ShapesClassifier
+        except ImportError as e:
+            raise RewardError(f"the shapes rewards need the tiny-shapes testbed's shapes/ folder, which is not "
+                              f"importable here ({e})") from e
 
         return cls(ShapesClassifier.from_file()).to(device)
 

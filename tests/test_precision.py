@@ -354,3 +354,24 @@ def test_a_scheduler_whose_step_differs_is_refused(change, message):
     with pytest.raises(common.UserError, match=message):
         common.check_scheduler(DDIMScheduler(**(common.models.SD14_SCHEDULER | change)))
     common.check_scheduler(DDIMScheduler(**(common.models.SD14_SCHEDULER | dict(prediction_type="v_prediction"))))
+
+
+def test_resume_restores_the_loss_scale(tmp_path):
+    """In fp16 a JPEG reward (about 10³, gradients far larger than a reward model's) overflows at 2^24: the first
+    updates are skipped and the scale halves. Two updates in one go and one + one resumed log the same scales and end
+    with the same LoRA: the scale (and the skip count) come back from the checkpoint."""
+    import tyro
+    from safetensors.torch import load_file
+
+    flags = ["--model", "tiny", "--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--num-inference-steps",
+             "3", "--num-sample-images", "1", "--sample-seeds", "1", "--sample-every", "100", "--mixed-precision",
+             "fp16", "--save-every", "1"]
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    draft.main(tyro.cli(draft.Args, args=[*flags, "--steps", "2", "--output-dir", str(once)]))
+    draft.main(tyro.cli(draft.Args, args=[*flags, "--steps", "1", "--output-dir", str(twice)]))
+    draft.main(tyro.cli(draft.Args, args=["--resume", str(twice), "--steps", "2"]))
+    a, b = read_metrics(once), read_metrics(twice)
+    assert a[0]["loss_scale"] < 2.0**24 and a[0]["skipped_updates"] >= 1  # it did overflow
+    assert [(r["loss_scale"], r["skipped_updates"]) for r in a] == [(r["loss_scale"], r["skipped_updates"]) for r in b]
+    la, lb = load_file(str(once / common.LORA_FILE)), load_file(str(twice / common.LORA_FILE))
+    assert all(torch.equal(la[k], lb[k]) for k in la)

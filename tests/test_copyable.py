@@ -1,0 +1,30 @@
+"""One script with `common/` and `rewards/`, copied into an empty folder, runs on its own (DESIGN.md: an engineer
+copies one script into another project): nothing in `common/` or `rewards/` imports `shapes/`, `benchmark/` or a
+script at import time, and asking for the testbed there is one clear error, not an ImportError."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+from conftest import ROOT, read_metrics
+
+
+def test_one_script_with_common_and_rewards_runs_alone(tmp_path):
+    for name in ("common", "rewards"):
+        shutil.copytree(ROOT / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "draft_lv.py", tmp_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH="")  # nothing of the repository
+    cmd = [sys.executable, "draft_lv.py", "--model", "tiny", "--reward", "jpeg_compressibility_diff", "--steps", "1",
+           "--batch-size", "2", "--num-inference-steps", "3", "--num-sample-images", "2", "--output-dir", "run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1]
+    assert not (tmp_path / "shapes").exists()
+
+    for flags, message in ((["--model", "tiny-shapes"], "belongs to the tiny-shapes testbed"),  # its prompts
+                           (["--reward", "shapes_alignment"], "need the tiny-shapes testbed's shapes/ folder")):
+        proc = subprocess.run([*cmd[:-2], "--output-dir", "run2", *flags], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert message in proc.stderr, proc.stderr[-3000:]
