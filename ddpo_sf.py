@@ -16,6 +16,7 @@ batch for several clipped, importance-weighted updates; `diff ddpo_sf.py ddpo_is
     python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --sample-batch-size 4 \
         --num-inference-steps 10
 """
+
 from __future__ import annotations
 
 import random
@@ -222,7 +223,7 @@ def main(args: Args) -> None:
     guard.load_state_dict(state.get("guard", {}))
     stat_tracker.load_state_dict(state.get("stat_tracker", {}))
     reward_queries = state.get("reward_queries", 0)
-    logger = common.Tracker(run_dir, args, args.track, start_step=start)
+    logger = common.Logger(run_dir, args, args.track, start_step=start)
     stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds

@@ -27,4 +27,4 @@ from .models import (
     ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters, set_resolution
 )
 from .prompts import PROMPT_SETS, load_prompts, sample_prompts
-from .run import Tracker, check_run_args, device_and_dtype, make_run_dir, save_grid, seed_everything
+from .run import Logger, check_run_args, device_and_dtype, make_run_dir, save_grid, seed_everything

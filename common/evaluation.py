@@ -57,7 +57,7 @@ def diversity(images: torch.Tensor, group_size: int, embed_fn: Optional[Callable
 
 @dataclass
 class GridResult:
-    """One evaluation of the sample grid: what `Tracker.samples` logs."""
+    """One evaluation of the sample grid: what `Logger.samples` logs."""
 
     images: torch.Tensor  # [P·S, 3, H, W] in [0, 1] on the CPU, row-major: prompt p, seed s at index p·S + s
     prompts: list[str]  # per image

@@ -64,7 +64,7 @@ def check_run_args(args) -> None:
 
 def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, resume: str | None = None) -> Path:
     """`output_dir`, or runs/{script}__{reward}__{seed}__{time}; with `resume`, that run's directory.
-    Refuses a directory holding another run. Creates nothing (the Tracker does, once the model has loaded)."""
+    Refuses a directory holding another run. Creates nothing (the Logger does, once the model has loaded)."""
     if resume:
         return Path(resume)
     name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
@@ -89,7 +89,7 @@ def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
     return [row for _, row in kept]
 
 
-class Tracker:
+class Logger:
     """metrics.jsonl (one object per optimizer step), TensorBoard scalars, and optionally wandb."""
 
     def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning",

@@ -86,7 +86,7 @@ def test_logged_values_equal_an_independent_computation(tmp_path):
                       eta=0.0, reward_name="brightness")
     result = grid(pipe)
     assert result.prompts == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2 and result.seeds == [0, 1, 0, 1]
-    tracker = common.Tracker(tmp_path, Args())
+    tracker = common.Logger(tmp_path, Args())
     assert tracker.samples(7, result) == pytest.approx(float(result.scores.mean()))
     tracker.samples(8, result.images, result.scores)  # the scripts' older call: unlabelled images and scores
     tracker.close()
