@@ -102,7 +102,7 @@ class SampleGrid:
     images to embeddings for `diversity` (default: downscaled pixels).
 
         grid = SampleGrid(prompts, 8, 2, reward_fn, {"hpsv2": rewards.load("hpsv2")}, 50, 7.5, 0.0)
-        tracker.samples(step, grid(pipe))
+        logger.samples(step, grid(pipe))
     """
 
     def __init__(self, prompts: list[str], num_images: int = 8, seeds_per_prompt: int = 2,

@@ -8,12 +8,16 @@ import random
 import re
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from . import distributed
 from .errors import UserError, check_flags, require
+
+if TYPE_CHECKING:
+    from .evaluation import GridResult
 
 PRECISIONS = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -141,25 +145,16 @@ class Logger:
             self.wandb.log(scalars, step=step)
         return row
 
-    def samples(self, step: int, grid: GridResult | torch.Tensor, scores: torch.Tensor | None = None) -> float:
+    def samples(self, step: int, grid: GridResult) -> float:
         """The fixed-prompt, fixed-seed sample grid (`evaluation.SampleGrid`'s result): samples/step_XXXXXX.png
         (step 0 is the base model) with the prompts, seeds, scores, step and means written on it; the same picture
         in TensorBoard; the grid's mean training reward as charts/eval_reward, each held-out reward's mean as
-        eval/<name> and the diversity as eval/diversity; all of them in one row of eval.jsonl. Returns eval_reward.
-
-        `samples(step, images, scores)` (unlabelled images and their training rewards) is the older call, kept
-        until every script passes a GridResult."""
-        from .evaluation import GridResult
-
-        if isinstance(grid, torch.Tensor):  # the older call: no prompts or seeds to write, 4 images per row
-            grid = GridResult(grid.detach().float().cpu(), [], [], scores.detach().float().cpu(), seeds_per_prompt=4)
+        eval/<name> and the diversity as eval/diversity; all of them in one row of eval.jsonl. Returns eval_reward."""
         values = grid.metrics()
         if not self.enabled:
             return values["eval_reward"]
-        labelled = bool(grid.prompts)
         picture = save_grid(grid.images, self.run_dir / "samples" / f"step_{step:06d}.png", grid.seeds_per_prompt,
-                            grid.row_captions() if labelled else None, grid.cell_captions() if labelled else None,
-                            header=grid.header(step))
+                            grid.row_captions(), grid.cell_captions(), header=grid.header(step))
         self.writer.add_image("samples", picture, step)
         self.writer.add_scalar("charts/eval_reward", values["eval_reward"], step)
         for k, v in values.items():
