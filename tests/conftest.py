@@ -9,7 +9,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the network
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# pytest.ini runs two workers (pytest-xdist): one thread each, as two OpenMP threads per process on a 2-core machine
+# made tiny UNet calls tens of times slower by waiting for each other
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 
 
 def read_metrics(run_dir):
