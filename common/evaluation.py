@@ -15,7 +15,6 @@ Tensor[B]`, as `rewards.load` returns them) and, optionally, an image-embedding 
 from __future__ import annotations
 
 import math
-import textwrap
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 

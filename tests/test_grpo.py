@@ -16,7 +16,7 @@ import common
 import ddpo_is
 import grpo
 from conftest import ROOT, randomize_lora, read_metrics
-from test_rl_algorithms import GUARD, lora_grads, one_thread  # noqa: F401 (one_thread: autouse, one torch thread)
+from test_rl_algorithms import GUARD, lora_grads
 
 
 def small_args(**kw):

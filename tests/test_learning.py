@@ -69,15 +69,6 @@ def evaluate(run_dir, num_steps, guidance_scale, eta):
     return rewards.load(REWARD)(images.float(), EVAL_PROMPTS).mean().item()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these runs are small: one thread avoids oversubscription when other processes share the two cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_reward_rises(name, seed, tmp_path):

@@ -33,13 +33,6 @@ PIXELS_TEST, PIXELS_SD14 = 32 * 32, 512 * 512
 PRECISIONS = [torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def pipes():

@@ -125,16 +125,6 @@ class OfficialAestheticMLP(torch.nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models are far below the size where intra-op threads help; on a busy 2-core machine the thread
-    hand-offs made every small op ~10 ms."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     """A transformers CLIPTokenizer with the real CLIP BPE, rebuilt offline from open_clip's bundled vocabulary

@@ -14,7 +14,6 @@ from test_rewards import (  # noqa: F401  (fixtures: pytest finds them by name i
     as_batch,
     hf_tokenizer,
     offline_empty_cache,
-    one_thread,
     smooth_uint8,
     to_pil,
 )

@@ -13,15 +13,6 @@ import rwr
 from conftest import randomize_lora, read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tiny model's ops are too small to gain from threads, and on a busy 2-core machine two OpenMP threads
-    # waiting for each other made a UNet call ~40× slower (2.7 s instead of 0.07 s).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 GUARD = common.UpdateGuard(max_bad_steps=1)  # no loss scaling: float32
 
