@@ -77,6 +77,10 @@ class Args:
     """filtered RWR: weight 1 for rewards at or above the prompt's --percentile, 0 otherwise"""
     percentile: float = 90.0
     """per-prompt reward percentile kept by --sparse (DDPO: 90)"""
+    reencode: bool = True
+    """RWR: regress a fresh sample of the VAE posterior of each decoded image, as the DDPO paper's code does
+    (jannerm/ddpo: pipeline callbacks.py `vae_fn` encodes the images, training/diffusion.py samples the latent at every
+    update); --no-reencode regresses the sampler's final latent itself"""
     num_inference_steps: int = 50
     """DDIM steps T of the sampler (DDPO: 50)"""
     guidance_scale: float = 5.0
@@ -172,17 +176,20 @@ def weighted_denoising_loss(pipe, x0, cond, uncond, weights, timesteps, noise, g
     return (weights * per_sample).sum() / normaliser
 
 
-def accumulate_gradient(pipe, x0, cond, uncond, weights, samples, guard, args) -> dict:
-    """Backpropagate the weighted denoising loss of the minibatch `samples`, each at a fresh t ~ U{0..999} and
-    noise ε, in chunks of train_batch_size (gradients accumulate; the caller takes one optimizer step)."""
+def accumulate_gradient(pipe, posterior, cond, uncond, weights, samples, guard, args) -> dict:
+    """Backpropagate the weighted denoising loss of the minibatch `samples`, each at a fresh x0 ~ N(μ, σ²) of its
+    `posterior` (σ = 0 for the sampler's own latents), t ~ U{0..999} and noise ε, in chunks of train_batch_size
+    (gradients accumulate; the caller takes one optimizer step)."""
     loss_sum = 0.0
+    mean, std = posterior
     for s in range(0, len(samples), args.train_batch_size):
         i = samples[s : s + args.train_batch_size]
+        x0_i = mean[i] + std[i] * common.randn(mean[i].shape, device=mean.device)
         # RWR: one random training timestep per sample, anywhere in the 1000-step forward process
         # (drawn for the global batch and sharded under torchrun, so that ranks never share noise)
-        t = common.randint(pipe.scheduler.config.num_train_timesteps, len(i), device=x0.device)
-        noise = common.randn(x0[i].shape, device=x0.device)
-        loss = weighted_denoising_loss(pipe, x0[i], cond[i], uncond, weights[i], t, noise, args.guidance_scale,
+        t = common.randint(pipe.scheduler.config.num_train_timesteps, len(i), device=x0_i.device)
+        noise = common.randn(x0_i.shape, device=x0_i.device)
+        loss = weighted_denoising_loss(pipe, x0_i, cond[i], uncond, weights[i], t, noise, args.guidance_scale,
                                        len(samples))
         guard.backward(loss)  # × the loss scale in fp16
         loss_sum += loss.detach()  # a tensor: no host synchronisation inside the loop
@@ -240,7 +247,10 @@ def main(args: Args) -> None:
             x0 = common.sample_trajectory(pipe, cond, uncond, args.num_inference_steps, args.guidance_scale, args.eta,
                                           chunk_size=args.sample_batch_size).latents[:, -1]
             with torch.no_grad():  # all ranks' rewards: a prompt's weights use all of its images
-                reward = common.gather(reward_fn(common.decode(pipe, x0), batch_prompts).float()).cpu()
+                images = common.decode(pipe, x0)
+                reward = common.gather(reward_fn(images, batch_prompts).float()).cpu()
+                # RWR: what is regressed, as a posterior (μ, σ): the decoded images re-encoded, as the paper's code
+                posterior = common.encode(pipe, images) if args.reencode else (x0, torch.zeros_like(x0))
             reward_queries += args.batch_size
             batch_ok = guard.ok(step, reward=reward)  # a non-finite reward: the whole round is skipped
             # ALGO 2. Rewards -> weights (RWR: instead of advantages).
@@ -256,7 +266,7 @@ def main(args: Args) -> None:
         stats, grad_norm = {}, torch.tensor(float("nan"))
         if batch_ok:
             optimizer.zero_grad(set_to_none=True)
-            stats = accumulate_gradient(pipe, x0, cond, uncond, weights, samples, guard, args)
+            stats = accumulate_gradient(pipe, posterior, cond, uncond, weights, samples, guard, args)
             common.average_gradients(params)  # under torchrun: the mean over ranks is the global minibatch's gradient
             grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied

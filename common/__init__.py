@@ -9,6 +9,7 @@ from .diffusion import (
     ddim_step_with_logprob,
     decode,
     denoising_target,
+    encode,
     encode_prompts,
     guided_eps,
     initial_latents,

@@ -214,6 +214,16 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode(pipe, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior N(μ, σ²) of images [B, 3, H, W] in [0, 1], in the UNet's latent scale (× scaling_factor),
+    float32: what a latent diffusion model is trained on (x0 = μ + σ·z)."""
+    vae = pipe.vae
+    posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
+    scale = vae.config.scaling_factor
+    return _at_least_f32(posterior.mean) * scale, _at_least_f32(posterior.std) * scale
+
+
+@torch.no_grad()
 def sample_images(pipe, prompts: list[str], seed: int, num_steps: int, guidance_scale: float, eta: float = 0.0):
     """Images for fixed prompts and a fixed seed (sample grids, evaluation): same seed, same initial noise."""
     generator = torch.Generator().manual_seed(seed)

@@ -122,7 +122,8 @@ def test_rwr_gradient_survives_half_precision(pipes, trajectory):
     def backward(pipe):
         def run(guard):
             torch.manual_seed(0)  # the same timesteps and noise in every precision
-            rwr.accumulate_gradient(pipe, x0, cond, uncond, weights, torch.arange(2), guard, args)
+            rwr.accumulate_gradient(pipe, (x0, torch.zeros_like(x0)), cond, uncond, weights, torch.arange(2), guard,
+                                    args)
         return run
 
     reference = lora_gradient(pipes[torch.float32], backward(pipes[torch.float32]))

@@ -257,6 +257,36 @@ def test_rwr_loss_is_weighted_guided_denoising_mse(tiny_pipe):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
 
 
+def test_rwr_regresses_a_fresh_sample_of_the_vae_posterior(tiny_pipe):
+    """--reencode (the paper's code): the decoded images' VAE posterior N(μ, σ²) (diffusers' encoder, × the scaling
+    factor), and each minibatch regresses x0 = μ + σ·z with a fresh z, drawn before the timestep and the noise."""
+    randomize_lora(tiny_pipe, seed=6)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    mean, std = common.encode(tiny_pipe, images)
+    posterior = tiny_pipe.vae.encode(images * 2 - 1).latent_dist
+    scale = tiny_pipe.vae.config.scaling_factor
+    torch.testing.assert_close(mean, posterior.mean * scale)
+    torch.testing.assert_close(std, posterior.std * scale)
+    assert float(std.min()) > 0
+
+    cond = common.encode_prompts(tiny_pipe, ["a cat", "a dog"])
+    uncond = common.encode_prompts(tiny_pipe, [""])
+    weights = torch.tensor([0.7, 1.3])
+    args = rwr.Args(model="tiny", train_batch_size=2)
+    torch.manual_seed(8)
+    rwr.accumulate_gradient(tiny_pipe, (mean, std), cond, uncond, weights, torch.arange(2), GUARD, args)
+    ours = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+
+    torch.manual_seed(8)
+    x0 = mean + std * torch.randn(mean.shape)
+    t = torch.randint(0, 1000, (2,))
+    noise = torch.randn(x0.shape)
+    rwr.weighted_denoising_loss(tiny_pipe, x0, cond, uncond, weights, t, noise, args.guidance_scale, 2).backward()
+    for a, b in zip(lora_grads(tiny_pipe), ours):
+        torch.testing.assert_close(b, a)
+
+
 # ------------------------------------------------------------------------------------- the loops, refusals
 
 
