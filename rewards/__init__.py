@@ -275,7 +275,7 @@ def _parse_term(text: str, spec: str) -> Term:
 def parse(spec: str) -> list[Term]:
     """`"hpsv2:1,aesthetic[head=h.pth]:0.1"` -> `[Term("hpsv2", 1.0, {}), Term("aesthetic", 0.1, {"head": "h.pth"})]`.
 
-    Grammar in the module docstring. Raises RewardSpecError (a ValueError) naming the bad part for an unknown
+    Grammar in the module docstring. Raises RewardSpecError naming the bad part for an unknown
     name (listing the known ones), an unknown option key (listing the reward's keys), malformed brackets,
     options or URLs, a malformed or non-finite weight, an empty term, the same term twice. Loads nothing."""
     if not isinstance(spec, str) or not spec.strip():
