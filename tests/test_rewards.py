@@ -201,11 +201,11 @@ def test_parse_and_is_differentiable():
     assert rewards.parse("hpsv2:1,aesthetic:0.1") == [T("hpsv2", 1.0, {}), T("aesthetic", 0.1, {})]
     assert rewards.parse(" pickscore ") == [T("pickscore", 1.0, {})]
     assert rewards.parse("jpeg_compressibility:-2.5e-1") == [T("jpeg_compressibility", -0.25, {})]
-    with pytest.raises(ValueError, match="known rewards: aesthetic, hpsv2"):
+    with pytest.raises(rewards.RewardSpecError, match="known rewards: aesthetic, hpsv2"):
         rewards.parse("hpsv3")
     malformed = ["hpsv2:abc", "hpsv2:", "hpsv2:1:2", "hpsv2:nan", "hpsv2:inf", "hpsv2,,aesthetic", "", ":1"]
     for bad in malformed + ["hpsv2,hpsv2:2"]:
-        with pytest.raises(ValueError):
+        with pytest.raises(rewards.RewardSpecError):
             rewards.parse(bad)
     assert rewards.is_differentiable("hpsv2:1,aesthetic:0.1,pickscore,jpeg_incompressibility_diff")
     assert not rewards.is_differentiable("jpeg_compressibility")
