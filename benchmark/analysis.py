@@ -1,8 +1,9 @@
 """The benchmark's data logic, without plotting or running anything: read run directories, build the per-update
-CSV rows, curves on a common query grid, spread over seeds, thresholds and queries-to-threshold, the summary.
+CSV rows, curves on a common query grid, spread over seeds, thresholds and queries-to-threshold, the summary, and
+the learning-rate sweep's choice.
 
-Everything here works on plain files (metrics.jsonl, eval.jsonl, final_eval.json, bench_run.json) so that it
-can be tested on synthetic runs (tests/test_benchmark.py).
+Everything here works on plain files (metrics.jsonl, eval.jsonl, test_eval.json / validation_eval.json,
+bench_run.json) so that it can be tested on synthetic runs (tests/test_benchmark.py).
 
 Definitions used throughout (also stated in summary.md):
 - the *eval curve* of a run is the script's own fixed-grid reward (`eval.jsonl`: the same prompts and initial
@@ -14,6 +15,9 @@ Definitions used throughout (also stated in summary.md):
   between the base model (gain 0) and the best algorithm's mean final gain over seeds.
 - *queries to threshold* of a run is the first crossing of its eval-gain curve, linearly interpolated between
   the two evaluations around it; runs that never reach it count as not reached.
+- the *final evaluation* of a run is benchmark/evaluate.py's on one half of the prompts: `validation_eval.json`
+  (the sweep's runs: it chooses the learning rate) or `test_eval.json` (the final table's runs: it is reported).
+  `load_run` reads one of them, the test split unless told otherwise, so a table never mixes the two.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-CSV_COLUMNS = ["comparison", "algorithm", "seed", "step", "reward_queries", "seconds", "train_seconds",
-               "step_seconds", "reward_mean", "eval_reward"]
+CSV_COLUMNS = ["comparison", "algorithm", "learning_rate", "seed", "step", "reward_queries", "seconds",
+               "train_seconds", "step_seconds", "reward_mean", "eval_reward"]
+SWEEP_COLUMNS = ["algorithm", "learning_rate", "seed", "validation_score", "chosen"]
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -62,7 +67,7 @@ class Run:
     seed: int
     metrics: list[dict]  # metrics.jsonl: one row per optimizer update
     evals: list[dict]  # eval.jsonl: {"step", "eval_reward"} for each sample grid, step 0 = base model
-    final_eval: dict | None = None  # final_eval.json written by benchmark/evaluate.py
+    final_eval: dict | None = None  # {split}_eval.json written by benchmark/evaluate.py
     info: dict = field(default_factory=dict)  # bench_run.json written by compare.py (command, wall time)
 
     @property
@@ -70,20 +75,24 @@ class Run:
         return int(self.metrics[-1]["reward_queries"]) if self.metrics else 0
 
 
-def load_run(run_dir: Path, comparison: str, algorithm: str, seed: int) -> Run:
+def load_run(run_dir: Path, comparison: str, algorithm: str, seed: int, split: str = "test") -> Run:
+    """A run directory with the final evaluation of `split` ("test" or "validation"), none if that is missing."""
     run_dir = Path(run_dir)
+    final = read_json(run_dir / f"{split}_eval.json")
+    if final is not None and final.get("config", {}).get("split", split) != split:
+        raise ValueError(f"{run_dir}: {split}_eval.json holds the {final['config']['split']} split")
     return Run(comparison, algorithm, seed, read_jsonl(run_dir / "metrics.jsonl"), read_jsonl(run_dir / "eval.jsonl"),
-               read_json(run_dir / "final_eval.json"), read_json(run_dir / "bench_run.json") or {})
+               final, read_json(run_dir / "bench_run.json") or {})
 
 
-def csv_rows(run: Run) -> list[dict]:
+def csv_rows(run: Run, learning_rate: float | str = "") -> list[dict]:
     """Per-update rows of one run (CSV_COLUMNS), plus a step-0 row for the base model's eval reward.
 
     `seconds` is the script's own clock (since it started, model loading and sample grids included);
     `train_seconds` is the cumulative `step_seconds` (sampling, reward and update only), the wall-clock axis of
     the plots. `eval_reward` is filled on the updates after which a sample grid was drawn."""
     evals = {int(e["step"]): e["eval_reward"] for e in run.evals}
-    base = dict(comparison=run.comparison, algorithm=run.algorithm, seed=run.seed)
+    base = dict(comparison=run.comparison, algorithm=run.algorithm, learning_rate=learning_rate, seed=run.seed)
     rows = []
     if 0 in evals:
         rows.append(base | dict(step=0, reward_queries=0, seconds="", train_seconds=0.0, step_seconds="",
@@ -199,7 +208,8 @@ def summarize(runs: list[Run], reward_of: dict[str, str], last_fraction: float =
     `reward_of`: algorithm -> the reward it trained on; algorithms that share a reward share a threshold.
     Returns {"threshold": {reward: {...}}, "algorithms": {algorithm: {...}}} with, per algorithm, over seeds:
     final eval gain and eval reward, the train reward over the last `last_fraction` of the queries, the
-    final evaluation's figures (final_eval.json), queries to threshold, seconds per update and wall time.
+    final evaluation's figures (each run's `final_eval`, the split load_run read), queries to threshold, the
+    sample grid's diversity at the start and end, seconds per update and wall time.
     """
     by_algo: dict[str, list[Run]] = {}
     for run in runs:
@@ -238,14 +248,15 @@ def summarize(runs: list[Run], reward_of: dict[str, str], last_fraction: float =
                                              for s, r in zip(spu, algo_runs)])[0],
             wall_seconds_total=float(np.nansum(walls)),
             wall_seconds_per_run=mean_std(walls)[0],
+            grid_diversity_start_final=[mean_std(v)[0] for v in zip(*map(grid_diversity, algo_runs))],
         )
         # the independent evaluation of the final LoRA (benchmark/evaluate.py), per prompt set and reward
         finals_eval = [r.final_eval for r in algo_runs if r.final_eval]
         if finals_eval:
             entry["final_eval"] = {}
-            for split, scores in finals_eval[0]["scores"].items():
-                entry["final_eval"][split] = {
-                    name: mean_std([f["scores"][split].get(name) for f in finals_eval if split in f["scores"]])
+            for prompts, scores in finals_eval[0]["scores"].items():  # "train", "heldout"
+                entry["final_eval"][prompts] = {
+                    name: mean_std([f["scores"][prompts].get(name) for f in finals_eval if prompts in f["scores"]])
                     for name in scores
                 }
         out["algorithms"][algo] = entry
@@ -268,3 +279,67 @@ def summarize(runs: list[Run], reward_of: dict[str, str], last_fraction: float =
             entry["queries_to_threshold_mean"] = float(np.mean(hits)) if hits else None
             entry["reached_threshold"] = f"{len(hits)}/{len(reached)}"
     return out
+
+
+def grid_diversity(run: Run) -> tuple[float, float]:
+    """`eval/diversity` of the run's sample grid at step 0 and at its last evaluation (NaN without it)."""
+    values = [(int(e["step"]), e["eval/diversity"]) for e in run.evals if "eval/diversity" in e]
+    if not values:
+        return math.nan, math.nan
+    values.sort()
+    return float(values[0][1]), float(values[-1][1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the learning-rate sweep
+
+
+def choose_rates(scores: dict[str, dict[float, float]]) -> dict[str, float]:
+    """algorithm -> the learning rate with the highest validation score of `scores` (algorithm -> {rate: score}).
+    Ties go to the smaller rate (the more conservative step, and the one nearer the papers' rates); a NaN score
+    (a run without an evaluation) never wins, and an algorithm without a finite score gets no rate."""
+    chosen = {}
+    for algo, by_rate in scores.items():
+        finite = {lr: v for lr, v in by_rate.items() if v is not None and not math.isnan(v)}
+        if finite:
+            chosen[algo] = min(finite, key=lambda lr: (-finite[lr], lr))
+    return chosen
+
+
+def next_rate(rate: float, up: bool) -> float:
+    """The neighbouring rate of the half-decade series 1, 3, 10, 30, ... × 10^k (1e-4 -> 3e-4 up, 3e-5 down)."""
+    i = round(2 * math.log10(rate)) + (1 if up else -1)  # 1e-4 -> -8, 3e-4 -> -7 (log10 3 ≈ 0.48)
+    return float(f"{(1 if i % 2 == 0 else 3)}e{i // 2}")
+
+
+def widen(by_rate: dict[float, float], limits: tuple[float, float]) -> float | None:
+    """The rate to add to a sweep grid ({rate: validation score}) whose best rate sits at an edge: the next
+    half-decade beyond that edge, if it stays within `limits` (low, high); None when the best rate is inside the
+    grid, at a limit, or there is no score yet. A one-rate grid is widened upwards first."""
+    best = choose_rates({"": by_rate}).get("")
+    if best is None:
+        return None
+    rates = sorted(by_rate)
+    low, high = limits
+    if best == rates[-1] and next_rate(best, up=True) <= high * (1 + 1e-9):
+        return next_rate(best, up=True)
+    if best == rates[0] and next_rate(best, up=False) >= low * (1 - 1e-9):
+        return next_rate(best, up=False)
+    return None
+
+
+def sweep_rows(scores: dict[str, dict[float, float]], seed: int, labels: dict[str, str]) -> list[dict]:
+    """The rows of lr_sweep.csv (SWEEP_COLUMNS): one per algorithm and rate, `chosen` 1 on choose_rates' rate."""
+    chosen = choose_rates(scores)
+    return [dict(algorithm=labels.get(algo, algo), learning_rate=f"{lr:g}", seed=seed, validation_score=score,
+                 chosen=int(chosen.get(algo) == lr))
+            for algo, by_rate in scores.items() for lr, score in sorted(by_rate.items())]
+
+
+def write_sweep_csv(rows: list[dict], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)

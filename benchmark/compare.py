@@ -1,50 +1,57 @@
-"""The seven algorithms and GRPO compared at an equal budget of reward queries, on `tiny-shapes`: one command.
+"""The eight algorithms compared at an equal budget of reward queries on `tiny-shapes`, each at its own learning
+rate chosen on a validation split: one command.
 
-    python benchmark/compare.py                 # both comparisons, about an hour on a 2-core CPU
+    python benchmark/compare.py --jobs 2        # sweep, both comparisons: about 2 h on an idle 2-core CPU
     python benchmark/compare.py --smoke         # the whole pipeline on `--model tiny` in a few minutes
     python benchmark/compare.py --report-only   # redraw tables and plots from the runs already there
 
-Comparison `alignment` (the main one): every script trains on `tiny-shapes` with the reward `shapes_alignment`
-(mean log-probability of the prompt's attributes under a classifier, 0 = perfect); the RL scripts only use
-its value (they score under no_grad), the gradient scripts backpropagate through it. Every run gets the same
-budget of reward queries (images scored, the scripts' cumulative `reward_queries`), 3 seeds each. After each
-run the final LoRA is evaluated on fixed prompts and seeds (benchmark/evaluate.py): the exact-match rate
-(`shapes_exact_match`, 0/1: every attribute right) and the attribute accuracy (`shapes_attribute_accuracy`, the
-fraction of the four attributes right) on the training prompts and on held-out attribute combinations, and the
-alignment reward.
+Three stages, in this order:
 
-Comparison `jpeg` (shorter): DDPO's compressibility task. The RL scripts train on `jpeg_compressibility` (PIL
-JPEG file size, black box), the gradient scripts on its differentiable stand-in `jpeg_compressibility_diff`
-(DRaFT's); the two families have different training rewards, so their thresholds are separate, and the final
-LoRAs are all scored on both rewards (and exact match and attribute accuracy, to see what compressibility costs
-in prompt fidelity).
+1. *Learning-rate sweep* (`sweep`): every algorithm gets the same tuning budget: one run per rate of
+   `--sweep-rates` (1e-4, 3e-4, 1e-3, 3e-3) at the main comparison's budget and settings, on one seed
+   (`--sweep-seed` 100, which is not a seed of the final table), scored on the VALIDATION split of the evaluation
+   (benchmark/evaluate.py: the other half of the training captions, other initial noise). Where an algorithm's best
+   rate sits at an edge of its grid, the grid is widened by one half-decade on that side (1e-4 -> 3e-5, 3e-3 ->
+   1e-2) and the new rate run, until the best rate is inside the grid or the next rate would leave
+   `--sweep-limits` (1e-5, 3e-2). The chosen rate is the one with the best validation score; ties go to the
+   smaller rate (analysis.choose_rates). Written to lr_sweep.csv and lr_sweep.png.
+2. *Comparison `alignment`* (the main one): every script trains on `tiny-shapes` with the reward `shapes_alignment`
+   (mean log-probability of the prompt's attributes under a classifier, 0 = perfect) at its chosen rate, 3 seeds;
+   the RL scripts only use the reward's value (they score under no_grad), the gradient scripts backpropagate
+   through it. Every run gets the same budget of reward queries (images scored, the scripts' cumulative
+   `reward_queries`). The final LoRA is evaluated on the TEST split only: the exact-match rate
+   (`shapes_exact_match`, 0/1: every attribute right), the attribute accuracy (`shapes_attribute_accuracy`, the
+   fraction of the four attributes right) and the alignment reward, on the test half of the training captions and
+   of the held-out attribute combinations.
+3. *Comparison `jpeg`* (shorter): DDPO's compressibility task at the same chosen rates. The RL scripts train on
+   `jpeg_compressibility` (PIL JPEG file size, black box), the gradient scripts on its differentiable stand-in
+   `jpeg_compressibility_diff` (DRaFT's); the two families have different training rewards, so their thresholds
+   are separate, and the final LoRAs are all scored on both rewards (and exact match and attribute accuracy, to
+   see what compressibility costs in prompt fidelity).
 
 Configuration rule (stated in summary.md): the scripts' own defaults (LoRA rank and targets, weight decay,
 gradient clipping, η, DRaFT-LV's n = 2, DDPO-IS's and GRPO's 4 minibatches, RWR's 4 epochs × 4 minibatches, 8 images
-per prompt and β) except: T and w from `shapes.RECOMMENDED` for all; one learning rate per family (RL, gradient)
-instead of per script, chosen by a short sweep of one script per family on one seed; small batches (4 images per
-update for the gradient scripts, their default; 16 per sampled batch for the RL scripts); ReFL's m from the last
-40% of the steps (DRaFT's 20 of 50); DDPO-IS's and GRPO's clip range scaled with the learning rate (1e-4 at the
-paper's 3e-4); GRPO's groups of 8 (2 prompts × 8 images per batch of 16); `--steps` = budget / queries per update.
-The sample grid (the eval curve) is drawn at step 0 and ~6 more times per run from a fixed shuffle of the training
-prompts, 48 images in the main comparison (`--grid-images`: 16 gave a grid of prompts the base model already drew
-well, see docs/benchmark) and 8, the scripts' default, in the JPEG one.
+per prompt, β and its re-encoding) except: T and w from `shapes.RECOMMENDED` for all; the learning rate of the
+sweep; small batches (4 images per update for the gradient scripts, their default; 16 per sampled batch for the RL
+scripts); ReFL's m from the last 40% of the steps (DRaFT's 20 of 50); DDPO-IS's and GRPO's clip range scaled with
+the learning rate (1e-4 at the paper's 3e-4; why: `clip_range`); GRPO's groups of 8 (2 prompts × 8 images per
+batch of 16); `--steps` = budget / queries per update. The sample grid (the eval curve, `--grid-images` images:
+the first prompts of the training file, which puts test-split captions first, × 2 seeds) is drawn at step 0 and
+4 more times per run in the main comparison; the sweep's runs draw a 2-image grid at the start and end only.
 
-Cost on this 2-core CPU (one thread per job, T = 20, two jobs at a time, 2026-11-30): 0.19 (DRaFT-LV) to 1.06
-(DDPO-IS) seconds of training per reward query, 4.3 s per query for the seven scripts together, plus about 2 min
-per run of the main comparison for its 48-image sample grids and ~30 s for the final evaluation. The default
-budgets (192 queries × 3 seeds, JPEG 48 × 2 seeds) take about 56 min with `--jobs 2` (107 min summed over runs).
+Cost on this 2-core CPU (one thread per job, T = 20, two jobs at a time): about 5.3 s of training per reward query
+for the eight scripts together when the machine is otherwise idle, plus about a minute per run of the main
+comparison for its sample grids and ~30 s for each evaluation; see docs/benchmark for the measured wall time.
 
-Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed}; a run whose directory holds a finished run of the
-same command is skipped (so a rerun resumes), `--fresh` redoes them. Jobs run with OMP_NUM_THREADS=1,
-`--jobs` at a time (default 1).
+Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed} (the sweep: runs/sweep/{algorithm}__lr{rate}__s{seed});
+a run whose directory holds a finished run of the same command is skipped (so a rerun resumes), `--fresh` redoes
+them. Jobs run with OMP_NUM_THREADS=1, `--jobs` at a time (default 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import shutil
@@ -66,18 +73,23 @@ RL = ("ddpo_sf", "ddpo_is", "rwr", "grpo")
 LABELS = dict(ddpo_sf="DDPO-SF", ddpo_is="DDPO-IS", rwr="RWR", draft="DRaFT-1", draft_lv="DRaFT-LV", refl="ReFL",
               alignprop="AlignProp", grpo="GRPO")
 GRPO_GROUP = 8  # images per prompt: Flow-GRPO's one-GPU configs (DanceGRPO: 16, which would leave 1 prompt per batch)
-PAPER_LR = dict(rl=3e-4)  # DDPO's learning rate, at which its clip range 1e-4 is calibrated
+PAPER_LR = 3e-4  # DDPO's learning rate, at which its clip range 1e-4 is calibrated
+PAPER_CLIP = 1e-4
+SWEEP_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
+SWEEP_LIMITS = (1e-5, 3e-2)  # the sweep widens a grid whose best rate is at an edge, but not beyond these
+SWEEP_SEED = 100  # the sweep's training seed: not one of the final table's, so no final run was selected on
 
 
 @dataclass
 class Comparison:
-    """One comparison: a model, prompts, the reward of each family, a budget and the seeds."""
+    """One comparison: a model, prompts, the reward of each family, a budget, the seeds and each algorithm's
+    learning rates (one each, several in the sweep)."""
 
     name: str
     title: str
     model: str
     prompts: str  # training prompt set
-    heldout_prompts: str  # held-out prompt set, evaluation only
+    heldout_prompts: str | None  # held-out prompt set, evaluation only (None: not evaluated)
     rl_reward: str  # reward of ddpo_sf, ddpo_is, rwr, grpo (used as a black box)
     grad_reward: str  # reward of draft, draft_lv, refl, alignprop (differentiated)
     eval_rewards: list[str]  # rewards of the final evaluation
@@ -85,10 +97,11 @@ class Comparison:
     seeds: list[int]
     num_inference_steps: int
     guidance_scale: float
-    lr: dict[str, float]  # family ("rl", "grad") -> AdamW learning rate
+    lr: dict[str, list[float]]  # algorithm -> AdamW learning rates
+    split: str = "test"  # the evaluation's half of each prompt set: "validation" for the sweep, "test" otherwise
     rl_batch: int = 16  # images sampled per batch by the RL scripts
     grad_batch: int = 4  # images per update of the gradient scripts
-    evals_per_run: int = 6  # sample grids per run after step 0 (the eval curve's resolution)
+    evals_per_run: int = 4  # sample grids per run after step 0 (the eval curve's resolution); 0: only at the end
     num_sample_images: int = 8  # images per sample grid (the scripts' default)
     eval_images: int = 24  # about this many images per prompt set in the final evaluation (evaluate.eval_prompts)
     algorithms: tuple[str, ...] = ALGORITHMS
@@ -96,25 +109,45 @@ class Comparison:
     def reward(self, algo: str) -> str:
         return self.rl_reward if algo in RL else self.grad_reward
 
-    def family(self, algo: str) -> str:
-        return "rl" if algo in RL else "grad"
+    @property
+    def sweep(self) -> bool:
+        return self.split == "validation"
+
+    def eval_sets(self) -> dict[str, str]:
+        return dict(train=self.prompts) | (dict(heldout=self.heldout_prompts) if self.heldout_prompts else {})
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the report maps jobs to their runs
 class Job:
     comparison: Comparison
     algorithm: str
     seed: int
+    lr: float
     run_dir: Path
     cmd: list[str]
     steps: int
     queries_per_update: float
     extra: dict = field(default_factory=dict)  # per-algorithm settings for the configuration table
 
+    @property
+    def eval_file(self) -> Path:
+        """The final LoRA's evaluation on the comparison's split: validation_eval.json or test_eval.json."""
+        return self.run_dir / f"{self.comparison.split}_eval.json"
 
-def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, dict]:
-    """(flags, steps, queries per update, settings for the table) of `algo` in comparison `c`."""
-    lr = c.lr[c.family(algo)]
+
+def clip_range(lr: float) -> float:
+    """DDPO-IS's and GRPO's clip range at learning rate `lr`: DDPO's 1e-4 at its 3e-4, scaled with the rate.
+
+    Kept from the earlier benchmark, for the sweep's sake: under Adam a parameter moves about lr per update, so the
+    log-ratio log(p_θ / p_old) that the clip bounds grows about linearly with the rate. A clip fixed at 1e-4 would
+    cut the later minibatches' gradients off ever sooner as the rate rises (at 3e-3, after ~1/10 of an update's
+    move), and the sweep would measure the clip, not the rate; scaled, every rate clips the same fraction of that
+    move, as DDPO's pair (3e-4, 1e-4) does. The clip fractions logged by the sweep's runs say how often it acts."""
+    return PAPER_CLIP * lr / PAPER_LR
+
+
+def script_settings(c: Comparison, algo: str, lr: float) -> tuple[list[str], int, float, dict]:
+    """(flags, steps, queries per update, settings for the table) of `algo` at learning rate `lr` in `c`."""
     T = c.num_inference_steps
     if algo == "ddpo_sf":  # one on-policy update per sampled batch
         B = c.rl_batch
@@ -122,7 +155,7 @@ def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, di
         per_update, settings = B, dict(batch=f"{B} per update")
     elif algo in ("ddpo_is", "grpo"):  # 4 clipped updates per sampled batch (default), clip range scaled with the LR
         B, mb = c.rl_batch, 4
-        clip = 1e-4 * lr / PAPER_LR["rl"]
+        clip = clip_range(lr)
         flags = ["--batch-size", B, "--sample-batch-size", min(B, 16), "--num-minibatches", mb,
                  "--train-batch-size", B // mb, "--clip-range", f"{clip:.3g}"]
         per_update, settings = B / mb, dict(batch=f"{B} per batch, {mb} updates of {B // mb}", clip_range=clip)
@@ -139,7 +172,7 @@ def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, di
         flags, per_update = ["--batch-size", c.grad_batch, "--k", 1], c.grad_batch
         settings = dict(batch=f"{c.grad_batch}, K = 1")
     elif algo == "draft_lv":  # every update scores B·(n + 1) images
-        flags, per_update = ["--batch-size", c.grad_batch, "--n", 2], c.grad_batch * 3
+        flags, per_update = ["--batch-size", c.grad_batch, "--num-copies", 2], c.grad_batch * 3
         settings = dict(batch=f"{c.grad_batch}, n = 2 ({c.grad_batch * 3} queries per update)")
     elif algo == "refl":
         max_step = max(1, round(0.4 * T))
@@ -160,35 +193,42 @@ def script_settings(c: Comparison, algo: str) -> tuple[list[str], int, float, di
 
 
 def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]) -> list[Job]:
-    """All jobs, ordered so that partial results cover every algorithm: seed 0 of every comparison first."""
+    """All jobs, ordered so that partial results cover every algorithm: seed 0 of every comparison first (the
+    sweep: its rates in order)."""
     jobs = []
     for c in comparisons:
         for seed in c.seeds:
             for algo in c.algorithms:
-                flags, steps, per_update, settings = script_settings(c, algo)
-                run_dir = out / "runs" / c.name / f"{algo}__s{seed}"
-                sample_every = max(1, steps // c.evals_per_run)
-                cmd = [f"{algo}.py", "--model", c.model, "--reward", c.reward(algo),
-                       "--prompt-file", str(prompt_files[c.prompts]),
-                       "--num-inference-steps", str(c.num_inference_steps),
-                       "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
-                       "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
-                       "--save-every", "0", "--output-dir", str(run_dir)]
-                jobs.append(Job(c, algo, seed, run_dir, cmd, steps, per_update, settings))
+                for lr in c.lr.get(algo, []):
+                    flags, steps, per_update, settings = script_settings(c, algo, lr)
+                    name = f"{algo}__lr{lr:g}__s{seed}" if c.sweep else f"{algo}__s{seed}"
+                    run_dir = out / "runs" / c.name / name
+                    sample_every = max(1, steps // c.evals_per_run) if c.evals_per_run else steps
+                    cmd = [f"{algo}.py", "--model", c.model, "--reward", c.reward(algo),
+                           "--prompt-file", str(prompt_files[c.prompts]),
+                           "--num-inference-steps", str(c.num_inference_steps),
+                           "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
+                           "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
+                           "--save-every", "0", "--output-dir", str(run_dir)]
+                    jobs.append(Job(c, algo, seed, lr, run_dir, cmd, steps, per_update, settings))
     order = {c.name: i for i, c in enumerate(comparisons)}
     return sorted(jobs, key=lambda j: (j.seed, order[j.comparison.name]))  # stable: algorithm order kept
 
 
-def shuffled_prompt_file(name: str, out: Path) -> Path:
-    """The prompt set written in a fixed shuffled order. Training draws prompts uniformly either way; the order
-    only decides the sample grid (the first --num-sample-images prompts), which should span the attributes."""
+def training_prompt_file(name: str, out: Path) -> Path:
+    """The prompt set written test-split captions first, each half in a fixed shuffle. Training draws prompts
+    uniformly either way; the order only decides the sample grid (the first --num-sample-images / 2 prompts), which
+    so draws test captions only, spread over the attributes."""
     import common
+    from benchmark.evaluate import split_prompts
 
     prompts = common.load_prompts(name)
-    random.Random(0).shuffle(prompts)
+    halves = [split_prompts(prompts, split) for split in ("test", "validation")]
+    for i, half in enumerate(halves):
+        random.Random(i).shuffle(half)
     path = out / "prompts" / f"{name}.txt"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(prompts) + "\n")
+    path.write_text("\n".join(halves[0] + halves[1]) + "\n")
     return path
 
 
@@ -207,16 +247,14 @@ def run_finished(job: Job) -> bool:
     return bool(info and info.get("cmd") == job.cmd and (job.run_dir / "pytorch_lora_weights.safetensors").is_file())
 
 
-def _eval_sets(c: Comparison) -> dict[str, str]:
-    return dict(train=c.prompts, heldout=c.heldout_prompts)
-
-
 def eval_done(path: Path, c: Comparison) -> bool:
-    """Whether `path` holds an evaluation with every reward and the image count the comparison asks for."""
+    """Whether `path` holds an evaluation of the comparison's split with every reward and prompt set and the image
+    count the comparison asks for."""
     result = analysis.read_json(path)
     if not result:
         return False
-    return (set(c.eval_rewards) <= set(result["scores"].get("train", {}))
+    return (result["config"].get("split", "test") == c.split and set(c.eval_sets()) <= set(result["scores"])
+            and set(c.eval_rewards) <= set(result["scores"].get("train", {}))
             and result["config"].get("num_images") == c.eval_images)
 
 
@@ -274,45 +312,111 @@ def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 4) -> fl
 
 def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: threading.Lock,
             skip_eval: bool = False, fork: bool = True) -> str:
-    """Train (unless finished), then evaluate the final LoRA (unless evaluated). Returns what was done.
+    """Train (unless finished), then evaluate the final LoRA on the comparison's split (unless evaluated). Returns
+    what was done.
 
     Training runs the script in a subprocess; the evaluation runs in this process (one at a time, under
     `eval_lock`), which saves a second start of torch and diffusers per run (~10 s each on this machine)."""
     from benchmark import evaluate
-    log = out / "logs" / job.comparison.name / f"{job.algorithm}__s{job.seed}.log"
+    c = job.comparison
+    log = out / "logs" / c.name / f"{job.run_dir.name}.log"
     done = []
     if fresh or not run_finished(job):
         if job.run_dir.exists():
             shutil.rmtree(job.run_dir)
         with lock:
-            print(f"[{time.strftime('%H:%M:%S')}] train {job.comparison.name}/{job.algorithm} seed {job.seed}: "
+            print(f"[{time.strftime('%H:%M:%S')}] train {c.name}/{job.algorithm} lr {job.lr:g} seed {job.seed}: "
                   f"{job.steps} updates", flush=True)
         wall = _call(job.cmd, log, fork)
         info = dict(cmd=job.cmd, wall_seconds=round(wall, 2),
                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         (job.run_dir / "bench_run.json").write_text(json.dumps(info, indent=2))
-        (job.run_dir / "final_eval.json").unlink(missing_ok=True)
+        job.eval_file.unlink(missing_ok=True)
         done.append(f"trained in {wall:.0f} s")
-    final = job.run_dir / "final_eval.json"
-    if not eval_done(final, job.comparison) and not skip_eval:
+    if not eval_done(job.eval_file, c) and not skip_eval:
         with eval_lock:
-            c = job.comparison
-            result = evaluate.evaluate_run(job.run_dir, _eval_sets(c), c.eval_rewards, c.eval_images)
-        _write_eval(result, final)
-        done.append(f"evaluated in {result['seconds']:.0f} s")
+            result = evaluate.evaluate_run(job.run_dir, c.eval_sets(), c.eval_rewards, c.eval_images, c.split)
+        _write_eval(result, job.eval_file)
+        done.append(f"{c.split} evaluation in {result['seconds']:.0f} s")
     return ", ".join(done) or "already done"
 
 
+def base_file(out: Path, c: Comparison, eta: float) -> Path:
+    """The base model's evaluation on the comparison's split with DDIM η = `eta`."""
+    return out / "base" / f"{c.name}__{c.split}__eta{eta:g}.json"
+
+
 def evaluate_base(c: Comparison, out: Path, fresh: bool) -> None:
-    """The base model's scores, once per sampler the comparison uses (η = 0 gradient, η = 1 RL)."""
+    """The base model's scores on the comparison's split, once per sampler it uses (η = 0 gradient, η = 1 RL)."""
     from benchmark import evaluate
 
     for eta in sorted({1.0 if a in RL else 0.0 for a in c.algorithms}):
-        path = out / "base" / f"{c.name}__eta{eta:g}.json"
+        path = base_file(out, c, eta)
         if fresh or not eval_done(path, c):
-            print(f"[{time.strftime('%H:%M:%S')}] evaluate base model ({c.name}, η = {eta:g})", flush=True)
-            _write_eval(evaluate.evaluate(c.model, None, _eval_sets(c), c.eval_rewards, c.eval_images,
-                                          c.num_inference_steps, c.guidance_scale, eta), path)
+            print(f"[{time.strftime('%H:%M:%S')}] evaluate base model ({c.name}, {c.split} split, η = {eta:g})",
+                  flush=True)
+            _write_eval(evaluate.evaluate(c.model, None, c.eval_sets(), c.eval_rewards, c.eval_images,
+                                          c.num_inference_steps, c.guidance_scale, eta, split=c.split), path)
+
+
+def run_jobs(jobs: list[Job], a, out: Path, report_state: dict, t_start: float) -> list[Job]:
+    """Run `jobs`, `a.jobs` at a time, refreshing the report (report.write(**report_state)) after each; the jobs
+    that failed."""
+    from benchmark import report
+
+    lock, eval_lock = threading.Lock(), threading.Lock()
+    failed = []
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        futures = {pool.submit(execute, j, out, a.fresh, lock, eval_lock, a.skip_eval, not a.no_fork_server): j
+                   for j in jobs}
+        for n, future in enumerate(as_completed(futures), 1):
+            j = futures[future]
+            try:
+                what = future.result()
+            except Exception as e:  # keep going: the report shows what is missing
+                failed.append(j)
+                what = f"FAILED: {e}"
+            with lock:
+                print(f"[{time.strftime('%H:%M:%S')}] {n}/{len(jobs)} {j.comparison.name}/{j.algorithm} lr {j.lr:g} "
+                      f"seed {j.seed}: {what}", flush=True)
+            try:  # refresh the report as results come in (cheap), so partial results are always there
+                report.write(**report_state, elapsed=time.time() - t_start, final=False)
+            except Exception as e:
+                print(f"  report failed: {type(e).__name__}: {e}", flush=True)
+    if failed:
+        print(f"{len(failed)} runs failed: {[f'{j.comparison.name}/{j.run_dir.name}' for j in failed]}")
+    return failed
+
+
+def sweep_scores(jobs: list[Job]) -> dict[str, dict[float, float]]:
+    """algorithm -> {learning rate: validation score} of the sweep's finished and evaluated runs (the training
+    reward's mean on the validation split of the training prompts)."""
+    scores: dict[str, dict[float, float]] = {}
+    for j in jobs:
+        result = analysis.read_json(j.eval_file)
+        if result and eval_done(j.eval_file, j.comparison):
+            scores.setdefault(j.algorithm, {})[j.lr] = result["scores"]["train"][j.comparison.reward(j.algorithm)]
+    return scores
+
+
+def run_sweep(sweep: Comparison, a, out: Path, prompt_files: dict, report_state: dict,
+              t_start: float) -> dict[str, float]:
+    """Stage 1: run the sweep, widening each algorithm's grid while its best rate is at an edge; the chosen rates.
+    `sweep.lr` grows in place, so the report sees every rate that was run."""
+    while True:
+        jobs = plan([sweep], out, prompt_files)
+        report_state["jobs"] = jobs + [j for j in report_state["jobs"] if j.comparison is not sweep]
+        if not a.report_only:
+            run_jobs(jobs, a, out, report_state, t_start)
+        scores = sweep_scores(jobs)
+        wider = {algo: analysis.widen(scores.get(algo, {}), a.sweep_limits) for algo in sweep.algorithms}
+        wider = {algo: lr for algo, lr in wider.items() if lr is not None and lr not in sweep.lr[algo]}
+        if a.report_only or not wider:
+            return analysis.choose_rates(scores)
+        for algo, lr in wider.items():
+            print(f"[{time.strftime('%H:%M:%S')}] sweep: {LABELS[algo]}'s best rate is at the edge of "
+                  f"{sorted(sweep.lr[algo])}: adding {lr:g}", flush=True)
+            sweep.lr[algo] = sorted(sweep.lr[algo] + [lr])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -328,42 +432,64 @@ def recommended(model: str) -> dict:
     return dict(shapes.RECOMMENDED)
 
 
-def comparisons(a) -> list[Comparison]:
-    """The two comparisons of the benchmark (or of --smoke), with the command-line overrides applied."""
+def comparisons(a) -> tuple[Comparison, list[Comparison]]:
+    """The sweep and the two comparisons of the benchmark (or of --smoke), with the command-line overrides applied.
+    The comparisons' learning rates are empty until the sweep has chosen them (`--lr` fixes some in advance)."""
+    fixed = dict(a.lr)
+    rates = {algo: [fixed[algo]] if algo in fixed else list(a.sweep_rates) for algo in ALGORITHMS}
     if a.smoke:
         rec = recommended("tiny")
-        common_kw = dict(model="tiny", prompts="simple_animals", heldout_prompts="imagenet_animals",
-                         num_inference_steps=rec["num_inference_steps"], guidance_scale=rec["guidance_scale"],
-                         lr=dict(rl=a.lr_rl or 3e-3, grad=a.lr_grad or 3e-3), evals_per_run=3, num_sample_images=4,
-                         eval_images=8, rl_batch=16)
+        common_kw = dict(model="tiny", prompts="simple_animals", num_inference_steps=rec["num_inference_steps"],
+                         guidance_scale=rec["guidance_scale"], evals_per_run=3, num_sample_images=4, eval_images=8,
+                         rl_batch=16)
         main = Comparison("alignment", "smoke: jpeg_compressibility_diff for all (RL as a black box)",
-                          rl_reward="jpeg_compressibility_diff", grad_reward="jpeg_compressibility_diff",
+                          heldout_prompts="imagenet_animals", rl_reward="jpeg_compressibility_diff",
+                          grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility_diff", "jpeg_compressibility"], budget=a.budget or 48,
-                          seeds=a.seeds or [0, 1], **common_kw)
+                          seeds=a.seeds or [0, 1], lr={}, **common_kw)
         jpeg = Comparison("jpeg", "smoke: jpeg_compressibility (RL) / jpeg_compressibility_diff (gradient)",
-                          rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
+                          heldout_prompts="imagenet_animals", rl_reward="jpeg_compressibility",
+                          grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff"],
-                          budget=a.jpeg_budget or 48, seeds=a.jpeg_seeds or [0], **common_kw)
+                          budget=a.jpeg_budget or 48, seeds=a.jpeg_seeds or [0], lr={}, **common_kw)
     else:
         rec = recommended(a.model)
-        common_kw = dict(model=a.model, prompts="shapes", heldout_prompts="shapes_heldout",
-                         num_inference_steps=rec["num_inference_steps"], guidance_scale=rec["guidance_scale"],
-                         lr=dict(rl=a.lr_rl, grad=a.lr_grad), eval_images=a.eval_images)
+        common_kw = dict(model=a.model, prompts="shapes", num_inference_steps=rec["num_inference_steps"],
+                         guidance_scale=rec["guidance_scale"], eval_images=a.eval_images)
         main = Comparison("alignment", "tiny-shapes, shapes_alignment (RL: black box; gradient: backpropagated)",
-                          rl_reward="shapes_alignment", grad_reward="shapes_alignment",
+                          heldout_prompts="shapes_heldout", rl_reward="shapes_alignment",
+                          grad_reward="shapes_alignment",
                           eval_rewards=["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"],
-                          budget=a.budget,
-                          seeds=a.seeds or [0, 1, 2], num_sample_images=a.grid_images, **common_kw)
+                          budget=a.budget, seeds=a.seeds or [0, 1, 2], num_sample_images=a.grid_images, lr={},
+                          **common_kw)
         jpeg = Comparison("jpeg", "tiny-shapes, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
-                          rl_reward="jpeg_compressibility", grad_reward="jpeg_compressibility_diff",
+                          heldout_prompts="shapes_heldout", rl_reward="jpeg_compressibility",
+                          grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match",
                                         "shapes_attribute_accuracy"],
-                          budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], **common_kw)
+                          budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], lr={}, **common_kw)
         jpeg.eval_images = max(1, a.eval_images // 4)
+    # the sweep: the main comparison's training at one seed, scored on the validation split by its training reward
+    sweep = Comparison(**{**main.__dict__, "name": "sweep", "title": f"learning-rate sweep ({main.title})",
+                          "heldout_prompts": None, "eval_rewards": sorted({main.rl_reward, main.grad_reward}),
+                          "seeds": [a.sweep_seed], "lr": rates, "split": "validation", "evals_per_run": 0,
+                          "num_sample_images": 2})
     chosen = [c for c in (main, jpeg) if c.name in a.comparisons]
-    for c in chosen:
+    for c in [sweep, *chosen]:
         c.algorithms = tuple(x for x in ALGORITHMS if x in a.algorithms)
-    return chosen
+    if a.sweep_seed in sweep.seeds and a.sweep_seed in main.seeds:
+        raise SystemExit(f"--sweep-seed {a.sweep_seed} is also a seed of the final table: choose another")
+    return sweep, chosen
+
+
+def _algo_rate(text: str) -> tuple[str, float]:
+    algo, _, rate = text.partition("=")
+    if algo not in ALGORITHMS:
+        raise argparse.ArgumentTypeError(f"--lr {text}: unknown algorithm {algo!r} (one of {', '.join(ALGORITHMS)})")
+    try:
+        return algo, float(rate)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lr {text}: expected ALGORITHM=RATE, e.g. draft=1e-3") from None
 
 
 def parse_args(argv=None):
@@ -375,17 +501,24 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="tiny budgets on --model tiny with the JPEG rewards")
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
     p.add_argument("--model", default="tiny-shapes")
-    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison")
+    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison and sweep")
     p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
-    p.add_argument("--lr-rl", type=float, default=1e-3, help="AdamW learning rate of ddpo_sf, ddpo_is, rwr, grpo")
-    p.add_argument("--lr-grad", type=float, default=1e-3, help="AdamW learning rate of the four gradient scripts")
+    p.add_argument("--sweep-rates", type=float, nargs="+", default=list(SWEEP_RATES),
+                   help="each algorithm's initial learning-rate grid (smoke: 3e-3 1e-2)")
+    p.add_argument("--sweep-limits", type=float, nargs=2, default=list(SWEEP_LIMITS), metavar=("LOW", "HIGH"),
+                   help="a grid whose best rate is at an edge is widened by half-decades up to these rates")
+    p.add_argument("--sweep-seed", type=int, default=SWEEP_SEED, help="training seed of the sweep's runs")
+    p.add_argument("--lr", type=_algo_rate, nargs="+", default=[], metavar="ALGORITHM=RATE",
+                   help="fix these algorithms' learning rates instead of sweeping them, e.g. --lr draft=1e-3")
     p.add_argument("--eval-images", type=int, default=48, help="about this many images per prompt set in the final "
-                   "evaluation of the main comparison (every prompt the same number of times; JPEG: a quarter)")
-    p.add_argument("--grid-images", type=int, default=48, help="images in each run's sample grid, the eval curve the "
-                   "threshold is read from, main comparison (the first of the shuffled training prompts)")
-    p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick sweep)")
+                   "evaluation of the main comparison and the sweep (every prompt of the split the same number of "
+                   "times; JPEG: a quarter)")
+    p.add_argument("--grid-images", type=int, default=32, help="images in each run's sample grid, the eval curve the "
+                   "threshold is read from, main comparison (the first test-split training prompts × 2 seeds)")
+    p.add_argument("--skip-eval", action="store_true", help="no final evaluations (for a quick look; the sweep "
+                   "then chooses nothing)")
     p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
                    "forking it from a server with torch and diffusers already imported")
     p.add_argument("--comparisons", nargs="+", default=["alignment", "jpeg"], choices=["alignment", "jpeg"])
@@ -393,14 +526,11 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.smoke:
         a.model = "tiny"
-        if a.budget == p.get_default("budget"):
-            a.budget = None
-        if a.jpeg_budget == p.get_default("jpeg_budget"):
-            a.jpeg_budget = None
-        if a.lr_rl == p.get_default("lr_rl"):
-            a.lr_rl = None
-        if a.lr_grad == p.get_default("lr_grad"):
-            a.lr_grad = None
+        for name in ("budget", "jpeg_budget"):
+            if getattr(a, name) == p.get_default(name):
+                setattr(a, name, None)
+        if a.sweep_rates == p.get_default("sweep_rates"):
+            a.sweep_rates, a.sweep_limits = [3e-3, 1e-2], [3e-3, 1e-2]
     a.out = a.out or ROOT / "benchmark" / "results" / ("smoke" if a.smoke else "")
     return a
 
@@ -426,39 +556,28 @@ def main(argv=None):
     t_start = time.time()
     out = a.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    comps = comparisons(a)
-    prompt_files = {c.prompts: shuffled_prompt_file(c.prompts, out) for c in comps}
-    jobs = plan(comps, out, prompt_files)
+    sweep, comps = comparisons(a)
+    prompt_files = {c.prompts: training_prompt_file(c.prompts, out) for c in [sweep, *comps]}
     (out / "git.txt").write_text(_git_state())
-    (out / "commands.txt").write_text("".join(
-        f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}\n" for j in jobs))
+    state = dict(comps=[sweep, *comps], jobs=[], out=out)
+    if not a.report_only and not a.skip_eval:
+        for c in [sweep, *comps]:
+            evaluate_base(c, out, a.fresh)
+    print(f"stage 1: learning-rate sweep on the validation split, output in {out}", flush=True)
+    chosen = run_sweep(sweep, a, out, prompt_files, state, t_start)
+    missing = [LABELS[x] for x in sweep.algorithms if x not in chosen]
+    if missing:
+        print(f"no learning rate chosen for {', '.join(missing)} (no evaluated sweep run): left out", flush=True)
+    for c in comps:
+        c.lr = {algo: [lr] for algo, lr in chosen.items()}
+    jobs = plan(comps, out, prompt_files)
+    state["jobs"] += jobs
+    (out / "commands.txt").write_text("".join(f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}\n" for j in state["jobs"]))
     if not a.report_only:
-        print(f"{len(jobs)} runs, {a.jobs} at a time; output in {out}", flush=True)
-        for c in comps:
-            if not a.skip_eval:
-                evaluate_base(c, out, a.fresh)
-        lock, eval_lock = threading.Lock(), threading.Lock()
-        failed = []
-        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-            futures = {pool.submit(execute, j, out, a.fresh, lock, eval_lock, a.skip_eval, not a.no_fork_server): j
-                       for j in jobs}
-            for n, future in enumerate(as_completed(futures), 1):
-                j = futures[future]
-                try:
-                    what = future.result()
-                except Exception as e:  # keep going: the report shows what is missing
-                    failed.append(j)
-                    what = f"FAILED: {e}"
-                with lock:
-                    print(f"[{time.strftime('%H:%M:%S')}] {n}/{len(jobs)} {j.comparison.name}/{j.algorithm} "
-                          f"seed {j.seed}: {what}", flush=True)
-                try:  # refresh the report as results come in (cheap), so partial results are always there
-                    report.write(comps, jobs, out, elapsed=time.time() - t_start, final=False)
-                except Exception as e:
-                    print(f"  report failed: {type(e).__name__}: {e}", flush=True)
-        if failed:
-            print(f"{len(failed)} runs failed: {[f'{j.comparison.name}/{j.algorithm}/s{j.seed}' for j in failed]}")
-    report.write(comps, jobs, out, elapsed=None if a.report_only else time.time() - t_start, final=True)
+        print(f"stage 2: {len(jobs)} runs at the chosen rates "
+              f"({', '.join(f'{LABELS[x]} {lr:g}' for x, lr in chosen.items())}), {a.jobs} at a time", flush=True)
+        run_jobs(jobs, a, out, state, t_start)
+    report.write(**state, elapsed=None if a.report_only else time.time() - t_start, final=True)
     print(f"summary: {out / 'summary.md'}; invocation took {(time.time() - t_start) / 60:.1f} min", flush=True)
 
 

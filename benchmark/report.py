@@ -1,4 +1,5 @@
-"""The benchmark's outputs from its run directories: runs.csv, plots, before/after grids, summary.md/.json.
+"""The benchmark's outputs from its run directories: lr_sweep.csv and its plot, runs.csv, plots, before/after grids,
+summary.md/.json.
 
 Called by compare.py after every finished run (so partial results are always on disk) and at the end.
 """
@@ -182,18 +183,21 @@ def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
 
 def _results_table(c, summary, base) -> list[str]:
     """Reward and cost per algorithm."""
-    head = ["algorithm", "seeds", "reward", "final Δ reward vs base (eval set)", "final eval-grid gain",
-            "train reward, last 10%", "queries to threshold (reached)", "s / update", "s / 1k queries", "wall s / run"]
+    head = ["algorithm", "LR", "seeds", "reward", "final Δ reward vs base (test split)", "final eval-grid gain",
+            "train reward, last 10%", "queries to threshold (reached)", "grid diversity, start → end", "s / update",
+            "s / 1k queries", "wall s / run"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for algo in c.algorithms:
         e = summary["algorithms"].get(algo)
         if e is None:
             continue
         q = e.get("queries_to_threshold_mean")
-        cells = [_label(algo), ",".join(map(str, e["seeds"])), f"`{c.reward(algo)}`",
-                 _fmt(final_delta(c, algo, e, base)), _fmt(e["final_gain_mean_std"]),
+        d0, d1 = e["grid_diversity_start_final"] or (math.nan, math.nan)
+        cells = [_label(algo), "/".join(f"{lr:g}" for lr in c.lr.get(algo, [])), ",".join(map(str, e["seeds"])),
+                 f"`{c.reward(algo)}`", _fmt(final_delta(c, algo, e, base)), _fmt(e["final_gain_mean_std"]),
                  _fmt(e["train_reward_last_mean_std"]),
                  (f"{q:.0f}" if q is not None else "not reached") + f" ({e.get('reached_threshold', '–')})",
+                 "–" if math.isnan(d0) else f"{d0:.3f} → {d1:.3f}",
                  f"{e['seconds_per_update']:.2f}", f"{e['seconds_per_1k_queries']:.0f}",
                  f"{e['wall_seconds_per_run']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -221,73 +225,189 @@ def _eval_table(c, summary, base) -> list[str]:
     return lines
 
 
-def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
-    """Write runs.csv, the plots, the grids, summary.md and summary.json from what is in the run directories."""
-    runs_all, rows = [], []
+def load_base(out: Path, c) -> dict[float, dict]:
+    """η -> the base model's evaluation on the comparison's split (compare.evaluate_base's files)."""
+    base = {}
+    for path in sorted((out / "base").glob(f"{c.name}__{c.split}__eta*.json")):
+        b = json.loads(path.read_text())
+        base[b["config"]["eta"]] = b
+    return base
+
+
+def sweep_scores(runs: dict) -> dict[str, dict[float, float]]:
+    """algorithm -> {learning rate: validation score} from the sweep's evaluated runs ({job: Run})."""
+    scores: dict[str, dict[float, float]] = {}
+    for job, run in runs.items():
+        if run.final_eval:
+            reward = job.comparison.reward(job.algorithm)
+            scores.setdefault(job.algorithm, {})[job.lr] = run.final_eval["scores"]["train"][reward]
+    return scores
+
+
+def plot_sweep(c, scores: dict[str, dict[float, float]], base: dict, out: Path) -> Path | None:
+    """Validation score minus the base model's (same sampler) against the learning rate, one line per algorithm,
+    the chosen rate marked with a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not scores:
+        return None
+    chosen = analysis.choose_rates(scores)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for algo in c.algorithms:
+        if algo not in scores or _eta(algo) not in base:
+            continue
+        b = base[_eta(algo)]["scores"]["train"][c.reward(algo)]
+        rates = sorted(scores[algo])
+        ax.plot(rates, [scores[algo][lr] - b for lr in rates], marker="o", label=_label(algo), **_style(algo))
+        if algo in chosen:
+            ax.plot([chosen[algo]], [scores[algo][chosen[algo]] - b], marker="*", markersize=16, color=COLORS[algo],
+                    markeredgecolor="k", linestyle="none")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xscale("log")
+    ticks = sorted({lr for by_rate in scores.values() for lr in by_rate})
+    ax.set_xticks(ticks, [f"{lr:g}" for lr in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("AdamW learning rate")
+    ax.set_ylabel(f"validation Δ {c.grad_reward} vs base model")
+    ax.set_title(f"learning-rate sweep: {c.budget} reward queries, seed {c.seeds[0]}, validation split "
+                 f"({c.eval_images} images); ★ chosen\ndashed: RL (η = 1 base), solid: gradient (η = 0 base)",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path = out / "lr_sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sweep_section(c, runs: dict, scores: dict, base: dict) -> list[str]:
+    """summary.md's sweep table: per algorithm and rate the validation Δ vs base (chosen in bold), and the clip
+    fraction of DDPO-IS and GRPO (how often the scaled clip range acted)."""
+    chosen = analysis.choose_rates(scores)
+    rates = sorted({lr for by_rate in scores.values() for lr in by_rate})
+    lines = ["| algorithm | " + " | ".join(f"{lr:g}" for lr in rates) + " | chosen |",
+             "|---|" + "---|" * (len(rates) + 1)]
+    clipfrac = {}
+    for job, run in runs.items():
+        values = [m["clipfrac"] for m in run.metrics if "clipfrac" in m]
+        if values:
+            clipfrac[(job.algorithm, job.lr)] = float(np.mean(values))
+    for algo in c.algorithms:
+        if algo not in scores:
+            continue
+        b = base.get(_eta(algo), {}).get("scores", {}).get("train", {}).get(c.reward(algo), math.nan)
+        cells = []
+        for lr in rates:
+            if lr not in scores[algo]:
+                cells.append("")
+                continue
+            text = f"{scores[algo][lr] - b:+.2f}"
+            if (algo, lr) in clipfrac:
+                text += f" (clip {clipfrac[(algo, lr)]:.2f})"
+            cells.append(f"**{text}**" if chosen.get(algo) == lr else text)
+        lines.append(f"| {_label(algo)} | " + " | ".join(cells) + f" | {chosen.get(algo, math.nan):g} |")
+    return lines
+
+
+def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
+    """Write lr_sweep.csv/.png, runs.csv, the plots, the grids, summary.md and summary.json from what is in the run
+    directories. `comps` may start with the sweep (a comparison on the validation split)."""
+    from benchmark.compare import LABELS
+
+    runs_of: dict = {}  # job -> Run, finished runs only (bench_run.json is written at the end)
+    rows = []
     for j in jobs:
         if (j.run_dir / "metrics.jsonl").is_file():
-            run = analysis.load_run(j.run_dir, j.comparison.name, j.algorithm, j.seed)
-            if run.metrics and run.info:  # finished runs only (bench_run.json is written at the end)
-                runs_all.append(run)
-                rows += analysis.csv_rows(run)
+            run = analysis.load_run(j.run_dir, j.comparison.name, j.algorithm, j.seed, j.comparison.split)
+            if run.metrics and run.info:
+                runs_of[j] = run
+                rows += analysis.csv_rows(run, j.lr)
     analysis.write_csv(rows, out / "runs.csv")
 
     result = dict(generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), final=final,
                   invocation_seconds=None if elapsed is None else round(elapsed, 1), comparisons={})
-    md = ["# Benchmark: seven reward fine-tuning algorithms at an equal budget of reward queries", ""]
+    md = ["# Benchmark: eight reward fine-tuning algorithms at an equal budget of reward queries", ""]
     md += [f"Generated {result['generated']} by `python benchmark/compare.py`"
            + ("" if final else " (**partial: the benchmark is still running**)") + ".", ""]
     total_wall = 0.0
     for c in comps:
-        runs = [r for r in runs_all if r.comparison == c.name]
+        runs = {j: r for j, r in runs_of.items() if j.comparison is c}
+        base = load_base(out, c)
+        wall = sum(r.info.get("wall_seconds", 0) for r in runs.values()) + sum(
+            (analysis.read_json(j.eval_file) or {}).get("seconds", 0) for j in jobs if j.comparison is c)
+        wall += sum(b.get("seconds", 0) for b in base.values())
+        total_wall += wall
+        expected = sum(len(c.lr.get(a, [])) for a in c.algorithms) * len(c.seeds)
+        info = dict(title=c.title, model=c.model, prompts=c.prompts, heldout_prompts=c.heldout_prompts,
+                    budget=c.budget, seeds=c.seeds, split=c.split, num_inference_steps=c.num_inference_steps,
+                    guidance_scale=c.guidance_scale, lr=c.lr, runs_finished=len(runs), runs_expected=expected,
+                    wall_seconds=round(wall, 1), base={str(k): v for k, v in base.items()},
+                    commands=[f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}" for j in jobs if j.comparison is c])
+        result["comparisons"][c.name] = info
+        if c.sweep:
+            scores = sweep_scores(runs)
+            sweep_rows = analysis.sweep_rows(scores, c.seeds[0], LABELS)
+            analysis.write_sweep_csv(sweep_rows, out / "lr_sweep.csv")
+            plot = plot_sweep(c, scores, base, out)
+            info |= dict(rows=sweep_rows, chosen=analysis.choose_rates(scores))
+            md += [f"## Stage 1: {c.title}", ""]
+            md += [f"{len(runs)} of {expected} runs finished; seed {c.seeds[0]}; budget {c.budget} reward queries per "
+                   f"run; scored on the {c.split} split ({c.eval_images} images of the validation half of "
+                   f"`{c.prompts}`, initial noise from seeds 20000+); wall time of its runs and evaluations {wall / 60:.1f} min.",
+                   ""]
+            md += _sweep_section(c, runs, scores, base) + [""]
+            md += ["Cells: the final LoRA's mean training reward on the validation split minus the base model's with "
+                   "the same sampler (η = 1 for the RL scripts, 0 for the gradient scripts); bold: the chosen rate, "
+                   "the best validation score (ties: the smaller rate); *clip*: DDPO-IS's and GRPO's mean clip "
+                   "fraction over the run's updates. Data: [`lr_sweep.csv`](lr_sweep.csv).", ""]
+            if plot:
+                md += [f"![{plot.stem}]({plot.relative_to(out)})", ""]
+            md += ["<details><summary>Command lines</summary>", "", "```"] + info["commands"]
+            md += ["```", "", "</details>", ""]
+            continue
+
         by_algo: dict[str, list[analysis.Run]] = {}
-        for r in runs:
+        for r in runs.values():
             by_algo.setdefault(r.algorithm, []).append(r)
-        summary = analysis.summarize(runs, {a: c.reward(a) for a in c.algorithms})
-        base = {}
-        for path in sorted((out / "base").glob(f"{c.name}__eta*.json")):
-            b = json.loads(path.read_text())
-            base[b["config"]["eta"]] = b
+        summary = analysis.summarize(list(runs.values()), {a: c.reward(a) for a in c.algorithms})
         plots = plot_comparison(c, by_algo, out)
         job_of = {(j.algorithm, j.seed): j for j in jobs if j.comparison is c}
         grids = before_after(c, job_of, out)
-        wall = sum(r.info.get("wall_seconds", 0) for r in runs) + sum(
-            (analysis.read_json(j.run_dir / "final_eval.json") or {}).get("seconds", 0) for j in job_of.values())
-        wall += sum(b.get("seconds", 0) for b in base.values())
-        total_wall += wall
-        expected = len(c.algorithms) * len(c.seeds)
-        result["comparisons"][c.name] = dict(
-            title=c.title, model=c.model, prompts=c.prompts, heldout_prompts=c.heldout_prompts, budget=c.budget,
-            seeds=c.seeds, num_inference_steps=c.num_inference_steps, guidance_scale=c.guidance_scale, lr=c.lr,
-            runs_finished=len(runs), runs_expected=expected, wall_seconds=round(wall, 1),
-            base={str(k): v for k, v in base.items()}, summary=summary,
-            config={j.algorithm: j.extra for j in jobs if j.comparison is c and j.seed == min(c.seeds)},
-            commands=[f"OMP_NUM_THREADS=1 python {' '.join(j.cmd)}" for j in jobs if j.comparison is c])
+        info |= dict(summary=summary,
+                     config={j.algorithm: j.extra for j in jobs if j.comparison is c and j.seed == min(c.seeds)})
 
         md += [f"## Comparison `{c.name}`: {c.title}", ""]
         md += [f"{len(runs)} of {expected} runs finished; seeds {c.seeds}; budget {c.budget} reward queries per run; "
-               f"T = {c.num_inference_steps}, w = {c.guidance_scale:g}; wall time of its runs and evaluations "
-               f"{wall / 60:.1f} min.", ""]
+               f"T = {c.num_inference_steps}, w = {c.guidance_scale:g}; evaluated on the {c.split} split; wall time "
+               f"of its runs and evaluations {wall / 60:.1f} min.", ""]
         md += ["### Configuration", ""] + _config_table(c, jobs) + [""]
         for algo, e in summary["algorithms"].items():
             e["final_delta_vs_base"] = final_delta(c, algo, e, base)
         md += ["### Results", ""] + _results_table(c, summary, base) + [""]
-        md += ["Columns (± is the std over seeds): *final Δ reward vs base* is the final evaluation's mean training "
-               f"reward on about {c.eval_images} images of the training prompts minus the base model's on the same "
-               "prompts and seeds with the same sampler; *final eval-grid gain* is the script's own sample grid "
-               f"({c.num_sample_images} images: the first prompts of a fixed shuffle of `{c.prompts}`, seed 0, its "
-               "sampler) at the end minus at step 0, the curve the threshold is read from; *train reward, last 10%* "
-               "is the mean reward of the batches sampled in the last 10% of the budget (ReFL: of its one-step "
-               "predictions x̂0, not of finished samples; DRaFT-LV: of x0, not of the re-noised copies); "
-               "*s / update* is the mean `step_seconds` (sampling, reward and update; DDPO-IS and RWR average the "
-               "updates that sample and those that reuse a batch).", ""]
-        md += ["### Final evaluation", ""] + _eval_table(c, summary, base) + [""]
-        md += [f"About {c.eval_images} images per prompt set (`{c.prompts}` = train, `{c.heldout_prompts}` = held-out "
-               "attribute combinations; every prompt of a set equally often; fixed seeds) from the final LoRA with "
-               "the sampler it trained with: η = 0 for the gradient scripts, η = 1 for the RL scripts, and the base "
-               "model with both. `shapes_exact_match` is the fraction of images whose four attributes (shape, "
-               "colour, background, count) all match the prompt as the shapes classifier reads them, "
-               "`shapes_attribute_accuracy` the mean fraction of the four that match.", ""]
+        md += ["Columns (± is the std over seeds): *LR* the learning rate chosen by the sweep; *final Δ reward vs "
+               f"base* is the final evaluation's mean training reward on about {c.eval_images} images of the test "
+               "half of the training prompts minus the base model's on the same prompts and seeds with the same "
+               "sampler; *final eval-grid gain* is the script's own sample grid "
+               f"({c.num_sample_images} images: the first {c.num_sample_images // 2} prompts of the training file, "
+               "test-split captions, × seeds 0 and 1, its sampler) at the end minus at step 0, the curve the "
+               "threshold is read from; *train reward, last 10%* is the mean reward of the batches sampled in the "
+               "last 10% of the budget (ReFL: of its one-step predictions x̂0, not of finished samples; DRaFT-LV: "
+               "of x0, not of the re-noised copies); *grid diversity* is the grid's `eval/diversity` (mean "
+               "pairwise RMS pixel distance between the two seeds of a prompt) at step 0 and at the end; "
+               "*s / update* is the mean `step_seconds` (sampling, reward and update; DDPO-IS, GRPO and RWR average "
+               "the updates that sample and those that reuse a batch).", ""]
+        md += ["### Final evaluation (test split)", ""] + _eval_table(c, summary, base) + [""]
+        md += [f"About {c.eval_images} images per prompt set (the test halves of `{c.prompts}` = train and "
+               f"`{c.heldout_prompts}` = held-out attribute combinations; every prompt of a half equally often; "
+               "fixed seeds 10000+) from the final LoRA with the sampler it trained with: η = 0 for the gradient "
+               "scripts, η = 1 for the RL scripts, and the base model with both. `shapes_exact_match` is the "
+               "fraction of images whose four attributes (shape, colour, background, count) all match the prompt as "
+               "the shapes classifier reads them, `shapes_attribute_accuracy` the mean fraction of the four that "
+               "match.", ""]
         for reward, t in summary["threshold"].items():
             g = t["gain"]
             md.append(f"Threshold for `{reward}`: eval-grid gain ≥ {g:.3g}, {t['rule']} "
@@ -302,7 +422,7 @@ def write(comps, jobs, out: Path, elapsed: float, final: bool) -> dict:
             md += ["Before/after sample grids (seed 0): " + ", ".join(
                 f"[{_label(g.stem)}]({g.relative_to(out)})" for g in grids), ""]
         md += ["<details><summary>Command lines</summary>", "", "```"]
-        md += result["comparisons"][c.name]["commands"] + ["```", "", "</details>", ""]
+        md += info["commands"] + ["```", "", "</details>", ""]
     result["wall_seconds_total"] = round(total_wall, 1)
     invocation = f"this invocation: {elapsed / 60:.1f} min" if elapsed is not None else "report regenerated"
     md.insert(3, f"Sum of the wall times of all runs and evaluations: {total_wall / 60:.1f} min ({invocation}). "
