@@ -107,11 +107,12 @@ def csv_rows(run: Run, learning_rate: float | str = "") -> list[dict]:
     return rows
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def write_csv(rows: list[dict], path: Path, columns: list[str] = CSV_COLUMNS) -> None:
+    """runs.csv (CSV_COLUMNS), or lr_sweep.csv with columns=SWEEP_COLUMNS."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -335,11 +336,3 @@ def sweep_rows(scores: dict[str, dict[float, float]], seed: int, labels: dict[st
                  chosen=int(chosen.get(algo) == lr))
             for algo, by_rate in scores.items() for lr, score in sorted(by_rate.items())]
 
-
-def write_sweep_csv(rows: list[dict], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)

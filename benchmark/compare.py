@@ -411,7 +411,7 @@ def run_sweep(sweep: Comparison, a, out: Path, prompt_files: dict, report_state:
         scores = sweep_scores(jobs)
         wider = {algo: analysis.widen(scores.get(algo, {}), a.sweep_limits) for algo in sweep.algorithms}
         wider = {algo: lr for algo, lr in wider.items() if lr is not None and lr not in sweep.lr[algo]}
-        if a.report_only or not wider:
+        if not wider:  # (with --report-only the loop stops at the first added rate that has no run on disk)
             return analysis.choose_rates(scores)
         for algo, lr in wider.items():
             print(f"[{time.strftime('%H:%M:%S')}] sweep: {LABELS[algo]}'s best rate is at the edge of "

@@ -255,10 +255,11 @@ def plot_sweep(c, scores: dict[str, dict[float, float]], base: dict, out: Path) 
     if not scores:
         return None
     chosen = analysis.choose_rates(scores)
+    drawn = [algo for algo in c.algorithms if algo in scores and _eta(algo) in base]
+    if not drawn:  # the base model's evaluation is needed for the Δ
+        return None
     fig, ax = plt.subplots(figsize=(8, 5))
-    for algo in c.algorithms:
-        if algo not in scores or _eta(algo) not in base:
-            continue
+    for algo in drawn:
         b = base[_eta(algo)]["scores"]["train"][c.reward(algo)]
         rates = sorted(scores[algo])
         ax.plot(rates, [scores[algo][lr] - b for lr in rates], marker="o", label=_label(algo), **_style(algo))
@@ -351,7 +352,7 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
         if c.sweep:
             scores = sweep_scores(runs)
             sweep_rows = analysis.sweep_rows(scores, c.seeds[0], LABELS)
-            analysis.write_sweep_csv(sweep_rows, out / "lr_sweep.csv")
+            analysis.write_csv(sweep_rows, out / "lr_sweep.csv", analysis.SWEEP_COLUMNS)
             plot = plot_sweep(c, scores, base, out)
             info |= dict(rows=sweep_rows, chosen=analysis.choose_rates(scores))
             md += [f"## Stage 1: {c.title}", ""]

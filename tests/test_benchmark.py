@@ -1,7 +1,9 @@
 """benchmark/compare.py's data logic on synthetic run directories (no script is run): CSV rows, curves, spread
-over seeds, threshold and queries-to-threshold, the configuration's equal budget, and the report files."""
+over seeds, threshold and queries-to-threshold, the configuration's equal budget, the learning-rate sweep's choice,
+the validation/test split, and the report files."""
 
 import csv
+import itertools
 import json
 import math
 from pathlib import Path
@@ -13,8 +15,10 @@ from benchmark import analysis, compare
 
 
 def write_run(run_dir: Path, queries_per_update: int, rewards: list[float], evals: dict[int, float],
-              step_seconds: float = 1.0, wall: float = 10.0, final_eval: dict | None = None) -> Path:
-    """A run directory as a script and compare.py leave it: metrics.jsonl, eval.jsonl, bench_run.json."""
+              step_seconds: float = 1.0, wall: float = 10.0, final_eval: dict | None = None,
+              split: str = "test") -> Path:
+    """A run directory as a script and compare.py leave it: metrics.jsonl, eval.jsonl, bench_run.json, and the final
+    evaluation `final_eval` of `split` ({split}_eval.json)."""
     run_dir.mkdir(parents=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for i, r in enumerate(rewards, 1):
@@ -25,8 +29,14 @@ def write_run(run_dir: Path, queries_per_update: int, rewards: list[float], eval
             f.write(json.dumps(dict(step=step, eval_reward=value, scores=[value])) + "\n")
     (run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=["x.py"], wall_seconds=wall)))
     if final_eval is not None:
-        (run_dir / "final_eval.json").write_text(json.dumps(final_eval))
+        write_eval(run_dir, split, final_eval)
     return run_dir
+
+
+def write_eval(run_dir: Path, split: str, scores: dict) -> None:
+    """benchmark/evaluate.py's file: {split}_eval.json with `scores` ({prompt set: {reward: value}})."""
+    result = dict(config=dict(split=split, num_images=8), scores=scores["scores"], seconds=1.0)
+    (run_dir / f"{split}_eval.json").write_text(json.dumps(result))
 
 
 def test_csv_rows_map_eval_grids_to_updates(tmp_path):
@@ -137,27 +147,42 @@ def test_threshold_not_reached_and_undefined(tmp_path):
     assert s["threshold"]["r"]["gain"] is None and s["algorithms"]["draft"]["queries_to_threshold"] == [None]
 
 
+def comparison(**kw) -> compare.Comparison:
+    """The main comparison's shape with small numbers; keyword arguments override fields."""
+    fields = dict(name="alignment", title="t", model="tiny-shapes", prompts="shapes", heldout_prompts="shapes_heldout",
+                  rl_reward="shapes_alignment", grad_reward="shapes_alignment",
+                  eval_rewards=["shapes_exact_match", "shapes_alignment"], budget=768, seeds=[0],
+                  num_inference_steps=20, guidance_scale=7.5, lr={a: [1e-3] for a in compare.ALGORITHMS})
+    return compare.Comparison(**(fields | kw))
+
+
 def test_every_algorithm_gets_the_same_budget():
-    c = compare.Comparison("alignment", "t", "tiny-shapes", "shapes", "shapes_heldout", "shapes_alignment",
-                           "shapes_alignment", ["shapes_exact_match"], budget=768, seeds=[0], num_inference_steps=20,
-                           guidance_scale=3.0, lr=dict(rl=1e-3, grad=1e-3))
+    c = comparison()
     for algo in compare.ALGORITHMS:
-        flags, steps, per_update, settings = compare.script_settings(c, algo)
+        flags, steps, per_update, settings = compare.script_settings(c, algo, 3e-3)
         assert steps * per_update == 768, algo
         assert flags[flags.index("--steps") + 1] == str(steps)
-    assert compare.script_settings(c, "draft_lv")[1] == 64  # 4 images × (n + 1) = 12 queries per update
-    assert compare.script_settings(c, "ddpo_is")[3]["clip_range"] == pytest.approx(1e-4 * 1e-3 / 3e-4)
+        assert flags[flags.index("--learning-rate") + 1] == "0.003"
+    assert compare.script_settings(c, "draft_lv", 1e-3)[1] == 64  # 4 images × (n + 1) = 12 queries per update
+    # the clip range scales with the rate: DDPO's 1e-4 at its 3e-4
+    assert compare.script_settings(c, "ddpo_is", 3e-4)[3]["clip_range"] == pytest.approx(1e-4)
+    assert compare.script_settings(c, "grpo", 3e-3)[3]["clip_range"] == pytest.approx(1e-3)
     with pytest.raises(ValueError, match="not a multiple"):
-        compare.script_settings(compare.Comparison(**{**c.__dict__, "budget": 100}), "ddpo_sf")
+        compare.script_settings(comparison(budget=100), "ddpo_sf", 1e-3)
 
 
 def test_plan_orders_seeds_first_and_skips_finished(tmp_path):
     a = compare.parse_args(["--smoke", "--out", str(tmp_path)])
-    comps = compare.comparisons(a)
+    sweep, comps = compare.comparisons(a)
+    for c in comps:
+        c.lr = {algo: [1e-3] for algo in compare.ALGORITHMS}
     files = {c.prompts: tmp_path / "p.txt" for c in comps}
     jobs = compare.plan(comps, tmp_path, files)
     assert len(jobs) == 8 * 2 + 8 * 1
     assert [j.seed for j in jobs[:14]] == [0] * 14 and {j.comparison.name for j in jobs[:14]} == {"alignment", "jpeg"}
+    sweep_jobs = compare.plan([sweep], tmp_path, files)
+    assert len(sweep_jobs) == 8 * 2 and {j.lr for j in sweep_jobs} == {3e-3, 1e-2}  # smoke: two rates, one seed
+    assert len({j.run_dir for j in sweep_jobs}) == 16
     job = jobs[0]
     assert not compare.run_finished(job)
     job.run_dir.mkdir(parents=True)
@@ -172,7 +197,8 @@ def test_report_writes_outputs_for_partial_results(tmp_path):
     pytest.importorskip("matplotlib")
     a = compare.parse_args(["--smoke", "--out", str(tmp_path), "--comparisons", "alignment",
                             "--algorithms", "draft", "ddpo_sf"])
-    comps = compare.comparisons(a)
+    _, comps = compare.comparisons(a)
+    comps[0].lr = dict(draft=[1e-3], ddpo_sf=[1e-3])
     jobs = compare.plan(comps, tmp_path, {"simple_animals": tmp_path / "p.txt"})
     for j in jobs[:3]:  # 3 of 4 runs finished
         write_run(j.run_dir, int(j.queries_per_update), list(np.linspace(0, 1, j.steps)), {0: 0.0, j.steps: 1.0},
@@ -200,16 +226,139 @@ def test_eval_prompts_cover_the_set_evenly():
     assert eval_prompts(prompts, 24) == prompts
 
 
-def test_evaluation_redone_when_a_reward_or_the_image_count_changes(tmp_path):
-    c = compare.Comparison("alignment", "t", "tiny-shapes", "shapes", "shapes_heldout", "shapes_alignment",
-                           "shapes_alignment", ["shapes_exact_match", "shapes_alignment"], budget=96, seeds=[0],
-                           num_inference_steps=20, guidance_scale=7.5, lr=dict(rl=1e-3, grad=1e-3), eval_images=48)
-    path = tmp_path / "final_eval.json"
+def test_evaluation_redone_when_a_reward_the_image_count_or_the_split_changes(tmp_path):
+    c = comparison(budget=96, eval_images=48)
+    path = tmp_path / "test_eval.json"
     assert not compare.eval_done(path, c)
-    path.write_text(json.dumps(dict(config=dict(num_images=48), scores=dict(train=dict(shapes_exact_match=0.1)))))
+    both = dict(shapes_exact_match=0.1, shapes_alignment=-3.0)
+    path.write_text(json.dumps(dict(config=dict(num_images=48, split="test"),
+                                    scores=dict(train=dict(shapes_exact_match=0.1), heldout=both))))
     assert not compare.eval_done(path, c)  # shapes_alignment missing
-    path.write_text(json.dumps(dict(config=dict(num_images=48),
-                                    scores=dict(train=dict(shapes_exact_match=0.1, shapes_alignment=-3.0)))))
+    path.write_text(json.dumps(dict(config=dict(num_images=48, split="test"), scores=dict(train=both))))
+    assert not compare.eval_done(path, c)  # the held-out prompts missing
+    path.write_text(json.dumps(dict(config=dict(num_images=48, split="test"), scores=dict(train=both, heldout=both))))
     assert compare.eval_done(path, c)
+    assert not compare.eval_done(path, comparison(budget=96, eval_images=48, split="validation"))
     c.eval_images = 96
     assert not compare.eval_done(path, c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the learning-rate sweep and the validation/test split
+
+
+def test_chosen_rate_is_the_best_validation_score_ties_to_the_smaller_rate():
+    scores = dict(draft={1e-4: -6.0, 3e-4: -5.5, 1e-3: -5.9, 3e-3: -7.0},
+                  rwr={1e-4: -4.0, 3e-4: -4.0, 1e-3: -9.0},  # a tie: the smaller rate
+                  refl={1e-4: math.nan, 3e-4: -8.0, 1e-3: -7.5},  # a missing evaluation never wins
+                  grpo={1e-4: math.nan})
+    chosen = analysis.choose_rates(scores)
+    for algo, by_rate in scores.items():  # written differently: the best finite score, then the smallest such rate
+        finite = [(v, lr) for lr, v in by_rate.items() if v == v]
+        if not finite:
+            assert algo not in chosen
+            continue
+        best = max(v for v, _ in finite)
+        assert chosen[algo] == sorted(lr for v, lr in finite if v == best)[0]
+    assert chosen == dict(draft=3e-4, rwr=1e-4, refl=1e-3)
+
+
+def test_sweep_grid_widens_at_an_edge_within_limits():
+    limits = (1e-5, 3e-2)
+    grid = {1e-4: -6.0, 3e-4: -5.0, 1e-3: -4.0, 3e-3: -3.0}
+    assert analysis.widen(grid, limits) == pytest.approx(1e-2)  # best at the top edge: one half-decade up
+    assert analysis.widen({**grid, 1e-4: 0.0}, limits) == pytest.approx(3e-5)  # at the bottom: one down
+    assert analysis.widen({**grid, 1e-3: 1.0}, limits) is None  # inside
+    assert analysis.widen({1e-2: -1.0, 3e-2: 0.0}, limits) is None  # at the upper limit
+    assert analysis.widen({1e-5: 0.0, 3e-5: -1.0}, limits) is None  # at the lower limit
+    assert analysis.widen({}, limits) is None
+    assert [analysis.next_rate(r, up=True) for r in (1e-4, 3e-4, 1e-3, 3e-3)] == pytest.approx([3e-4, 1e-3, 3e-3, 1e-2])
+
+
+def test_sweep_report_marks_the_best_rate_and_the_final_table_reads_only_the_test_split(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmark import report
+
+    a = compare.parse_args(["--smoke", "--out", str(tmp_path), "--comparisons", "alignment",
+                            "--algorithms", "draft", "ddpo_sf"])
+    sweep, comps = compare.comparisons(a)
+    reward = sweep.grad_reward
+    validation = {("draft", 3e-3): -900.0, ("draft", 1e-2): -800.0, ("ddpo_sf", 3e-3): -1000.0,
+                  ("ddpo_sf", 1e-2): -1000.0}
+    jobs = compare.plan([sweep], tmp_path, {"simple_animals": tmp_path / "p.txt"})
+    for j in jobs:
+        write_run(j.run_dir, int(j.queries_per_update), [0.0] * j.steps, {0: 0.0, j.steps: 1.0}, split="validation",
+                  final_eval=dict(scores=dict(train={reward: validation[(j.algorithm, j.lr)]})))
+    chosen = compare.sweep_scores(jobs)
+    assert analysis.choose_rates(chosen) == dict(draft=1e-2, ddpo_sf=3e-3)
+    comps[0].lr = dict(draft=[1e-2], ddpo_sf=[3e-3])
+    final_jobs = compare.plan(comps, tmp_path, {"simple_animals": tmp_path / "p.txt"})
+    for j in final_jobs:  # each final run holds a validation evaluation too, with other numbers
+        test = {reward: -100.0 * (j.seed + 1), "jpeg_compressibility": -1.0}
+        write_run(j.run_dir, int(j.queries_per_update), [0.0] * j.steps, {0: 0.0, j.steps: 1.0},
+                  final_eval=dict(scores=dict(train=test, heldout=test)))
+        write_eval(j.run_dir, "validation", dict(scores=dict(train={reward: 5.0}, heldout={reward: 5.0})))
+    for c, eta in itertools.product((sweep, comps[0]), (0.0, 1.0)):
+        base = compare.base_file(tmp_path, c, eta)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.write_text(json.dumps(dict(config=dict(eta=eta, split=c.split), seconds=1.0, scores=dict(
+            train={reward: -1000.0, "jpeg_compressibility": -1.0}, heldout={reward: -1000.0}))))
+    result = report.write([sweep, *comps], jobs + final_jobs, tmp_path, elapsed=1.0, final=True)
+
+    with open(tmp_path / "lr_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["algorithm", "learning_rate", "seed", "validation_score", "chosen"]
+    assert {(r["algorithm"], float(r["learning_rate"]), r["chosen"]) for r in rows} == {
+        ("DRaFT-1", 3e-3, "0"), ("DRaFT-1", 1e-2, "1"), ("DDPO-SF", 3e-3, "1"), ("DDPO-SF", 1e-2, "0")}
+    assert {r["seed"] for r in rows} == {str(a.sweep_seed)} and a.sweep_seed not in comps[0].seeds
+    assert (tmp_path / "lr_sweep.png").is_file()
+    # the final table: seeds 0 and 1 scored -100 and -200 on the test split; the validation files' 5.0 is not used
+    final = result["comparisons"]["alignment"]["summary"]["algorithms"]["draft"]["final_eval"]
+    assert final["train"][reward] == (-150.0, 50.0)
+    assert "**+200.00**" in (tmp_path / "summary.md").read_text()  # the chosen draft rate, -800 vs base -1000
+
+
+def test_a_test_eval_file_holding_another_split_is_refused(tmp_path):
+    d = write_run(tmp_path / "r", 4, [0.0], {0: 0.0})
+    write_eval(d, "validation", dict(scores=dict(train=dict(r=1.0))))
+    (d / "test_eval.json").write_text((d / "validation_eval.json").read_text())
+    with pytest.raises(ValueError, match="validation split"):
+        analysis.load_run(d, "c", "draft", 0)
+    assert analysis.load_run(d, "c", "draft", 0, split="validation").final_eval["scores"]["train"]["r"] == 1.0
+
+
+def test_validation_and_test_splits_share_no_caption_and_no_noise():
+    from benchmark.evaluate import SPLITS, CHUNK, split_prompts
+    from shapes import data
+
+    for prompts in (data.TRAIN_PROMPTS, data.HELDOUT_PROMPTS):
+        test, validation = split_prompts(prompts, "test"), split_prompts(prompts, "validation")
+        assert not set(test) & set(validation) and sorted(test + validation) == sorted(prompts)
+        for half in (test, validation):  # every (shape, colour, background) once per half, half of them as two
+            attrs = [data.parse_caption(p) for p in half]
+            combos = {(x.shape, x.color, x.background) for x in attrs}
+            assert len(combos) == len(half) == len(prompts) // 2
+            assert sum(x.count == 2 for x in attrs) == len(half) // 2
+    # the seeds of the two splits' chunks: test 10000 + i, validation 20000 + i, far apart for any run's chunk count
+    assert abs(SPLITS["validation"] - SPLITS["test"]) * CHUNK > 10 * 96 * CHUNK
+    with pytest.raises(ValueError, match="split"):
+        split_prompts(data.TRAIN_PROMPTS, "train")
+
+
+def test_sweep_scores_validation_final_runs_the_test_split(tmp_path):
+    a = compare.parse_args(["--out", str(tmp_path)])
+    sweep, comps = compare.comparisons(a)
+    assert sweep.split == "validation" and sweep.seeds == [compare.SWEEP_SEED]
+    assert all(c.split == "test" for c in comps) and all(compare.SWEEP_SEED not in c.seeds for c in comps)
+    assert sweep.lr == {algo: [1e-4, 3e-4, 1e-3, 3e-3] for algo in compare.ALGORITHMS}
+    assert set(sweep.eval_sets()) == {"train"} and set(comps[0].eval_sets()) == {"train", "heldout"}
+    job = compare.plan([sweep], tmp_path, {"shapes": tmp_path / "p.txt"})[0]
+    assert job.eval_file.name == "validation_eval.json"
+    # the sample grid's prompts (the first lines of the training file) are test-split captions
+    from benchmark.evaluate import split_prompts
+    import common
+
+    lines = compare.training_prompt_file("shapes", tmp_path).read_text().split("\n")
+    assert set(lines[:48]) == set(split_prompts(common.load_prompts("shapes"), "test"))
+    with pytest.raises(SystemExit, match="also a seed"):
+        compare.comparisons(compare.parse_args(["--sweep-seed", "1"]))
