@@ -81,16 +81,24 @@ def eval_prompts(prompts: list[str], n: int) -> list[str]:
 
 
 @torch.no_grad()
+def per_image(pipe, prompts: list[str], reward_fns: dict, num_steps: int, guidance_scale: float, eta: float,
+              seed: int, chunk: int = CHUNK) -> dict[str, torch.Tensor]:
+    """Each reward of each image of `prompts` ([len(prompts)] per reward), sampled in chunks of `chunk` prompts
+    with seeds seed, seed + 1, ... (one chunk of all prompts with seed `seed` is `shapes.evaluate`'s batch)."""
+    scores = {name: [] for name in reward_fns}
+    for i in range(0, len(prompts), chunk):
+        part = prompts[i : i + chunk]
+        images = common.sample_images(pipe, part, seed + i // chunk, num_steps, guidance_scale, eta)
+        for name, fn in reward_fns.items():
+            scores[name].append(fn(images, part).float().cpu())
+    return {name: torch.cat(values) for name, values in scores.items()}
+
+
 def score(pipe, prompts: list[str], reward_fns: dict, num_steps: int, guidance_scale: float, eta: float,
           seed: int) -> dict:
     """Mean of each reward over images of `prompts`, sampled in chunks with seeds seed, seed + 1, ..."""
-    totals = {name: 0.0 for name in reward_fns}
-    for i in range(0, len(prompts), CHUNK):
-        chunk = prompts[i : i + CHUNK]
-        images = common.sample_images(pipe, chunk, seed + i // CHUNK, num_steps, guidance_scale, eta)
-        for name, fn in reward_fns.items():
-            totals[name] += float(fn(images, chunk).float().sum())
-    return {name: total / len(prompts) for name, total in totals.items()}
+    scores = per_image(pipe, prompts, reward_fns, num_steps, guidance_scale, eta, seed)
+    return {name: float(values.double().mean()) for name, values in scores.items()}
 
 
 def evaluate(model: str, run_dir: str | None, prompt_sets: dict[str, str], reward_names: list[str], num_images: int,

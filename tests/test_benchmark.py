@@ -362,3 +362,36 @@ def test_sweep_scores_validation_final_runs_the_test_split(tmp_path):
     assert set(lines[:48]) == set(split_prompts(common.load_prompts("shapes"), "test"))
     with pytest.raises(SystemExit, match="also a seed"):
         compare.comparisons(compare.parse_args(["--sweep-seed", "1"]))
+
+
+def test_paired_eval_scores_the_images_of_shapes_evaluate():
+    import torch
+
+    import common
+    from benchmark import paired_eval
+    from shapes import data
+    from shapes import evaluate as shapes_evaluate
+
+    torch.manual_seed(0)
+    pipe = common.load_pipeline("tiny-shapes", 0, "cpu", torch.float32)
+    prompts = data.TRAIN_PROMPTS[:2]
+    ours = paired_eval.images_scores(pipe, prompts, 2, 2, 7.5)
+    official = shapes_evaluate.evaluate(pipe, prompts, 2, 2, 7.5)  # the README's evaluation
+    assert ours["shapes_alignment"].shape == (2, 2)
+    assert float(ours["shapes_alignment"].mean()) == pytest.approx(official["shapes_alignment"], abs=1e-5)
+    assert float(ours["shapes_exact_match"].mean()) == pytest.approx(official["exact_match"], abs=1e-9)
+
+
+def test_paired_change_and_its_noise():
+    from benchmark import paired_eval
+    import torch
+
+    rng = np.random.default_rng(0)
+    before = rng.normal(size=(4, 6))
+    after = before + rng.normal(0.5, 0.2, size=(4, 6))
+    r = paired_eval.paired(torch.tensor(before), torch.tensor(after))
+    d = (after - before).ravel()
+    assert r["change"] == pytest.approx(d.mean()) and r["before"] == pytest.approx(before.mean())
+    assert r["diff_std"] == pytest.approx(np.std(d, ddof=1))
+    assert r["standard_error"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(24)) and r["images"] == 24
+    assert r["change_by_seed_half"] == pytest.approx([(after - before)[:2].mean(), (after - before)[2:].mean()])

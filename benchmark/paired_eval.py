@@ -1,0 +1,81 @@
+"""Did a `tiny-shapes` run learn? `python -m shapes.evaluate`'s figures before and after, paired, with their noise.
+
+    python benchmark/paired_eval.py runs/quickstart            # 2 × 480 images; writes runs/quickstart/paired_eval.json
+
+The base model and the run's LoRA draw the same images as `python -m shapes.evaluate` (DDIM η = 0, the run's T and
+w, seeds 0 .. --samples-per-prompt − 1, all captions of a set in one batch per seed), so the "after" means equal
+`shapes.evaluate --lora-dir RUN`'s. Each image is scored by `shapes_alignment` and `shapes_exact_match`, and the
+change is measured per image (same prompt, same initial noise): its mean, the standard deviation of the per-image
+differences, the standard error of the mean change (std / √n), and the change on each half of the seeds (0 and 1,
+2 and 3), whose difference is a second, model-free look at the noise. A rise "clearly beyond the noise" is one of
+several standard errors that both seed halves agree on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402
+import rewards  # noqa: E402
+from benchmark.evaluate import per_image  # noqa: E402
+
+REWARDS = ("shapes_alignment", "shapes_exact_match")
+
+
+def images_scores(pipe, prompts: list[str], seeds: int, num_steps: int, guidance_scale: float) -> dict:
+    """reward -> [seeds, len(prompts)] scores of shapes.evaluate's images (one batch of all prompts per seed)."""
+    fns = {name: rewards.load(name) for name in REWARDS}
+    per_seed = [per_image(pipe, prompts, fns, num_steps, guidance_scale, 0.0, seed, chunk=len(prompts))
+                for seed in range(seeds)]
+    return {name: torch.stack([s[name] for s in per_seed]).double() for name in REWARDS}
+
+
+def paired(before: torch.Tensor, after: torch.Tensor) -> dict:
+    """Figures of a paired change: `before`/`after` [seeds, prompts] of the same images."""
+    diff = after - before
+    halves = [diff[: len(diff) // 2], diff[len(diff) // 2 :]] if len(diff) > 1 else [diff]
+    std = float(diff.flatten().std())
+    return dict(before=float(before.mean()), after=float(after.mean()), change=float(diff.mean()),
+                diff_std=std, standard_error=std / math.sqrt(diff.numel()), images=diff.numel(),
+                change_by_seed_half=[float(h.mean()) for h in halves])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a finished tiny-shapes run (its args.json and LoRA)")
+    p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per caption (shapes.evaluate: 4)")
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    from shapes import data
+
+    args = json.loads((a.run_dir / "args.json").read_text())
+    T, w = args["num_inference_steps"], args["guidance_scale"]
+    base = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
+    tuned = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
+    tuned.load_lora_weights(str(a.run_dir))  # as shapes.evaluate --lora-dir does
+    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, seeds=a.samples_per_prompt)
+    for split, prompts in (("train", data.TRAIN_PROMPTS), ("heldout", data.HELDOUT_PROMPTS)):
+        before = images_scores(base, prompts, a.samples_per_prompt, T, w)
+        after = images_scores(tuned, prompts, a.samples_per_prompt, T, w)
+        result[split] = {name: paired(before[name], after[name]) for name in REWARDS}
+    (a.run_dir / "paired_eval.json").write_text(json.dumps(result, indent=2))
+    for split in ("train", "heldout"):
+        for name, r in result[split].items():
+            halves = " / ".join(f"{h:+.3f}" for h in r["change_by_seed_half"])
+            print(f"{split:8s} {name:20s} {r['before']:.3f} -> {r['after']:.3f}: change {r['change']:+.3f} "
+                  f"± {r['standard_error']:.3f} (SE; per-image std {r['diff_std']:.3f}, n = {r['images']}); "
+                  f"by seed half {halves}")
+
+
+if __name__ == "__main__":
+    main()
