@@ -20,6 +20,10 @@ import torch
 import common
 from conftest import ROOT, randomize_lora, read_metrics
 
+# SD1.4's pipeline is 4-5 GB per process: these tests run on one pytest-xdist worker (pytest.ini: --dist loadgroup),
+# so that two of them never hold one each at the same time.
+pytestmark = pytest.mark.xdist_group("sd14")
+
 CONFIGS = ROOT / "common" / "configs" / "sd14"
 ATTENTION_FF = common.ATTENTION_TARGETS + common.FEEDFORWARD_TARGETS
 
@@ -84,10 +88,10 @@ def check_loads_into(pipe, lora_dir, expected_modules) -> None:
         assert torch.equal(loaded[key].float(), value.float()), key
 
 
-@pytest.fixture(scope="module")
 def plain_sd14():
     """A pipeline built from the same configs without an adapter, for diffusers' loader. Seed 1: a LoRA has to fit
-    SD1.4's architecture, not one set of weights."""
+    SD1.4's architecture, not one set of weights. Built where needed and dropped after, so that the tests hold one
+    4.3 GB model at a time, and none while a script runs (CI and this machine are shared, 24 GB)."""
     from diffusers import StableDiffusionPipeline
 
     from common.models import sd14_random_components
@@ -170,12 +174,10 @@ def test_random_weights_are_seeded_default_init_in_every_dtype():
                 assert abs(p.std().item() / (bound / math.sqrt(3)) - 1) < 0.05, name
 
 
-def test_load_pipeline_sd14_random_lora(tmp_path, plain_sd14):
+def test_load_pipeline_sd14_random_lora(tmp_path):
     """`common.load_pipeline("sd14-random")`: SD1.4's sizes, LoRA on SD1.4's module names (128 attention modules,
     160 with the feed-forward layers), saved so that diffusers' loader takes it and it changes the UNet."""
-    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 768)
-    with torch.no_grad():
-        before = plain_sd14.unet(x, 500, encoder_hidden_states=emb).sample
+    saved = {}
     for targets, modules in ((common.ATTENTION_TARGETS, 128), (ATTENTION_FF, 160)):
         pipe = common.load_pipeline("sd14-random", lora_rank=4, lora_targets=targets)
         for name, count in PARAMETERS.items():
@@ -187,16 +189,19 @@ def test_load_pipeline_sd14_random_lora(tmp_path, plain_sd14):
         assert all(p.dtype == torch.float32 for p in trainable.values())
         assert "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.default.weight" in trainable
         randomize_lora(pipe)  # B ≠ 0, so the adapter changes the model
-        lora_dir = tmp_path / "+".join(targets)
-        common.save_lora(pipe, lora_dir)
+        saved[targets] = tmp_path / "+".join(targets)
+        common.save_lora(pipe, saved[targets])
         del pipe, trainable
 
-        try:
-            check_loads_into(plain_sd14, lora_dir, expected_lora_modules(targets))
-            with torch.no_grad():
-                assert (plain_sd14.unet(x, 500, encoder_hidden_states=emb).sample - before).abs().max() > 1e-4
-        finally:
-            plain_sd14.unload_lora_weights()
+    plain = plain_sd14()
+    x, emb = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 768)
+    with torch.no_grad():
+        before = plain.unet(x, 500, encoder_hidden_states=emb).sample
+    for targets, lora_dir in saved.items():
+        check_loads_into(plain, lora_dir, expected_lora_modules(targets))
+        with torch.no_grad():
+            assert (plain.unet(x, 500, encoder_hidden_states=emb).sample - before).abs().max() > 1e-4, targets
+        plain.unload_lora_weights()
 
 
 RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 latents, SD1.4's smallest size)
@@ -207,7 +212,7 @@ RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 laten
 
 
 @pytest.mark.parametrize("script", sorted(RUNS))
-def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
+def test_one_update_on_sd14_random(script, tmp_path):
     targets, flags = RUNS[script]
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / script), "--model", "sd14-random", "--resolution", "64", "--steps", "1",
@@ -219,10 +224,7 @@ def test_one_update_on_sd14_random(script, tmp_path, plain_sd14):
     assert f"LoRA, metrics and sample grids in {run_dir}" in res.stdout
     (row,) = read_metrics(run_dir)
     assert row["step"] == 1 and math.isfinite(row["loss"]) and math.isfinite(row["reward_mean"]), row
-    try:
-        check_loads_into(plain_sd14, run_dir, expected_lora_modules(targets))
-    finally:
-        plain_sd14.unload_lora_weights()
+    check_loads_into(plain_sd14(), run_dir, expected_lora_modules(targets))
 
 
 def test_bench_sd14_reads_runs_and_formats_its_table(tmp_path):
