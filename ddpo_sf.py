@@ -92,6 +92,10 @@ class Args:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
     on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    timesteps_per_call: int = 1
+    """per process: timesteps of each sample in one UNet call of the training pass, train_batch_size × this many
+    images per call (speed for memory: fewer, larger calls; the same loss up to float rounding). 1: one timestep per
+    call, as ddpo-pytorch (train.py) and trl's DDPOTrainer; diffusers' UNet takes a timestep per sample"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 10
@@ -118,6 +122,7 @@ class Args:
 
     def __post_init__(self):  # every flag is checked before anything loads; a mistake ends in one line
         common.check_run_args(self)
+        common.check_flags(self, positive=("timesteps_per_call",))
         for spec in (self.reward, *self.eval_rewards):
             rewards.parse(spec)
         common.check_flags(self, positive=("sample_batch_size", "train_batch_size", "eta", "stat_buffer_size"),
@@ -165,11 +170,13 @@ def compute_advantages(prompts: list[str], scores: np.ndarray, stat_tracker, arg
 def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
     """Yield (i, k, log p_θ(x_{t−1} | x_t, c)) for one minibatch: the samples `samples` [M], each at its timestep
     indices `timestep_idx` [M, K] (row m belongs to samples[m]), re-evaluated on the stored trajectory in chunks of
-    train_batch_size samples and one column of timesteps at a time (each sample of a chunk at its own timestep)."""
+    train_batch_size samples, timesteps_per_call columns of timesteps per UNet call (each sample at its own timestep);
+    i and k are flat: pair n is sample i[n] at timestep index k[n]."""
     for s in range(0, len(samples), args.train_batch_size):
-        i = samples[s : s + args.train_batch_size]
-        for j in range(timestep_idx.shape[1]):
-            k = timestep_idx[s : s + args.train_batch_size, j]
+        chunk = samples[s : s + args.train_batch_size]
+        for j in range(0, timestep_idx.shape[1], args.timesteps_per_call):
+            columns = timestep_idx[s : s + args.train_batch_size, j : j + args.timesteps_per_call]
+            i, k = chunk.repeat(columns.shape[1]), columns.T.flatten()  # column after column
             t = traj.timesteps[k]
             eps = common.guided_eps(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
             _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, eps, t, traj.latents[i, k], args.eta,

@@ -80,6 +80,10 @@ class Args:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
     on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    unet_checkpointing: bool = True
+    """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
+    makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
+    them: one UNet forward less per step with gradient, the same gradient, memory for all of those steps"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 100
@@ -124,7 +128,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
     for i, t in enumerate(timesteps):
         # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - args.k):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale, use_checkpoint=True)
+            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
+                                    use_checkpoint=args.unet_checkpointing)
             x = common.ddim_step(pipe.scheduler, eps, t, x)
     return x
 

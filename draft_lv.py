@@ -80,6 +80,10 @@ class Args:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
     on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    unet_checkpointing: bool = True
+    """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
+    makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
+    them: one UNet forward less per step with gradient, the same gradient, memory for all of those steps"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 100
@@ -123,7 +127,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
     for i, t in enumerate(timesteps):
         # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale, use_checkpoint=True)
+            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
+                                    use_checkpoint=args.unet_checkpointing)
             x = common.ddim_step(pipe.scheduler, eps, t, x)
     return x
 
@@ -134,7 +139,7 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     t1 = pipe.scheduler.timesteps[-1]
     # DRaFT-LV: the stop-gradient is on x0: each copy's gradient reaches the weights through this one step only.
     x = common.add_noise(pipe.scheduler, x0.detach(), noise, t1)
-    eps = common.guided_eps(pipe, x, t1, cond, uncond, args.guidance_scale, use_checkpoint=True)
+    eps = common.guided_eps(pipe, x, t1, cond, uncond, args.guidance_scale, use_checkpoint=args.unet_checkpointing)
     return common.ddim_step(pipe.scheduler, eps, t1, x)
 
 

@@ -98,6 +98,10 @@ class Args:
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
     on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    unet_checkpointing: bool = True
+    """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
+    makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
+    them: one UNet forward less per step with gradient, the same gradient, memory for all of those steps"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 100
@@ -144,7 +148,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
     for i, t in enumerate(timesteps):
         # ReFL: steps 0..m−1 are plain sampling (the stop-gradient is here); only the call at x_m has gradient.
         with torch.set_grad_enabled(i == m):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale, use_checkpoint=True)
+            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
+                                    use_checkpoint=args.unet_checkpointing)
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
                 return common.predict_x0(pipe.scheduler, eps, t, x)
             x = common.ddim_step(pipe.scheduler, eps, t, x)
