@@ -1,53 +1,40 @@
-"""Seconds per optimizer step of each script on `--model tiny` (CPU or GPU), printed as a table.
+"""Seconds per sampled image and per reward query of all eight scripts on `tiny` (CPU or GPU), printed as a table.
 
-Each script runs through its real command line in a subprocess with small settings (T = 10 DDIM steps);
-the figure is the mean of `step_seconds` in its metrics.jsonl over the steps after the first, so model
-loading and the first step's warm-up are excluded. DDPO-IS and RWR take several updates per sampled batch
-(2 here); their figure averages the steps that sample and the update-only steps, i.e. it is the cost of a
-batch divided by its updates.
+Each script runs in a fresh process at bench_speed.SETTINGS, the same for every script: T = 20 DDIM steps and 32
+sampled images per run (RL scripts: 2 batches of 16; gradient scripts: 8 updates of 4). The figure is the training
+loop (model loading, the step-0 sample grid and saving excluded), as wall-clock seconds and as the process's CPU
+seconds (steadier on a busy machine; with one thread they agree on an idle one). `--fast` adds the opt-in speed flags
+(bench_speed.FAST: --timesteps-per-call 20 for DDPO-SF, DDPO-IS and GRPO, --no-unet-checkpointing for the gradient
+scripts), so that the table shows both columns of the README's before/after.
 
-    python benchmark/bench_scripts.py [--steps 7]
+    python benchmark/bench_scripts.py [--fast] [--threads 1] [--scripts ddpo_is alignprop]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import subprocess
+import os
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--model", "tiny", "--num-inference-steps", "10", "--sample-every", "1000", "--save-every", "0"]
-RL = ["--reward", "jpeg_compressibility", "--batch-size", "8", "--sample-batch-size", "8", "--train-batch-size", "4"]
-GRAD = ["--reward", "jpeg_compressibility_diff", "--batch-size", "4"]
-CONFIGS = {
-    "ddpo_sf.py": RL,
-    "ddpo_is.py": RL + ["--num-minibatches", "2"],
-    "rwr.py": RL + ["--num-minibatches", "2", "--num-epochs", "1", "--images-per-prompt", "4"],
-    "draft.py": GRAD + ["--k", "1"],
-    "draft_lv.py": GRAD,
-    "refl.py": GRAD + ["--max-step", "5"],
-    "alignprop.py": GRAD,
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import FAST, ROOT, SETTINGS, child  # noqa: E402
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=7)
+    p.add_argument("--fast", action="store_true", help="with the opt-in speed flags")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS (0: torch's default)")
+    p.add_argument("--scripts", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS))
     args = p.parse_args()
-    print(f"{'script':14s} {'lines':>5s} {'s/step':>7s}  settings (tiny, T=10)")
-    for script, extra in CONFIGS.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, str(ROOT / script), *COMMON, *extra, "--steps", str(args.steps),
-                   "--output-dir", f"{tmp}/run"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-        seconds = statistics.mean(r["step_seconds"] for r in rows[1:])
-        lines = len((ROOT / script).read_text().splitlines())
-        print(f"{script:14s} {lines:5d} {seconds:7.2f}  {' '.join(extra)}")
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}))
+    print(f"{'script':13s} {'lines':>5s} {'s/image':>8s} {'CPU s/image':>11s} {'s/query':>8s}  settings (tiny, T=20)")
+    for script in args.scripts:
+        extra = FAST.get(script, []) if args.fast else []
+        r = child([sys.executable, str(ROOT / "benchmark" / "bench_speed.py"), "measure", script, *extra], env)
+        lines = len((ROOT / f"{script}.py").read_text().splitlines())
+        print(f"{script + '.py':13s} {lines:5d} {r['wall_per_image']:8.3f} {r['cpu_per_image']:11.3f} "
+              f"{r['wall_per_query']:8.3f}  {' '.join(SETTINGS[script] + extra)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,29 @@
 """Speed of the scripts per sampled image (issue 17): side by side with trl 0.23.1's trainers, and where the time goes.
 
-    python benchmark/bench_speed.py trl [--repeats 5] [--threads 1]   # ddpo_is.py / alignprop.py vs trl, alternating
-    python benchmark/bench_speed.py profile [ddpo_is alignprop ...]   # one sampled batch per script: phases, UNet calls
+    python benchmark/bench_speed.py trl [--repeats 5] [--threads 1]    # ddpo_is.py / alignprop.py vs trl, alternating
+    python benchmark/bench_speed.py profile [ddpo_is alignprop ...]    # one run per script: phases, UNet calls
+    python benchmark/bench_speed.py measure SCRIPT [FLAGS ...]         # one run: its loop's seconds, as JSON
 
-`trl` saves `tiny` (random weights, seed 0) to a folder that both sides load, and runs, in turn, each configuration
-of CONFIGS and trl's trainer (benchmark/trl_side.py, in the separate virtual environment --venv: trl is not a
-dependency of this project) on the same work: DDPO: 2 epochs of 16 images sampled in batches of 8, T = 20, η = 1,
-w = 5, 4 clipped updates of 4 images per epoch over every timestep, LoRA rank 4 on the attention projections, PIL
-JPEG reward; AlignProp: 8 updates of 4 images, T = 20, η = 0, w = 7.5, gradient through the last K = 10 steps (fixed
-truncation, so that both do the same work: trl's random truncation redraws per step, ours per batch), differentiable
-JPEG reward. The figure per run is the training loop's seconds (the scripts' summed `step_seconds`; trl:
-`trainer.train()`; model loading, the sample grid and saving excluded) per sampled image; the table gives the
-median over repeats, its range, and the median of the per-round ratios trl / ours (rounds alternate the sides, so
-that a busy machine slows both alike).
+Every run is on `tiny` (random weights, seed 0) at SETTINGS, the issue's: T = 20 and 32 sampled images per run. RL
+scripts: 2 batches of 16 sampled in chunks of 8, η = 1, w = 5, chunks of 4 images in the training pass (DDPO-IS and
+GRPO: 4 clipped updates of 4 images per batch over every timestep). Gradient scripts: 8 updates of 4 images, η = 0,
+w = 7.5; AlignProp with the fixed truncation K = 10 (trl's random truncation redraws per step, ours per batch: a
+fixed K is the same work on both sides). LoRA rank 4 on the attention projections (DRaFT: and the feed-forward
+layers); PIL JPEG reward for the RL scripts, the differentiable JPEG stand-in for the gradient scripts.
 
-`profile` runs a script in this process at the same settings (--model tiny) and splits its step time: UNet forwards
-without gradient (sampling), with gradient, the backward pass (including checkpointed recomputation), VAE decode and
-encode, the reward, the optimizer step, and the rest; with the UNet calls' count and batch sizes.
+A run's figure is its training loop: from the end of the step-0 sample grid to the last update's log line (model
+loading, the grid and saving excluded; trl: `trainer.train()`), as wall-clock seconds and as this process's CPU
+seconds. On a machine that other work keeps busy, the CPU seconds of a one-thread run (--threads 1) are the steadier
+measure of the work done; the wall-clock seconds are what an idle machine shows.
+
+`trl` saves `tiny` to a folder that both sides load and runs, in turn, trl's trainer (benchmark/trl_side.py, in the
+separate virtual environment --venv: trl is not a dependency of this project) and each configuration of CONFIGS, so
+that a busy machine slows both alike; it prints medians over the rounds, their range, and the median of the per-round
+ratios trl / ours.
+
+`profile` splits a run's step time: UNet forwards without gradient (sampling), with gradient, the backward pass
+(checkpointed recomputation included), VAE decode and encode, the reward, the optimizer step, the rest; with the UNet
+calls' count and batch sizes (a doubled batch: the classifier-free guidance's two halves).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import importlib
 import json
 import os
 import statistics
@@ -38,41 +46,87 @@ sys.path.insert(0, str(ROOT))
 
 T = "20"
 RL = ["--reward", "jpeg_compressibility", "--num-inference-steps", T, "--batch-size", "16", "--sample-batch-size", "8",
-      "--train-batch-size", "4", "--steps", "8"]  # 2 sampled batches of 16
+      "--train-batch-size", "4"]
 GRAD = ["--reward", "jpeg_compressibility_diff", "--num-inference-steps", T, "--batch-size", "4", "--steps", "8"]
-SETTINGS = {  # each script at the issue's settings (T = 20); RL: 32 images, 2 batches; gradient scripts: 8 × 4
-    "ddpo_sf": RL,
-    "ddpo_is": RL + ["--num-minibatches", "4"],
-    "grpo": RL + ["--num-minibatches", "4", "--group-size", "8"],
-    "rwr": RL + ["--num-minibatches", "4", "--num-epochs", "1", "--images-per-prompt", "4"],
+SETTINGS = {  # 32 sampled images per run; RL: 2 batches of 16, gradient scripts: 8 updates of 4
+    "ddpo_sf": RL + ["--steps", "2"],
+    "ddpo_is": RL + ["--steps", "8", "--num-minibatches", "4"],
+    "grpo": RL + ["--steps", "8", "--num-minibatches", "4", "--group-size", "8"],
+    "rwr": RL + ["--steps", "8", "--num-minibatches", "4", "--num-epochs", "1", "--images-per-prompt", "4"],
     "draft": GRAD + ["--k", "1"],
     "draft_lv": GRAD,
     "refl": GRAD,
     "alignprop": GRAD + ["--truncation", "fixed", "--k", "10"],
 }
+IMAGES = 32
 QUIET = ["--sample-every", "1000", "--save-every", "0", "--num-sample-images", "1", "--sample-seeds", "1"]
-CONFIGS = {  # (label, script, extra flags) compared with trl's trainer of the same algorithm
-    "ddpo": [("ddpo_is.py", "ddpo_is", []),
-             ("ddpo_is.py --timesteps-per-call 20", "ddpo_is", ["--timesteps-per-call", "20"])],
-    "alignprop": [("alignprop.py", "alignprop", [])],
+FAST = {  # the opt-in speed flags (issue 17): the same math, more memory
+    "ddpo_sf": ["--timesteps-per-call", T], "ddpo_is": ["--timesteps-per-call", T], "grpo": ["--timesteps-per-call", T],
+    "draft": ["--no-unet-checkpointing"], "draft_lv": ["--no-unet-checkpointing"], "refl": ["--no-unet-checkpointing"],
+    "alignprop": ["--no-unet-checkpointing"],
+}
+CONFIGS = {  # trl's trainer -> (label, script, extra flags) run next to it
+    "ddpo": [("ddpo_is.py", "ddpo_is", []), ("ddpo_is.py " + " ".join(FAST["ddpo_is"]), "ddpo_is", FAST["ddpo_is"])],
+    "alignprop": [("alignprop.py", "alignprop", []),
+                  ("alignprop.py " + " ".join(FAST["alignprop"]), "alignprop", FAST["alignprop"])],
 }
 
 
-def run_ours(script: str, extra: list[str], pipeline: str, env: dict) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, str(ROOT / f"{script}.py"), "--model", pipeline, *SETTINGS[script], *QUIET, *extra,
-               "--output-dir", f"{tmp}/run"]
-        subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=ROOT)
-        rows = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
-    return sum(r["step_seconds"] for r in rows) / 32
+@contextlib.contextmanager
+def patched(patches):
+    """setattr(owner, name, value) for each (owner, name, value), undone on exit."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
 
 
-def run_trl(algorithm: str, pipeline: str, venv: str, env: dict) -> float:
-    flags = ["--epochs", "2"] if algorithm == "ddpo" else ["--epochs", "8", "--k", "10"]
-    cmd = [f"{venv}/bin/python", str(ROOT / "benchmark" / "trl_side.py"), algorithm, "--pipeline", pipeline,
-           "--steps", T, *flags]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir())
-    return json.loads(out.stdout.strip().splitlines()[-1])["s_per_image"]
+def clocks():
+    return time.perf_counter(), time.process_time()
+
+
+def run_script(script: str, argv: list[str], patches=()) -> dict:
+    """Run `script`'s main in this process on `argv` (+ an output folder) and time its loop: from the end of the
+    step-0 sample grid to the last log line. Returns wall and CPU seconds and the run's metrics rows."""
+    import tyro
+
+    import common
+
+    marks = {}
+
+    def after(key, fn, first_only=False):  # record the clocks when fn returns
+        def wrapper(*a, **k):
+            result = fn(*a, **k)
+            if not (first_only and key in marks):
+                marks[key] = clocks()
+            return result
+        return wrapper
+
+    module = importlib.import_module(script)
+    with patched(patches), tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
+        with patched([(common.SampleGrid, "__call__", after("start", common.SampleGrid.__call__, first_only=True)),
+                      (common.Logger, "log", after("end", common.Logger.log))]):
+            module.main(tyro.cli(module.Args, args=[*argv, "--output-dir", tmp]))
+        rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    (w0, c0), (w1, c1) = marks["start"], marks["end"]
+    return dict(wall=w1 - w0, cpu=c1 - c0, rows=rows)
+
+
+def measure(script: str, extra: list[str], model: str = "tiny") -> dict:
+    run = run_script(script, ["--model", model, *SETTINGS[script], *QUIET, *extra])
+    queries = run["rows"][-1]["reward_queries"]
+    return dict(script=script, flags=extra, wall=round(run["wall"], 3), cpu=round(run["cpu"], 3), images=IMAGES,
+                reward_queries=queries, updates=len(run["rows"]), wall_per_image=round(run["wall"] / IMAGES, 4),
+                cpu_per_image=round(run["cpu"] / IMAGES, 4), wall_per_query=round(run["wall"] / queries, 4))
+
+
+def child(cmd: list[str], env: dict, cwd=ROOT) -> dict:
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=cwd)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def compare_with_trl(args) -> None:
@@ -89,32 +143,37 @@ def compare_with_trl(args) -> None:
         StableDiffusionPipeline(**common.models.tiny_components(0), safety_checker=None, feature_extractor=None,
                                 requires_safety_checker=False).save_pretrained(pipeline)
         for algorithm in args.algorithms:
-            times = collections.defaultdict(list)
+            trl_flags = ["--epochs", "2"] if algorithm == "ddpo" else ["--epochs", "8", "--k", "10"]
+            runs = collections.defaultdict(list)
             for r in range(args.repeats):
-                times["trl"].append(run_trl(algorithm, pipeline, args.venv, env))
+                runs["trl"].append(child([f"{args.venv}/bin/python", str(ROOT / "benchmark" / "trl_side.py"),
+                                          algorithm, "--pipeline", pipeline, "--steps", T, *trl_flags], env,
+                                         cwd=tmp))
                 for label, script, extra in CONFIGS[algorithm]:
-                    times[label].append(run_ours(script, extra, pipeline, env))
-                print(f"# {algorithm} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in times.items()),
-                      flush=True)
+                    runs[label].append(child([sys.executable, __file__, "measure", script, *extra, "--model",
+                                              pipeline], env))
+                print(f"# {algorithm} round {r + 1}: " + ", ".join(
+                    f"{k} {v[-1]['wall_per_image']:.3f} s ({v[-1]['cpu_per_image']:.3f} CPU s)" for k, v in runs.items()),
+                    flush=True)
             print(f"\n{algorithm}: seconds per sampled image, {args.repeats} alternating rounds, torch "
                   f"{torch.__version__}, threads {args.threads or torch.get_num_threads()}")
-            print(f"{'':40s} {'median':>7s} {'range':>15s} {'trl / this (median, range)':>28s}")
-            for label, values in times.items():
-                ratios = [a / b for a, b in zip(times["trl"], values)]
-                print(f"{label:40s} {statistics.median(values):7.3f} {min(values):7.3f}–{max(values):<7.3f} "
-                      f"{statistics.median(ratios):12.2f}× ({min(ratios):.2f}–{max(ratios):.2f})")
+            for clock in ("wall", "cpu"):
+                print(f"{clock + ' s / image':38s} {'median':>7s} {'range':>15s}   trl / this: median (range)")
+                for label, values in runs.items():
+                    ours = [v[f"{clock}_per_image"] for v in values]
+                    ratios = [t[f"{clock}_per_image"] / o for t, o in zip(runs["trl"], ours)]
+                    print(f"{label:38s} {statistics.median(ours):7.3f} {min(ours):7.3f}–{max(ours):<7.3f}   "
+                          f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})")
 
 
-def profile(script: str) -> dict:
-    """Run `script` in this process (tiny, SETTINGS) with timers on the UNet, VAE, reward, backward and optimizer."""
-    import importlib
-
+def profile(script: str, extra: list[str]) -> dict:
+    """One run of `script` (tiny, SETTINGS) with timers on the UNet, VAE, reward, backward and optimizer."""
     import torch
 
     import common
     import rewards
 
-    seconds, calls, batches = collections.Counter(), collections.Counter(), collections.Counter()
+    seconds, batches = collections.Counter(), collections.Counter()
     state = dict(outside=True, in_backward=False)  # outside the sample grid / inside a backward pass
 
     def timed(name, fn):
@@ -123,9 +182,7 @@ def profile(script: str) -> dict:
             try:
                 return fn(*a, **k)
             finally:
-                if state["outside"]:
-                    seconds[name] += time.perf_counter() - t0
-                    calls[name] += 1
+                seconds[name] += (time.perf_counter() - t0) * state["outside"]
         return wrapper
 
     def flagged(key, fn):  # fn runs with state[key] toggled
@@ -149,7 +206,7 @@ def profile(script: str) -> dict:
         if state["outside"] and not state["in_backward"]:  # recomputed forwards count in the backward pass
             kind = "unet_forward_grad" if torch.is_grad_enabled() else "unet_forward_nograd"
             seconds[kind] += elapsed
-            batches[f"{kind} batch {inputs[0].shape[0]}"] += 1
+            batches[f"{kind}, batch {inputs[0].shape[0]}"] += 1
 
     load_pipeline, load_reward = common.load_pipeline, rewards.load
 
@@ -164,32 +221,18 @@ def profile(script: str) -> dict:
         fn.forward = timed("reward", fn.forward)
         return fn
 
-    patches = [(common, "load_pipeline", load_and_hook), (rewards, "load", load_and_time),
-               (common, "decode", timed("vae_decode", common.decode)),
-               (common, "encode", timed("vae_encode", common.encode)),
-               (common.UpdateGuard, "backward", flagged("in_backward", timed("backward", common.UpdateGuard.backward))),
-               (common.SampleGrid, "__call__", flagged("outside", common.SampleGrid.__call__)),
-               (torch.optim.AdamW, "step", timed("optimizer", torch.optim.AdamW.step))]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    module = importlib.import_module(script)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            import tyro
-
-            args = tyro.cli(module.Args, args=["--model", "tiny", *SETTINGS[script], *QUIET, "--output-dir", tmp])
-            with contextlib.redirect_stdout(sys.stderr):  # the script's closing line
-                module.main(args)
-            rows = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-    total = sum(r["step_seconds"] for r in rows)
+    run = run_script(script, ["--model", "tiny", *SETTINGS[script], *QUIET, *extra], patches=[
+        (common, "load_pipeline", load_and_hook), (rewards, "load", load_and_time),
+        (common, "decode", timed("vae_decode", common.decode)), (common, "encode", timed("vae_encode", common.encode)),
+        (common.UpdateGuard, "backward", flagged("in_backward", timed("backward", common.UpdateGuard.backward))),
+        (common.SampleGrid, "__call__", flagged("outside", common.SampleGrid.__call__)),
+        (torch.optim.AdamW, "step", timed("optimizer", torch.optim.AdamW.step))])
+    total = sum(r["step_seconds"] for r in run["rows"])
     split = {k: round(v, 2) for k, v in seconds.items()}
     split["other"] = round(total - sum(seconds.values()), 2)
-    return dict(script=script, step_seconds=round(total, 2), reward_queries=rows[-1]["reward_queries"],
-                updates=len(rows), seconds=split, unet_calls=dict(sorted(batches.items())))
+    return dict(script=script, flags=extra, step_seconds=round(total, 2), images=IMAGES,
+                reward_queries=run["rows"][-1]["reward_queries"], updates=len(run["rows"]), seconds=split,
+                unet_calls=dict(sorted(batches.items())))
 
 
 def main():
@@ -200,14 +243,22 @@ def main():
     t.add_argument("--algorithms", nargs="+", choices=tuple(CONFIGS), default=list(CONFIGS))
     t.add_argument("--venv", default="/work/venv-trl", help="the virtual environment with trl==0.23.1")
     t.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for both sides (0: torch's default)")
-    pr = sub.add_parser("profile", help="where one script's time goes")
+    pr = sub.add_parser("profile", help="where the time of each script goes")
     pr.add_argument("scripts", nargs="*", default=list(SETTINGS))
-    args = p.parse_args()
+    pr.add_argument("--fast", action="store_true", help="with the opt-in speed flags (FAST)")
+    m = sub.add_parser("measure", help="one run of one script, its loop's seconds as JSON")
+    m.add_argument("script", choices=tuple(SETTINGS))
+    m.add_argument("--model", default="tiny")
+    args, extra = p.parse_known_args()
+    if extra and args.mode != "measure":
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.mode == "trl":
         compare_with_trl(args)
-    else:
+    elif args.mode == "profile":
         for script in args.scripts:
-            print(json.dumps(profile(script)), flush=True)
+            print(json.dumps(profile(script, FAST.get(script, []) if args.fast else [])), flush=True)
+    else:
+        print(json.dumps(measure(args.script, extra, args.model)))
 
 
 if __name__ == "__main__":

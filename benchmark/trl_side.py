@@ -9,8 +9,9 @@ NEEDS ITS OWN VIRTUAL ENVIRONMENT (trl is not a dependency of this project; neve
 `benchmark/bench_speed.py trl` runs this next to the project's scripts on the same folder (`tiny` saved with
 `save_pretrained`) and the same settings, alternating the two. The reward is this project's own
 (`rewards.load`), so both sides score with the same code; trl's reward_fn contract is (images, prompts, metadata)
--> (rewards, metadata) (trl/trainer/ddpo_trainer.py, compute_rewards). Prints one JSON line: the seconds of
-`trainer.train()` (model loading excluded, as the scripts' step_seconds exclude it) and per sampled image.
+-> (rewards, metadata) (trl/trainer/ddpo_trainer.py, compute_rewards). Prints one JSON line: the wall-clock and CPU
+seconds of `trainer.train()` (model loading excluded, as bench_speed.py excludes it on our side), and per sampled
+image.
 """
 
 from __future__ import annotations
@@ -86,11 +87,12 @@ def main():
                                      truncated_backprop_rand=False, truncated_backprop_timestep=args.steps - args.k)
             trainer = AlignPropTrainer(config, reward_fn, prompt_fn, pipeline)
             images = args.epochs * args.train_batch_size
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         trainer.train()
-        seconds = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
     print(json.dumps(dict(side="trl", trl=trl_version, torch=torch.__version__, algorithm=args.algorithm,
-                          seconds=round(seconds, 3), images=images, s_per_image=round(seconds / images, 4))))
+                          wall=round(wall, 3), cpu=round(cpu, 3), images=images,
+                          wall_per_image=round(wall / images, 4), cpu_per_image=round(cpu / images, 4))))
 
 
 if __name__ == "__main__":
