@@ -1,10 +1,10 @@
-"""Seconds per update and peak memory of the seven scripts on SD1.4's real architecture (`--model sd14-random`).
+"""Seconds per update and peak memory of the eight scripts on SD1.4's real architecture (`--model sd14-random`).
 
-Issue 11, part 5. Each run is one script through its real command line (tyro parses the same flags) in a fresh
-subprocess: a small wrapper in this file runs the script's `main(args)` in that process and afterwards reads the
-process's peak memory, CUDA `torch.cuda.max_memory_allocated` on a GPU (weights, activations, optimizer state;
-what the allocator reserves on top is not counted) or the peak resident set size (`getrusage` ru_maxrss) on the
-CPU. The seconds are the script's own `step_seconds` of its update (the mean over the updates after the first
+Issue 11, part 5 (GRPO added). Each run is one script through its real command line (tyro parses the same
+flags) in a fresh subprocess: a small wrapper in this file runs the script's `main(args)` in that process and
+afterwards reads the process's peak memory, CUDA `torch.cuda.max_memory_allocated` on a GPU (weights,
+activations, optimizer state; what the allocator reserves on top is not counted) or the peak resident set size
+(`getrusage` ru_maxrss) on the CPU. The seconds are the script's own `step_seconds` of its update (the mean over the updates after the first
 with --steps > 1), so loading the model is not in them; for DDPO-IS and RWR the first update of a batch also
 samples the batch that their later updates reuse.
 
@@ -40,7 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-RL_SCRIPTS = ("ddpo_sf.py", "ddpo_is.py", "rwr.py")
+RL_SCRIPTS = ("ddpo_sf.py", "ddpo_is.py", "rwr.py", "grpo.py")
 GRADIENT_SCRIPTS = ("draft.py", "draft_lv.py", "refl.py", "alignprop.py")
 GOAL_GB = {"ddpo_sf.py": 10, "ddpo_is.py": 10, **{s: 24 for s in GRADIENT_SCRIPTS}}  # issue 11
 CPU_LIMIT_GB = 24  # what "fits" means on the CPU: this project's machines have 24 GB

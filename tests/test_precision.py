@@ -102,6 +102,7 @@ def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
     assert reference.abs().max() > 0
     for dtype in PRECISIONS:
         ours = lora_gradient(pipes[dtype], backward(pipes[dtype]))
+        print(f"cosine {name} t{j} {dtype}: {cosine(ours, reference):.4f}")  # the figures of the README (pytest -s)
         assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
     # the control: fp16 without loss scaling (the scripts before issue 11) does not keep this gradient
     params = common.lora_parameters(pipes[torch.float16])
@@ -109,6 +110,8 @@ def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
         p.grad = None
     backward(pipes[torch.float16])(common.UpdateGuard(1, loss_scaling=False))
     unscaled = torch.cat([p.grad.flatten() for p in params])
+    print(f"cosine {name} t{j} unscaled fp16: " + ("all zero" if unscaled.abs().max() == 0
+                                                    else f"{cosine(unscaled, reference):.4f}"))
     assert unscaled.abs().max() == 0 or cosine(unscaled, reference) < 0.9
 
 
@@ -128,7 +131,9 @@ def test_rwr_gradient_survives_half_precision(pipes, trajectory):
 
     reference = lora_gradient(pipes[torch.float32], backward(pipes[torch.float32]))
     for dtype in PRECISIONS:
-        assert cosine(lora_gradient(pipes[dtype], backward(pipes[dtype])), reference) >= 0.99, dtype
+        c = cosine(lora_gradient(pipes[dtype], backward(pipes[dtype])), reference)
+        print(f"cosine rwr {dtype}: {c:.4f}")
+        assert c >= 0.99, dtype
 
 
 # --- the gradient scripts: DRaFT, DRaFT-LV, ReFL, AlignProp --------------------------------------------------------
@@ -169,6 +174,7 @@ def test_reward_gradient_survives_half_precision(name, pipes):
     assert reference.abs().max() > 0
     for dtype in PRECISIONS:
         ours = lora_gradient(pipes[dtype], backward(pipes[dtype]))
+        print(f"cosine {name} {dtype}: {cosine(ours, reference):.4f}")
         assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
 
 
@@ -290,6 +296,7 @@ def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
         with torch.no_grad():
             for i, k, log_prob in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, torch.arange(2), order, args):
                 worst = max(worst, float((log_prob - traj.log_probs[i, k]).abs().max()))
+        print(f"first-update |log ratio| {dtype}: max {worst:.2e}")  # |ratio − 1| to first order
         assert worst < 1e-5, (dtype, worst)
 
 
