@@ -1,12 +1,12 @@
 """Seconds per update and peak memory of the eight scripts on SD1.4's real architecture (`--model sd14-random`).
 
-Issue 11, part 5 (GRPO added). Each run is one script through its real command line (tyro parses the same
-flags) in a fresh subprocess: a small wrapper in this file runs the script's `main(args)` in that process and
-afterwards reads the process's peak memory, CUDA `torch.cuda.max_memory_allocated` on a GPU (weights,
-activations, optimizer state; what the allocator reserves on top is not counted) or the peak resident set size
-(`getrusage` ru_maxrss) on the CPU. The seconds are the script's own `step_seconds` of its update (the mean over the updates after the first
-with --steps > 1), so loading the model is not in them; for DDPO-IS and RWR the first update of a batch also
-samples the batch that their later updates reuse.
+Issue 11, part 5 (GRPO added). Each run is one script through its real command line (tyro parses the same flags) in
+a fresh subprocess: a small wrapper in this file runs the script's `main(args)` in that process and afterwards reads
+the process's peak memory, CUDA `torch.cuda.max_memory_allocated` on a GPU (weights, activations, optimizer state;
+what the allocator reserves on top is not counted) or the peak resident set size (`getrusage` ru_maxrss) on the CPU.
+The seconds are the script's own `step_seconds` of its update (the mean over the updates after the first with
+--steps > 1), so loading the model is not in them; for DDPO-IS and RWR the first update of a batch also samples the
+batch that their later updates reuse.
 
 Settings: every script at its published defaults (its `Args`: T, batch sizes, K, n, ...) except what this file
 sets for all: the JPEG rewards, which need no weights (`jpeg_compressibility` for the RL scripts,
