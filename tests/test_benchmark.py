@@ -395,3 +395,21 @@ def test_paired_change_and_its_noise():
     assert r["diff_std"] == pytest.approx(np.std(d, ddof=1))
     assert r["standard_error"] == pytest.approx(np.std(d, ddof=1) / np.sqrt(24)) and r["images"] == 24
     assert r["change_by_seed_half"] == pytest.approx([(after - before)[:2].mean(), (after - before)[2:].mean()])
+
+
+def test_plot_eval_draws_every_logged_key_and_refuses_a_non_run(tmp_path, capsys):
+    from PIL import Image
+
+    from benchmark import plot_eval
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "eval_reward": -9 + s / 50, "eval/diversity": 0.4 - s / 1000, "eval/shapes_exact_match": 0.1}
+            for s in (0, 50, 100)]
+    (run / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_eval.main([str(run), "--output", str(tmp_path / "out" / "curves.png")])
+    width, height = Image.open(tmp_path / "out" / "curves.png").size
+    assert width > 2.5 * height  # three panels side by side: the reward, diversity and the held-out reward
+    with pytest.raises(SystemExit) as e:
+        plot_eval.main([str(tmp_path / "nothing"), "--output", str(tmp_path / "x.png")])
+    assert "eval.jsonl: no such file" in str(e.value) and not (tmp_path / "x.png").exists()
