@@ -8,6 +8,11 @@ guided DDIM step with gradient to x0ⁱ, and sums the rewards: L = −mean(r(x0)
 call, one decode and one reward: the paper reports about 2× the sample efficiency of DRaFT-1 and ReFL for ~10% more
 compute. What differs from `draft.py` (marked `# DRaFT-LV:`): K = 1, the copies, reward_queries B·(n + 1).
 
+Why n + 1 terms (the sampled image and its n copies), and n + 1 reward queries per image: the paper's text,
+"noise the generated image n times, and use the summed reward gradient", and App. C.1, DRaFT-LV "requires computing
+the reward function gradient an additional n times". Its Algorithm 1 could not be consulted here (no network), so
+the count rests on those two passages.
+
     python draft_lv.py --reward hpsv2 --steps 2000              # SD1.4 on one GPU
     python draft_lv.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
 """
