@@ -2,16 +2,12 @@
 
 Clark, Vicol, Swersky & Fleet, ICLR 2024 (arXiv:2309.17400), §4 "DRaFT-LV": the same paper as `draft.py`.
 
-Idea: DRaFT-1's gradient comes from one noisy sample of the last step per image. DRaFT-LV re-noises the detached
-x0 n times (n = 2) to the last timestep t₁, x_{t₁} = √ᾱ_{t₁}·sg(x0) + √(1−ᾱ_{t₁})·ε, denoises each copy with one
-guided DDIM step with gradient to x0ⁱ, and sums the rewards: L = −mean(r(x0) + Σ_i r(x0ⁱ)). A copy costs one UNet
-call, one decode and one reward: the paper reports about 2× the sample efficiency of DRaFT-1 and ReFL for ~10% more
-compute. What differs from `draft.py` (marked `# DRaFT-LV:`): K = 1, the copies, reward_queries B·(n + 1).
-
-Why n + 1 terms (the sampled image and its n copies), and n + 1 reward queries per image: the paper's text,
-"noise the generated image n times, and use the summed reward gradient", and App. C.1, DRaFT-LV "requires computing
-the reward function gradient an additional n times". Its Algorithm 1 could not be consulted here (no network), so
-the count rests on those two passages.
+Idea: DRaFT-1's gradient comes from one noisy sample of the last step per image. DRaFT-LV re-noises the detached x0
+n times (n = 2) to the last timestep t₁, x_{t₁} = √ᾱ_{t₁}·sg(x0) + √(1−ᾱ_{t₁})·ε, denoises each copy with one guided
+DDIM step with gradient to x0ⁱ, and sums the rewards: L = −mean(r(x0) + Σ_i r(x0ⁱ)), n + 1 terms as the text says
+("noise the generated image n times, and use the summed reward gradient"; App. C.1: "an additional n times";
+Algorithm 1 could not be consulted here). Paper: ~2× DRaFT-1's and ReFL's sample efficiency for ~10% more compute.
+Differs from `draft.py` (marked `# DRaFT-LV:`): K = 1, the copies, reward_queries B·(n + 1).
 
     python draft_lv.py --reward hpsv2 --steps 2000              # SD1.4 on one GPU
     python draft_lv.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
