@@ -13,6 +13,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tests never touch the networ
 # size where intra-op threads help, and two OpenMP threads waiting for each other on a busy machine made a tiny UNet
 # call ~40x slower (2.7 s instead of 0.07 s).
 torch.set_num_threads(1)
+# The same for every subprocess a test starts (the scripts through their CLI, torchrun, servers): without it each
+# took torch's default of 2 threads next to two busy workers, and the SD1.4-sized CLI runs took 153 s instead of ~40.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def read_metrics(run_dir):
