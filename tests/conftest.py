@@ -37,3 +37,26 @@ def randomize_lora(pipe, std=0.05, seed=0):
         for p in pipe.unet.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@pytest.fixture
+def serve_in_thread():
+    """Start RewardServer(s) (`rewards.serve`) in threads of this process on loopback; all are shut down at the end.
+    Returns start(spec, **limits) -> the server's URL."""
+    import threading
+
+    import rewards
+    from rewards.serve import RewardServer
+
+    servers = []
+
+    def start(spec: str, **limits) -> str:
+        server = RewardServer(("127.0.0.1", 0), rewards.load(spec), spec, **limits)
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

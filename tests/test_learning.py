@@ -29,7 +29,6 @@ random tiny UNet is not. Its math is tested in test_rl_algorithms.py; a pretrain
 """
 
 import os
-import threading
 
 import pytest
 import torch
@@ -43,7 +42,6 @@ import draft_lv
 import refl
 import rewards
 from common.models import tiny_components
-from rewards.serve import RewardServer
 
 REWARD = "jpeg_compressibility_diff"
 RL = dict(batch_size=32, sample_batch_size=32, train_batch_size=32, num_inference_steps=2, learning_rate=3e-2)
@@ -57,7 +55,8 @@ CONFIGS = {
     "refl": (refl, dict(GRAD, steps=15, max_step=3)),
     "alignprop": (alignprop, dict(GRAD, steps=15)),
 }
-MARGINS = dict(draft=140, draft_lv=145, refl=135, alignprop=90, ddpo_sf=27, ddpo_is=11, ddpo_sf_server=10)  # see the docstring
+MARGINS = dict(draft=140, draft_lv=145, refl=135, alignprop=90, ddpo_sf=27, ddpo_is=11,  # see the docstring
+               ddpo_sf_server=10)
 SEEDS = [int(s) for s in os.environ.get("LEARNING_SEEDS", "0").split(",")]
 EVAL_PROMPTS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird"] * 2
 
@@ -77,23 +76,16 @@ def evaluate(run_dir, num_steps, guidance_scale, eta):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_reward_rises(name, seed, tmp_path):
+def test_reward_rises(name, seed, tmp_path, serve_in_thread):
     module, config = CONFIGS[name]
     reward = REWARD
     if name.endswith("_server"):  # served in a thread of this process on loopback; the client sends 8-bit PNGs
-        server = RewardServer(("127.0.0.1", 0), rewards.load(REWARD), REWARD)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        reward = f"remote[url=http://127.0.0.1:{server.server_address[1]}]"
+        reward = f"remote[url={serve_in_thread(REWARD)}]"
     args = module.Args(model="tiny", reward=reward, seed=seed, output_dir=str(tmp_path / "run"), sample_every=1000,
                        save_every=0, num_sample_images=2, **config)
     eta = getattr(args, "eta", 0.0)
     before = evaluate(None, args.num_inference_steps, args.guidance_scale, eta)
-    try:
-        module.main(args)
-    finally:
-        if name.endswith("_server"):
-            server.shutdown()
-            server.server_close()
+    module.main(args)
     after = evaluate(tmp_path / "run", args.num_inference_steps, args.guidance_scale, eta)
     print(f"LEARNING {name} seed={seed} before={before:.1f} after={after:.1f} gain={after - before:.1f}")
     assert after - before > MARGINS[name], (before, after)

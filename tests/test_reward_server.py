@@ -42,23 +42,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def serve_in_thread():
-    """Start RewardServer(s) in this process; all are shut down at the end."""
-    servers = []
-
-    def start(spec: str, **limits) -> str:
-        server = RewardServer(("127.0.0.1", 0), rewards.load(spec), spec, **limits)
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
 def start_cli_server(spec: str, *args: str, port: int = 0):
     """`python -m rewards.serve` in a subprocess; returns (process, URL, the line it printed)."""
     proc = subprocess.Popen([sys.executable, "-m", "rewards.serve", "--reward", spec, "--port", str(port), *args],
