@@ -171,8 +171,9 @@ _REGISTRY: dict[str, _Entry] = {
         remote.RemoteReward.build,
         {"url": "url", "timeout": "timeout", "retries": "retries"},
         {"url": "the server's URL, http://host:port (python -m rewards.serve)",
-         "timeout": f"seconds to wait for one answer (default {remote.TIMEOUT:g})",
-         "retries": f"attempts after a failed one, with backoff, before the run stops (default {remote.RETRIES})"},
+         "timeout": f"seconds to wait for one answer (default {remote.TIMEOUT:g}, at most {remote.MAX_TIMEOUT:g})",
+         "retries": f"attempts after a failed one, with backoff (each wait at most {remote.MAX_BACKOFF:g} s), before "
+                    f"the run stops (default {remote.RETRIES}, at most {remote.MAX_RETRIES})"},
     ),
 }
 REWARDS: tuple[str, ...] = tuple(_REGISTRY)

@@ -5,19 +5,21 @@ sees one line."""
 from ._base import RewardSpecError
 
 
-def as_int(value, key: str, minimum: int | None = None) -> int:
-    """`value` (text or int) as an int of at least `minimum`."""
+def as_int(value, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    """`value` (text or int) as an int in [`minimum`, `maximum`]."""
     try:
         number = int(str(value).strip())
     except ValueError:
         raise RewardSpecError(f"option {key}={value!r} is not an integer") from None
     if minimum is not None and number < minimum:
         raise RewardSpecError(f"option {key}={number} must be at least {minimum}")
+    if maximum is not None and number > maximum:
+        raise RewardSpecError(f"option {key}={number} must be at most {maximum}")
     return number
 
 
-def as_float(value, key: str, minimum: float | None = None) -> float:
-    """`value` (text or number) as a finite float of at least `minimum`."""
+def as_float(value, key: str, minimum: float | None = None, maximum: float | None = None) -> float:
+    """`value` (text or number) as a finite float in [`minimum`, `maximum`]."""
     try:
         number = float(str(value).strip())
     except ValueError:
@@ -26,6 +28,8 @@ def as_float(value, key: str, minimum: float | None = None) -> float:
         raise RewardSpecError(f"option {key}={value!r} is not a finite number")
     if minimum is not None and number < minimum:
         raise RewardSpecError(f"option {key}={number:g} must be at least {minimum:g}")
+    if maximum is not None and number > maximum:
+        raise RewardSpecError(f"option {key}={number:g} must be at most {maximum:g}")
     return number
 
 
