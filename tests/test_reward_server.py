@@ -7,11 +7,14 @@ import base64
 import io
 import json
 import os
+import re
 import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -209,12 +212,13 @@ def test_server_refuses_malformed_requests(serve_in_thread):
     Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
     png = base64.b64decode(png_base64(8, 8))
     ok = {"prompts": ["a red circle on a white background"], "images": [png_base64(32, 32)]}
-    refused = [
+    refused = [  # (body, message); 400 unless the message is in TOO_LARGE
         (b"{not json", "the body is not JSON"),
         (b"[1, 2]", "expected a JSON object"),
         ({"prompts": ["a"], "images": [base64.b64encode(jpeg.getvalue()).decode()]}, "image 0 is not a PNG"),
         ({"prompts": ["a"], "images": ["%%%not base64"]}, "image 0 is not base64"),
-        ({"prompts": ["a"], "images": [base64.b64encode(png[:40]).decode()]}, "image 0 is not a readable PNG"),
+        ({"prompts": ["a"], "images": [base64.b64encode(png[:40]).decode()]}, "image 0 is truncated"),
+        ({"prompts": ["a"], "images": [base64.b64encode(png[:20]).decode()]}, "image 0 is not a readable PNG"),
         ({"prompts": ["a"], "images": [png_base64(33, 32)]}, "image 0 has 32x33 pixels, more than --max-pixels 1024"),
         ({"prompts": ["a", "b"], "images": [png_base64(8, 8)]}, "as many prompts as images"),
         ({"prompts": [], "images": []}, "at least one"),
@@ -227,13 +231,15 @@ def test_server_refuses_malformed_requests(serve_in_thread):
         for body, message in refused:
             kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
             answer = client.post(url, **kwargs)
-            assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
+            status = 413 if "more than --max-pixels" in message or "exceeds the server's limit" in message else 400
+            assert answer.status_code == status and message in answer.json()["error"], (message, answer.text)
         answer = client.post(url, json=ok)  # the server is still up and scores a good request
         assert answer.status_code == 200 and answer.json()["scores"] in ([0.0], [1.0])
         assert client.get(url.replace("/score", "/info")).json() == {
-            "reward": "shapes_exact_match", "differentiable": False, "version": 1
+            "reward": "shapes_exact_match", "differentiable": False, "version": 1, "max_pixels": 32 * 32,
+            "max_request_pixels": 16 * 32 * 32, "max_request_bytes": 2**16,  # the default: --max-batch 16 images
         }
-    with pytest.raises(rewards.RewardError, match="refused POST /score with HTTP 400: .*more than --max-pixels"):
+    with pytest.raises(rewards.RewardError, match="refused POST /score with HTTP 413: .*more than --max-pixels"):
         RemoteReward(url.replace("/score", ""))(torch.rand(1, 3, 40, 40), ok["prompts"])
 
 
@@ -252,6 +258,240 @@ def test_serve_cli_errors_are_one_line(capsys):
             main(["--reward", "jpeg_compressibility", "--port", str(port)])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+# ---------------------------------------------------------------------------------------------- limits under abuse
+def raw_png(width: int, height: int, depth: int, colour: int, scanlines: bytes, interlace: int = 0) -> bytes:
+    """A PNG written by hand (PIL writes neither 16-bit RGB, nor Adam7, nor a wrong amount of data)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+            + chunk(b"IEND", b""))
+
+
+def post(client, url: str, pngs: list[bytes], prompt: str = "a"):
+    images = [base64.b64encode(png).decode() for png in pngs]
+    return client.post(url + "/score", json={"prompts": [prompt] * len(images), "images": images})
+
+
+def test_png_that_pil_would_misread_is_refused_and_adam7_is_read_right(serve_in_thread):
+    """A 16-bit PNG (PIL clips grey to white, keeps RGB's high byte) and a zlib stream that ends early (PIL fills
+    the rest with zeros) were scored as the wrong image; they are 400 now, and so is an image wider than any
+    reward here takes (the JPEG rewards failed on it with a 500 that the client retried) and nested JSON (a
+    RecursionError that dropped the connection). An interlaced PNG decodes to the pixels PIL reads."""
+    import httpx2
+
+    url = serve_in_thread("jpeg_compressibility")
+    row16 = lambda *sample: b"\x00" + struct.pack(f">{len(sample)}H", *sample) * 4  # noqa: E731 - a filter byte, 4 px
+    row8 = b"\x00" + b"\x80" * 12
+    refused = [
+        (raw_png(4, 2, 16, 0, row16(32768) * 2), "image 0 has 16 bits per sample; only 8-bit PNG is accepted"),
+        (raw_png(4, 2, 16, 2, row16(32768, 1000, 65535) * 2), "image 0 has 16 bits per sample"),
+        (raw_png(4, 2, 8, 2, row8), "image 0 is truncated: its pixel data ends after 13 of 26 bytes"),
+        (raw_png(4, 2, 8, 2, row8 * 3), "image 0 has more pixel data than its 4x2 pixels"),
+        (base64.b64decode(png_base64(1, 65501)), "image 0 is 65501x1; at most 65500 pixels a side"),
+    ]
+    with httpx2.Client(trust_env=False) as client:
+        for png, message in refused:
+            answer = post(client, url, [png])
+            assert answer.status_code == 400 and message in answer.json()["error"], (message, answer.text)
+        answer = client.post(url + "/score", content=b"[" * 60_000)
+        assert answer.status_code == 400 and "nested too deeply" in answer.json()["error"]
+
+        pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)  # 7 wide, 5 high
+        passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+        adam7 = b"".join(b"\x00" + pixels[y, x0::dx].tobytes() for x0, y0, dx, dy in passes for y in range(y0, 5, dy)
+                         if x0 < 7)
+        interlaced = raw_png(7, 5, 8, 2, adam7, interlace=1)
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(interlaced)).convert("RGB")), pixels)  # PIL agrees
+        plain = base64.b64decode(encode_png(pixels))
+        answers = [post(client, url, [png]) for png in (interlaced, plain)]
+        assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
+
+
+def test_pixels_per_request_are_capped_before_decoding_and_the_client_splits(serve_in_thread):
+    """--max-request-pixels (here 3 images of 16x16) is checked on the PNG headers, before any image is decoded:
+    a request over it is 413 even when its first image's data is broken. RemoteReward reads the limit from /info
+    and sends a larger batch as several requests, scoring as in-process; one image over it stops with the 413."""
+    import httpx2
+
+    url = serve_in_thread("jpeg_compressibility", max_request_pixels=3 * 16 * 16)
+    good, broken = base64.b64decode(png_base64(16, 16)), raw_png(16, 16, 8, 2, b"\x00" * 49)  # one row of 16
+    with httpx2.Client(trust_env=False) as client:
+        answer = post(client, url, [broken, good, good, good])
+        assert answer.status_code == 413, answer.text
+        assert "4 images of 16x16 have 1024 pixels, more than --max-request-pixels 768" in answer.json()["error"]
+        assert post(client, url, [broken, good, good]).status_code == 400  # within the cap: decoded, refused
+        assert post(client, url, [good, good, good]).status_code == 200
+    images, prompts = shapes_batch(8, seed=5)
+    images = torch.nn.functional.interpolate(images, size=(16, 16)).mul(255).round().div(255)  # 16x16 on the grid
+    assert torch.equal(rewards.load(url)(images, prompts), rewards.load("jpeg_compressibility")(images, prompts))
+    with pytest.raises(rewards.RewardError, match=r"refused POST /score with HTTP 413: .*more than --max-request-pix"):
+        RemoteReward(url)(torch.rand(1, 3, 28, 28), ["a"])
+
+
+def test_a_failure_while_parsing_or_scoring_is_answered_not_dropped(serve_in_thread, monkeypatch):
+    """Out of memory (Python's MemoryError, torch's allocator) is 503, any other failure 500, in parsing as in
+    scoring; the connection stays usable. Before, a failure while parsing dropped the connection unanswered and the
+    client sent the request again."""
+    import httpx2
+
+    import rewards.serve as serve
+
+    url = serve_in_thread("jpeg_compressibility")
+    png = base64.b64decode(png_base64(8, 8))
+    failures = [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3 GB"),
+                KeyError("bug")]
+    with httpx2.Client(trust_env=False) as client:
+        for where in ("parse_request", "score"):
+            for failure in failures:
+                def fail(*args, failure=failure):
+                    raise failure
+
+                with monkeypatch.context() as patch:
+                    if where == "score":
+                        patch.setattr(serve.RewardServer, "score", fail)
+                    else:
+                        patch.setattr(serve, "parse_request", fail)
+                    answer = post(client, url, [png])
+                expected = 500 if isinstance(failure, KeyError) else 503
+                assert answer.status_code == expected and type(failure).__name__ in answer.json()["error"], \
+                    (where, failure, answer.text)
+        assert post(client, url, [png]).status_code == 200  # the same connection, served again
+
+
+PEAK = """
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import rewards
+from rewards.remote import encode_png
+from rewards.serve import RewardServer, parse_request
+
+n, side = 32, 512
+server = RewardServer(("127.0.0.1", 0), rewards.load("jpeg_compressibility"), "jpeg", max_batch=1)
+png = encode_png(np.zeros((side, side, 3), np.uint8))
+server.score(*parse_request(json.dumps({"images": [png], "prompts": ["a"]}).encode(), side**2, side**2)[::-1])
+body = json.dumps({"prompts": ["a"] * n, "images": [png] * n}).encode()
+
+def growth(key="VmHWM"):  # bytes above the resident size at the last reset
+    now = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
+    return now - base
+
+def reset():
+    global base
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+    base = 0
+    base = growth("VmRSS")
+
+reset()
+prompts, images = parse_request(body, side**2, n * side**2)
+parsed = growth()
+reset()
+scores = server.score(images, prompts)
+print(json.dumps({"parse": parsed, "score": growth(), "pixels": n * side**2, "scores": len(set(scores))}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's peak-RSS reset")
+def test_a_request_is_held_as_uint8_and_scored_one_chunk_at_a_time():
+    """32 all-zero 512² PNGs (8.4 Mpx, 1 KB each on the wire), chunks of one image, in a fresh process (its main
+    thread: glibc's per-thread arenas would add fragmentation): parsing raises the peak RSS by less than 4 bytes a
+    pixel (uint8: 3; the decode buffers of one image of 32 are ~7/32), scoring by less than one float32 copy of the
+    request (12 B/px; one chunk is 1/32 of it). Before, parsing made every image float32 and torch.stack copied
+    them all (24 B/px)."""
+    done = subprocess.run([sys.executable, "-c", PEAK, str(ROOT)], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["scores"] == 1  # 32 equal images, all scored
+    assert result["parse"] < 4 * result["pixels"] and result["score"] < 12 * result["pixels"], result
+
+
+def test_connections_are_limited_and_a_silent_one_is_closed(serve_in_thread, monkeypatch):
+    """--max-connections 1: while one request is being scored, another connection is answered 503 at once (the
+    client retries a 5xx); a connection silent for --timeout is closed, and a body that stalls is answered 408.
+    Before, every connection got a thread of its own and could stall for an hour."""
+    import httpx2
+
+    entered, release, score = threading.Event(), threading.Event(), RewardServer.score
+
+    def held_score(self, images, prompts):
+        entered.set()
+        release.wait(60)
+        return score(self, images, prompts)
+
+    def answer_to(connection) -> bytes:  # everything until the server closes (each recv waits at most 20 s)
+        chunks = [connection.recv(4096)]
+        while chunks[-1]:
+            chunks.append(connection.recv(4096))
+        return b"".join(chunks)
+
+    def once_free(request: bytes) -> bytes:  # the answer to `request` on a new connection, once the slot is free
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as connection:
+                connection.sendall(request)
+                answer = answer_to(connection)
+            if not answer.startswith(b"HTTP/1.1 503"):
+                return answer
+            time.sleep(0.05)
+        raise AssertionError("the connection slot never came back")
+
+    monkeypatch.setattr(RewardServer, "score", held_score)
+    url = serve_in_thread("jpeg_compressibility", max_connections=1, timeout=1)
+    port = int(url.rsplit(":", 1)[1])
+    answers = []
+
+    def first_client():
+        with httpx2.Client(trust_env=False, timeout=60) as client:
+            answers.append(post(client, url, [base64.b64decode(png_base64(8, 8))]))
+
+    busy = threading.Thread(target=first_client)
+    busy.start()
+    assert entered.wait(60)
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as second:
+        answer = answer_to(second)
+    release.set()
+    busy.join(60)
+    assert answer.startswith(b"HTTP/1.1 503") and b"--max-connections" in answer, answer
+    assert answers[0].status_code == 200
+    assert once_free(b"") == b""  # silent for 1 s: closed by the server
+    answer = once_free(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive" in answer, answer
+
+
+def test_remote_retries_backoff_and_timeout_are_bounded(fake_server, monkeypatch):
+    """remote[retries=…] at most 10, timeout at most a day (1e300 was an OverflowError traceback), and no wait
+    between attempts longer than 30 s (retries=10 waited 512 s before the last)."""
+    server, url = fake_server
+    for option, message in (("retries=11", "option retries=11 must be at most 10"),
+                            ("timeout=1e300", "option timeout=1e+300 must be at most 86400")):
+        with pytest.raises(rewards.RewardSpecError, match=re.escape(message)):
+            rewards.load(f"remote[url={url};{option}]")
+    waits = []
+    monkeypatch.setattr("rewards.remote.time.sleep", waits.append)
+    server.answers["/score"] = (503, b'{"error": "the server is busy"}')
+    remote = rewards.load(f"remote[url={url};retries=10]")
+    with pytest.raises(rewards.RewardError, match=r"after 11 attempt\(s\) \(HTTP 503"):
+        remote(*shapes_batch(2, 0))
+    assert waits == [1, 2, 4, 8, 16, 30, 30, 30, 30, 30]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "70000"], "--port must be 0-65535, got 70000"),
+    (["--port", "x"], "argument --port: invalid int value: 'x'"),
+    (["--max-request-mb", "nan"], "--max-request-mb must be a positive number, got nan"),
+    (["--max-request-pixels", "0"], "--max-request-pixels must be a positive number, got 0"),
+])
+def test_serve_flag_errors_are_one_line(capsys, flags, message):
+    from rewards.serve import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--reward", "jpeg_compressibility", *flags])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and err == f"python -m rewards.serve: error: {message}", err
 
 
 # ---------------------------------------------------------------------------------------------- a training run
