@@ -96,6 +96,19 @@ def test_prompt_sets(tmp_path):
         common.load_prompts(prompt_file=str(f))
 
 
+def test_prompt_file_with_a_byte_order_mark_and_unusual_separators(tmp_path):
+    f = tmp_path / "p.txt"
+    # a BOM (Notepad), CRLF, a lone CR, and inside lines a form feed, U+2028, U+0085 and U+001E: none of them ends a
+    # line for `wc -l` or an editor, all of them did for str.splitlines
+    text = "a cat\r\na dog\x0cwith a form feed\r\none\u2028line\nnext\x85line\x1eend\nlast\rmac\n"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert common.load_prompts(prompt_file=str(f)) == [
+        "a cat", "a dog\x0cwith a form feed", "one\u2028line", "next\x85line\x1eend", "last", "mac"]
+    f.write_bytes(b"\xef\xbb\xbfab\xff\n")
+    with pytest.raises(common.UserError, match=r"not UTF-8 text \(byte 5\)"):  # counted from the file's start
+        common.load_prompts(prompt_file=str(f))
+
+
 def test_a_prompt_over_77_tokens_is_truncated_with_one_warning_per_pipeline(tiny_pipe, capsys):
     from open_clip.tokenizer import SimpleTokenizer
 
