@@ -53,7 +53,7 @@ def reading(local: str | None, what: str, hub: bool = False):
         checked = isinstance(e, (Unreadable, RewardError))  # a reward's own check of the contents: its words
         if not local or (hub and not checked):
             raise
-        text = " ".join(str(e).split())  # the first lines of transformers' and torch's multi-line messages
+        text = " ".join(str(e).split())  # transformers' and torch's multi-line messages as one line
         text = text if len(text) <= 240 else text[:240] + "…"
         reason = text if checked else f"{type(e).__name__}: {text}" if text else type(e).__name__
         raise InvalidWeights(f"{'hub repo ' if hub else ''}{local!r} is not a valid {what} ({reason})") from e
@@ -67,6 +67,8 @@ def torch_load(path: str):
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):  # not the file's kind: unreadable, or too large here
+        raise
     except Exception as e:
         raise Unreadable(f"not a PyTorch checkpoint of tensors written by torch.save: {type(e).__name__}") from e
 
