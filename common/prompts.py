@@ -68,8 +68,9 @@ def default_prompt_set(model: str | None) -> str:
 
 
 def load_prompts(name: str | None = None, prompt_file: str | None = None, model: str | None = None) -> list[str]:
-    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (UTF-8 text, one prompt per
-    line). A missing, unreadable, binary or empty file, or an unknown set name, raises UserError."""
+    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (UTF-8 text, with or without
+    a byte-order mark, one prompt per line, blank lines skipped). A missing, unreadable, binary or empty file, or an
+    unknown set name, raises UserError."""
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
