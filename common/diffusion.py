@@ -4,6 +4,8 @@ log-probability, a no-grad trajectory sampler for the RL scripts, and differenti
 from __future__ import annotations
 
 import math
+import sys
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -17,10 +19,34 @@ def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+_WARNED_LONG_PROMPT: "weakref.WeakSet" = weakref.WeakSet()  # the pipelines (one per run) that warned already
+
+
+def _warn_if_truncated(pipe, prompts: list[str]) -> None:
+    """One line on stderr, once per pipeline (once per run), the first time a prompt has more tokens than the text
+    encoder reads: SD's CLIP encoder drops the rest without a word, so its tail never reaches the image."""
+    if pipe in _WARNED_LONG_PROMPT:  # (not per tokenizer: the tiny models of one process share theirs)
+        return
+    tok = pipe.tokenizer
+    limit = tok.model_max_length
+    # cut one token past the limit: a prompt reaches it iff it is too long (tokenizing without truncation would
+    # also print transformers' own "indexing errors" warning, wrong here: encode_prompts truncates)
+    lengths = [len(ids) for ids in tok(prompts, truncation=True, max_length=limit + 1)["input_ids"]]
+    long = [p for p, n in zip(prompts, lengths) if n > limit]
+    if long:
+        _WARNED_LONG_PROMPT.add(pipe)
+        shown = long[0] if len(long[0]) <= 80 else long[0][:80] + "…"
+        print(f"warning: the prompt {shown!r} is longer than the {limit} tokens the text encoder reads (its start "
+              f"and end tokens included); the rest is ignored (reported once, for the first such prompt)",
+              file=sys.stderr)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings [B, 77, D] as SD1.4 computes them (padded to 77 tokens, last hidden state)."""
+    """CLIP text embeddings [B, 77, D] as SD1.4 computes them (padded to 77 tokens, last hidden state); longer
+    prompts are truncated, with a warning the first time in a run."""
     tok = pipe.tokenizer
+    _warn_if_truncated(pipe, prompts)
     ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
     return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0]
 

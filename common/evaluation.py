@@ -155,7 +155,8 @@ def _font(size: int):
 
 def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
     """Greedy word wrap to `width` pixels, at most `max_lines` lines; a cut line (too many lines, or one word wider
-    than `width`) ends in "…"."""
+    than `width`) ends in "…". It reads words only until the line after the last one shown, and cuts a line with
+    O(log n) measurements (`_cut`), so a prompt of 100,000 characters is drawn in about a second, not hours."""
     lines: list[str] = []
     for word in text.split():
         joined = f"{lines[-1]} {word}" if lines else word
@@ -163,14 +164,32 @@ def _wrap(draw, text: str, font, width: int, max_lines: int) -> list[str]:
             lines[-1] = joined
         else:
             lines.append(word)
+            if len(lines) > max_lines:  # a line past the last one shown: all that matters is that there is one
+                break
     out = []
     for i, line in enumerate(lines[:max_lines]):
         if draw.textlength(line, font=font) > width or (i == max_lines - 1 and len(lines) > max_lines):
-            while line and draw.textlength(line + "…", font=font) > width:
-                line = line[:-1]
-            line = line.rstrip() + "…"
+            line = _cut(draw, line, font, width)
         out.append(line)
     return out
+
+
+def _cut(draw, line: str, font, width: int) -> str:
+    """The longest prefix of `line` that fits in `width` pixels with "…" after it (its trailing spaces dropped), as
+    trimming one character at a time finds it (that took 38 s for a 4,000-character prompt, hours for 100,000).
+    A prefix's width grows with its length, so the cut is found by doubling a fitting length, then bisecting:
+    O(log k) measurements of prefixes at most twice as long as the k characters that fit."""
+    def fits(k: int) -> bool:
+        return draw.textlength(line[:k] + "…", font=font) <= width
+
+    fit, over = 0, 1  # fit: a length known to fit (the empty prefix is kept even when "…" alone is too wide)
+    while over <= len(line) and fits(over):
+        fit, over = over, 2 * over
+    over = min(over, len(line) + 1)  # over: a length known not to fit, or one past the whole line
+    while over - fit > 1:
+        mid = (fit + over) // 2
+        fit, over = (mid, over) if fits(mid) else (fit, mid)
+    return line[:fit].rstrip() + "…"
 
 
 def captioned_grid(images: torch.Tensor, ncol: int, row_captions: Optional[list[str]] = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 from .errors import UserError
@@ -10,8 +11,14 @@ from .errors import UserError
 DATA = Path(__file__).parent / "prompt_data"
 
 
+def _split(text: str) -> list[str]:
+    """The non-blank lines of `text`, stripped. Lines end at \\n, \\r\\n or \\r only: str.splitlines also cuts at a form
+    feed, U+2028, U+0085 and other separators that no line count (`wc -l`, an editor's line numbers) sees."""
+    return [line.strip() for line in re.split(r"\r\n|\r|\n", text) if line.strip()]
+
+
 def _lines(path: Path) -> list[str]:
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return _split(path.read_text(encoding="utf-8"))
 
 
 def _article(noun: str) -> str:
@@ -61,8 +68,9 @@ def default_prompt_set(model: str | None) -> str:
 
 
 def load_prompts(name: str | None = None, prompt_file: str | None = None, model: str | None = None) -> list[str]:
-    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (UTF-8 text, one prompt per
-    line). A missing, unreadable, binary or empty file, or an unknown set name, raises UserError."""
+    """The prompts of a named set (None: `default_prompt_set(model)`), or of `prompt_file` (UTF-8 text, with or without
+    a byte-order mark, one prompt per line, blank lines skipped). A missing, unreadable, binary or empty file, or an
+    unknown set name, raises UserError."""
     if prompt_file is not None:
         path = Path(prompt_file)
         if not path.is_file():
@@ -72,14 +80,16 @@ def load_prompts(name: str | None = None, prompt_file: str | None = None, model:
         except OSError as e:
             raise UserError(f"--prompt-file {prompt_file}: cannot be read ({e.strerror or e})") from e
         try:
-            text = data.decode("utf-8")
+            # utf-8-sig's decoding, with error positions counted from the file's start: a byte-order mark (Windows
+            # editors write one) is not part of the first prompt
+            text = data.decode("utf-8").removeprefix("\ufeff")
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt-file {prompt_file} is not UTF-8 text (byte {e.start}); expected one prompt "
                             "per line") from e
         if "\0" in text:
             raise UserError(f"--prompt-file {prompt_file} is a binary file (it contains NUL bytes); expected one "
                             "prompt per line")
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = _split(text)
         if not prompts:
             raise UserError(f"--prompt-file {prompt_file} holds no prompts (one per line expected)")
         return prompts

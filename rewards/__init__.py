@@ -53,7 +53,7 @@ import torch
 
 from . import aesthetic, bertscore, hps, imagereward, jpeg, llava, owlvit, pickscore, remote, resnet, shapes
 from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
-from ._hub import WeightsNotFound
+from ._hub import InvalidWeights, WeightsNotFound
 
 __all__ = [
     "REWARDS", "Reward", "RewardError", "RewardSpecError", "Term", "WeightedSum", "WeightsNotFound",
@@ -363,6 +363,9 @@ def load(spec: str, device="cpu", dtype: torch.dtype = torch.float32, **paths) -
             everything = "\n".join(f"    hf download {repo} {' '.join(args)}" for repo, args in entry.downloads)
             local = _local_copies(term.name, entry)
             e.args = (f"{e.args[0]}\nEverything '{term.name}' downloads:\n{everything}\n{local}",)
+            raise
+        except InvalidWeights as e:
+            e.args = (f"reward '{term.name}': {e.args[0]}",)
             raise
         parts.append((term.text, term.weight, reward))
     return WeightedSum(parts)

@@ -37,7 +37,7 @@ class AestheticMLP(torch.nn.Module):
     @classmethod
     def from_file(cls, path: str) -> "AestheticMLP":
         head = cls()
-        head.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+        head.load_state_dict(_hub.torch_load(path), strict=True)
         return head
 
 
@@ -64,10 +64,10 @@ class AestheticReward(Reward):
     ) -> "AestheticReward":
         """`clip`: hub id or local directory of the transformers CLIP ViT-L/14; `head`: local path of
         `sac+logos+ava1-l14-linearMSE.pth` (default: fetched from the hub)."""
-        head_path = _hub.file(HEAD_REPO, HEAD_FILE, local=head)  # the small download first: fail fast offline
+        mlp = _hub.load_file(HEAD_REPO, HEAD_FILE, head, AestheticMLP.from_file)  # the small file first: fail fast
         from transformers import CLIPModel
 
         load = lambda path: CLIPModel.from_pretrained(path, dtype=dtype)  # noqa: E731
         model = _hub.pretrained(load, clip, CLIP_FILES)
         # The head stays in float32: it is tiny and its input is a unit vector.
-        return cls(model.to(device), AestheticMLP.from_file(head_path).to(device))
+        return cls(model.to(device), mlp.to(device))

@@ -42,9 +42,17 @@ class HPSReward(Reward):
         `arch`: the open_clip model config the checkpoint fits."""
         if version not in FILES:
             raise ValueError(f"unknown HPS version {version!r}; known: {sorted(FILES)}")
-        path = _hub.file(REPO, FILES[version], local=checkpoint)  # before building the 1B-parameter model
+        state = _hub.load_file(REPO, FILES[version], checkpoint, _state_dict)  # before building the 1B-parameter model
         import open_clip
 
         model = open_clip.create_model(arch, pretrained=None)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+        with _hub.reading(checkpoint, f"HPS {version} checkpoint ({FILES[version]}) of open_clip's {arch}"):
+            model.load_state_dict(state)
         return cls(model.to(device, dtype), open_clip.get_tokenizer(arch))
+
+
+def _state_dict(path: str) -> dict:
+    checkpoint = _hub.torch_load(path)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise _hub.Unreadable("no 'state_dict' in it, as the released HPS files have")
+    return checkpoint["state_dict"]

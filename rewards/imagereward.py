@@ -176,13 +176,26 @@ class ImageRewardModel(Reward):
     ) -> "ImageRewardModel":
         """`checkpoint` / `med_config`: local paths of `ImageReward.pt` / `med_config.json` (default: fetched from
         the hub repo THUDM/ImageReward); `tokenizer`: hub id or directory of BERT's uncased tokenizer."""
-        config_path = _hub.file(REPO, MED_CONFIG, local=med_config)  # the small downloads first: fail fast
+        med = _hub.load_file(REPO, MED_CONFIG, med_config, _read_med_config)  # the small files first: fail fast
         from transformers import BertTokenizer
 
         bert_tokenizer = _hub.pretrained(BertTokenizer.from_pretrained, tokenizer, TOKENIZER_FILES)
         # BLIP's init_tokenizer adds these; they change no ordinary prompt's tokens but keep the vocabulary's size
         bert_tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-        official = torch.load(_hub.file(REPO, CHECKPOINT, local=checkpoint), map_location="cpu", weights_only=True)
-        with open(config_path) as f:
-            med = json.load(f)
-        return cls.from_official(official, med, bert_tokenizer, dtype=dtype).to(device)
+        official = _hub.load_file(REPO, CHECKPOINT, checkpoint)
+        with _hub.reading(checkpoint, f"copy of {CHECKPOINT} from hub repo '{REPO}'"):  # a dict of other tensors
+            reward = cls.from_official(official, med, bert_tokenizer, dtype=dtype)
+        return reward.to(device)
+
+
+MED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "max_position_embeddings")  # what blip_configs reads from med_config.json
+
+
+def _read_med_config(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        med = json.load(f)
+    missing = [key for key in MED_KEYS if not isinstance(med, dict) or not isinstance(med.get(key), int)]
+    if missing:
+        raise _hub.Unreadable(f"not BLIP's med_config.json: no integer {', '.join(missing)}")
+    return med

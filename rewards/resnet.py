@@ -92,8 +92,14 @@ class ResNetTarget(Reward):
         """`model`: hub id or local directory (transformers format); `target`: ImageNet class name or index."""
         from transformers import AutoConfig, ResNetForImageClassification
 
+        def resnet_config(path):  # another model's labels would make any class name "unknown"
+            config = AutoConfig.from_pretrained(path)
+            if config.model_type != "resnet":
+                raise _hub.Unreadable(f"its config.json describes a {config.model_type!r} model, not a ResNet")
+            return config
+
         # the class name is checked against the config's labels before the weights load
-        config = _hub.pretrained(AutoConfig.from_pretrained, model, MODEL_FILES)
+        config = _hub.pretrained(resnet_config, model, MODEL_FILES)
         index = class_index(target, config.id2label)
         load = lambda path: ResNetForImageClassification.from_pretrained(path, dtype=dtype)  # noqa: E731
         return cls(_hub.pretrained(load, model, MODEL_FILES).to(device), index)

@@ -5,6 +5,7 @@ diffusers' own StableDiffusionPipeline from the same initial noise, and its rewa
 """
 
 import json
+import math
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -150,3 +151,83 @@ def test_captioned_grid_enlarges_orders_and_captions():
     assert dark[y0 + 128 : y2].sum() > 100  # the second prompt and its labels
     by0, _ = find(blank, bigs[0])
     assert not (blank.min(axis=-1) < 100)[:by0].any()  # without captions nothing is written above the images
+
+
+# ---------------------------------------------------------------------------------------------- caption fitting
+def reference_wrap(draw, text, font, width, max_lines):
+    """The captions as first drawn: greedy word wrap over every word, and a cut line trimmed one character at a
+    time until it fits with "…" (quadratic in the line's length: 38 s for a 4,000-character prompt)."""
+    lines = []
+    for word in text.split():
+        joined = f"{lines[-1]} {word}" if lines else word
+        if lines and draw.textlength(joined, font=font) <= width:
+            lines[-1] = joined
+        else:
+            lines.append(word)
+    out = []
+    for i, line in enumerate(lines[:max_lines]):
+        if draw.textlength(line, font=font) > width or (i == max_lines - 1 and len(lines) > max_lines):
+            while line and draw.textlength(line + "…", font=font) > width:
+                line = line[:-1]
+            line = line.rstrip() + "…"
+        out.append(line)
+    return out
+
+
+CAPTIONS = [
+    "a cat",
+    "an astronaut riding a horse on the moon, trending on artstation, highly detailed, 8k, octane render",
+    "supercalifragilisticexpialidocious" * 8,  # one word wider than any line
+    "a photo of a " + "verylongwordwithoutspaces" * 10 + " on a table",
+    "猫が窓辺で眠っている" * 20,  # no spaces: one word
+    "mixed 猫 text with  double  spaces and a tab\there " * 6,
+    "ends with spaces before the cut " + "x" * 60,
+    "W" * 3,  # wide glyphs
+]
+
+
+@pytest.mark.parametrize("size", [12, 20])
+@pytest.mark.parametrize("width", [3, 40, 128, 292, 600])
+def test_caption_fitting_matches_the_one_character_at_a_time_reference(size, width):
+    from PIL import ImageDraw
+
+    from common.evaluation import _font, _wrap
+
+    draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), _font(size)
+    for text in CAPTIONS:
+        for max_lines in (1, 3):
+            assert _wrap(draw, text, font, width, max_lines) == reference_wrap(draw, text, font, width, max_lines), (
+                text, width, max_lines)
+
+
+def counted_textlength(monkeypatch, max_chars: int) -> dict:
+    """Replace ImageDraw.textlength with one that counts its calls and the characters it measures; past
+    `max_chars` it fails at once, so a quadratic caption fitting ends this test in seconds instead of hours."""
+    from PIL import ImageDraw
+
+    original, counts = ImageDraw.ImageDraw.textlength, {"calls": 0, "chars": 0}
+
+    def textlength(draw, text, *args, **kwargs):
+        counts["calls"] += 1
+        counts["chars"] += len(text)
+        assert counts["chars"] <= max_chars, f"measured {counts['chars']} characters in {counts['calls']} calls"
+        return original(draw, text, *args, **kwargs)
+
+    monkeypatch.setattr(ImageDraw.ImageDraw, "textlength", textlength)
+    return counts
+
+
+@pytest.mark.parametrize("unit", ["x", "猫", "word "])  # one long word, CJK without spaces, many short words
+def test_a_long_prompt_is_captioned_with_logarithmically_many_measurements(monkeypatch, unit):
+    image = torch.full((1, 3, 32, 32), 0.5)
+    counts = {}
+    for n in (1_000, 100_000):
+        prompt = (unit * n)[:n]
+        with monkeypatch.context() as patch:
+            measured = counted_textlength(patch, max_chars=3 * n)  # the whole text measured at most 3 times
+            picture = captioned_grid(image, 1, [prompt])  # one row caption: the prompt, at most 3 lines
+        counts[n] = measured["calls"]
+        assert picture.size[0] == 136
+    # a text 100 times longer costs at most the doublings and halvings of a 100 times longer cut: O(log n) calls
+    assert counts[100_000] <= counts[1_000] + 2 * math.ceil(math.log2(100)) + 2, counts
+    assert counts[100_000] <= 60, counts

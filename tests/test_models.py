@@ -96,6 +96,50 @@ def test_prompt_sets(tmp_path):
         common.load_prompts(prompt_file=str(f))
 
 
+def test_prompt_file_with_a_byte_order_mark_and_unusual_separators(tmp_path):
+    f = tmp_path / "p.txt"
+    # a BOM (Notepad), CRLF, a lone CR, and inside lines a form feed, U+2028, U+0085 and U+001E: none of them ends a
+    # line for `wc -l` or an editor, all of them did for str.splitlines
+    text = "a cat\r\na dog\x0cwith a form feed\r\none\u2028line\nnext\x85line\x1eend\nlast\rmac\n"
+    f.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    assert common.load_prompts(prompt_file=str(f)) == [
+        "a cat", "a dog\x0cwith a form feed", "one\u2028line", "next\x85line\x1eend", "last", "mac"]
+    f.write_bytes(b"\xef\xbb\xbfab\xff\n")
+    with pytest.raises(common.UserError, match=r"not UTF-8 text \(byte 5\)"):  # counted from the file's start
+        common.load_prompts(prompt_file=str(f))
+
+
+def test_a_prompt_over_77_tokens_is_truncated_with_one_warning_per_pipeline(tiny_pipe, capsys):
+    from open_clip.tokenizer import SimpleTokenizer
+
+    assert len(SimpleTokenizer().encode("cat " * 75)) == 75  # CLIP's BPE, independently: one token per "cat"
+    fits, long = "cat " * 75, "cat " * 76  # 75 + start and end = 77 tokens; 78
+    common.encode_prompts(tiny_pipe, [fits, "a dog", ""])
+    assert "warning" not in capsys.readouterr().err
+    embeddings = [common.encode_prompts(tiny_pipe, ["a dog", long]), common.encode_prompts(tiny_pipe, ["x " * 500])]
+    err = capsys.readouterr().err
+    assert err.count("warning") == 1 and "longer than the 77 tokens" in err and "cat cat" in err, err
+    assert len(err.strip().splitlines()) == 1
+    # still truncated exactly as before: the 76-token prompt reads as its first 75 tokens
+    assert torch.equal(embeddings[0][1], common.encode_prompts(tiny_pipe, ["a dog", fits])[1])
+    # another pipeline (another run in this process) warns again, once
+    other = common.load_pipeline("tiny", lora_rank=0)
+    common.encode_prompts(other, [long])
+    common.encode_prompts(other, [long])
+    assert capsys.readouterr().err.count("warning") == 1
+
+
+def test_a_long_prompt_warns_once_in_a_whole_run(tmp_path, capsys):
+    import draft
+
+    (tmp_path / "prompts.txt").write_text("a dog\n" + "a very long prompt " * 30 + "\n")
+    draft.main(draft.Args(model="tiny", reward="jpeg_compressibility_diff", prompt_file=str(tmp_path / "prompts.txt"),
+                          output_dir=str(tmp_path / "run"), steps=2, batch_size=2, num_inference_steps=2, k=1,
+                          num_sample_images=2, sample_seeds=1, sample_every=1, save_every=0))
+    err = capsys.readouterr().err  # the grid (both prompts) at steps 0, 1 and 2, and the training batches
+    assert err.count("longer than the 77 tokens") == 1, err
+
+
 def test_run_dir_refuses_a_previous_run_but_not_a_failed_start(tmp_path):
     run = tmp_path / "run"
     assert common.make_run_dir(str(run), "draft", "aesthetic", 0) == run

@@ -623,11 +623,12 @@ def test_offline_error_names_what_to_download(name, repo, what, option, also, of
     assert f"{option}=PATH" in message and f"REWARDS_{option.upper()}" in message, message
 
 
-def test_offline_error_for_missing_model_and_local_paths(tmp_path, hf_tokenizer, offline_empty_cache):
+def test_offline_error_for_missing_model_and_local_paths(tmp_path, hf_tokenizer, head_state_dict, offline_empty_cache):
     hf_tokenizer.save_pretrained(tmp_path / "processor")
     with pytest.raises(FileNotFoundError, match="hf download yuvalkirstain/PickScore_v1 config.json model.safetensors"):
         rewards.load("pickscore", pickscore_processor=str(tmp_path / "processor"))
+    torch.save(head_state_dict, tmp_path / "head.pth")  # the head is read first: it must be a valid one
     with pytest.raises(FileNotFoundError, match="hf download openai/clip-vit-large-patch14"):
-        rewards.load("aesthetic", aesthetic_head=str(AESTHETIC_HEAD) if AESTHETIC_HEAD.is_file() else __file__)
+        rewards.load("aesthetic", aesthetic_head=str(tmp_path / "head.pth"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         rewards.load("hpsv2", hpsv2_checkpoint=str(tmp_path / "missing.pt"))
