@@ -375,16 +375,44 @@ def holder(tmp_path):
         proc.wait(timeout=60)
 
 
-def test_a_second_writer_is_refused_in_one_line_naming_the_first(tmp_path, holder):
+HELD_AT_FIRST_REWARD = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
+import rewards
+load, held = rewards.load, []
+def patched(*a, **k):  # the first training batch's reward waits until the test closes stdin
+    fn = load(*a, **k)
+    def reward(images, prompts):
+        if not held and os.path.exists(os.path.join(sys.argv[-1], "eval.jsonl")):  # after the step-0 grid
+            held.append(print("holding", flush=True))
+            sys.stdin.read()
+        return fn(images, prompts)
+    return reward
+rewards.load = patched
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_second_writer_is_refused_in_one_line_naming_the_first(tmp_path):
+    """A run held inside its first step, and a second one started into the same directory: the second is refused
+    in one line naming the first's PID and writes nothing; the first then finishes."""
     out = tmp_path / "run"
-    first = holder(out)
-    before = snapshot(out)
-    proc = subprocess.run(script_cmd("draft", "--steps", "2", "--output-dir", str(out)), env=ENV, capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    cmd = script_cmd("draft", "--steps", "2", "--output-dir", str(out))
+    first = subprocess.Popen([sys.executable, "-c", HELD_AT_FIRST_REWARD, *cmd[1:]], env=ENV, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        assert first.stdout.readline().strip() == "holding"
+        before = snapshot(out)
+        second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert snapshot(out) == before  # nothing written
+    finally:
+        _, first_err = first.communicate("", timeout=300)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and f"is being written by another run (PID {first.pid}," in errors[0], errors
-    assert snapshot(out) == before  # nothing written
+    assert first.returncode == 0, first_err[-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
 
 
 def test_the_lock_is_taken_after_loading_too_and_released_when_its_holder_dies(finished_run, tmp_path, holder,
@@ -505,8 +533,8 @@ RESUME_ERRORS = {  # (script, how the finished run is altered, flags after --res
                         "these differ: --lora-ff (run: False, given: True)"),
     "another output dir": ("draft", None, ["--resume", "DIR", "--steps", "3", "--output-dir", "DIR/../elsewhere"],
                            "a resumed run continues in its own directory"),
-    "args.json of the wrong type": ("draft", edit_json("args.json", lora_rank="4"), ["--resume", "DIR", "--steps", "3"],
-                                    "args.json is damaged: lora_rank is '4'"),
+    "args.json of the wrong type": ("draft", edit_json("args.json", learning_rate="fast"),
+                                    ["--resume", "DIR", "--steps", "3"], "args.json is damaged: learning_rate is 'fast'"),
     "args.json not an object": ("draft", lambda d: (d / "args.json").write_text("[]"), ["--resume", "DIR"],
                                 "not a run directory (args.json is not a JSON object)"),
     "manifest listing no file": ("draft", edit_json("checkpoints/step_2/manifest.json", files={}),
