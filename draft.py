@@ -217,7 +217,7 @@ def main(args: Args) -> None:
                                            step_seconds=time.time() - t0, **guard.charts()),
                          losses=dict(loss=loss))
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
-        # what a checkpoint of this step holds
+        # what a checkpoint of this step holds (and what a reward failing before the next one completes saves)
         checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)

@@ -233,7 +233,7 @@ def main(args: Args) -> None:
                          | (dict(reward_renoised_mean=renoised.mean()) if args.num_copies else {}),
                          losses=dict(loss=loss))
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
-        # what a checkpoint of this step holds
+        # what a checkpoint of this step holds (and what a reward failing before the next one completes saves)
         checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)

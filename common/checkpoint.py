@@ -366,8 +366,8 @@ class Checkpointer:
                 print(f"could not save a checkpoint of step {good['step']}: {e}", file=sys.stderr)
         if main and self.saved:
             more = " with a larger --steps" if self.saved >= self.args.steps else ""
-            print(f"stopped; the newest checkpoint is of step {self.saved}: continue with --resume {self.run_dir}{more}",
-                  file=sys.stderr)
+            print(f"stopped; the newest checkpoint is of step {self.saved}: continue with --resume "
+                  f"{self.run_dir}{more}", file=sys.stderr)
 
 
 def save_on_failure() -> None:
