@@ -30,7 +30,6 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
-import tyro
 from tqdm import tqdm
 
 import common
@@ -251,12 +250,12 @@ def main(args: Args) -> None:
 
     # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
     guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
-    checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, keep=args.keep_checkpoints)
-    start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
+    checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
+    start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start)
-    stop = common.StopSignal()
+    stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
     uncond = common.encode_prompts(pipe, [""])
     grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
 
@@ -317,20 +316,19 @@ def main(args: Args) -> None:
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
                 optimizer.step()
 
-        # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop signal
+        # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
                                            reward_queries=reward_queries, advantage_abs_mean=advantages.abs().mean(),
                                            grad_norm=grad_norm, step_seconds=time.time() - t0, **guard.charts()),
                          losses=stats)
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
+        # what a checkpoint of this step holds; none is written inside a sampled batch (it is not saved), so a
+        # signal or --max-bad-steps stops once the batch's updates are done
+        checkpointer.completed(step, between_batches=not minibatches, reward_queries=reward_queries,
+                               guard=guard.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
-        stopping = stop.requested(device)  # SIGINT/SIGTERM: save once this batch's updates are done, then exit
-        between_batches = not minibatches  # checkpoints fall between sampled batches (resuming mid-batch needs it)
-        if (between_batches and (args.save_every and step % args.save_every == 0 or stopping)) or step == args.steps:
-            checkpointer.save(step, reward_queries=reward_queries, guard=guard.state_dict())
-        if stopping and (between_batches or step == args.steps):
-            stop.exit(run_dir, step)
+        checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
@@ -340,4 +338,4 @@ def main(args: Args) -> None:
 
 if __name__ == "__main__":
     with common.user_errors(rewards.RewardError):  # a user's mistake ends in one line on stderr, not a traceback
-        main(tyro.cli(Args))
+        main(common.cli(Args))  # common.cli: tyro.cli, noting which flags were given (for --resume)

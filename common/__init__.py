@@ -19,7 +19,7 @@ from .diffusion import (
 )
 from .errors import UserError, check_flags, require, user_errors
 from .evaluation import GridResult, SampleGrid, diversity
-from .checkpoint import Checkpointer, StopSignal, UpdateGuard, find_checkpoint, resume_args
+from .checkpoint import Checkpointer, StopSignal, UpdateGuard, cli, find_checkpoint, resume_args
 from .distributed import (
     average_gradients, check_batch_split, gather, launched_world_size, randint, randn, setup_distributed, shard
 )

@@ -53,6 +53,11 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launched_rank() -> int:
+    """This process's rank under torchrun (0 without it), known before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def check_batch_split(batch_size: int, sample_batch_size: int | None = None, num_minibatches: int = 1,
                       train_batch_size: int | None = None) -> int:
     """Refuse (UserError) a global `batch_size` that does not split evenly into: one share per process, each share

@@ -18,16 +18,20 @@ class UserError(Exception):
 @contextlib.contextmanager
 def user_errors(*more: type[BaseException]):
     """Turn `UserError` (and the exception types in `more`, e.g. `rewards.RewardError`) into one line on stderr and
-    exit code 2, the code of a command-line usage error:
+    exit code 2, the code of a command-line usage error; a training run it ends (a reward server gone) first saves
+    a checkpoint of its last complete step (`checkpoint.save_on_failure`):
 
         with common.user_errors(rewards.RewardError):
-            main(tyro.cli(Args))
+            main(common.cli(Args))
     """
     try:
         yield
     except (UserError, *more) as e:
         message = " ".join(str(e).split("\n")) if str(e) else type(e).__name__
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        from .checkpoint import save_on_failure  # here: checkpoint imports this module
+
+        save_on_failure()
         raise SystemExit(2) from None
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import re
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,33 +67,150 @@ def check_run_args(args) -> None:
                 non_negative=("learning_rate", "weight_decay", "max_grad_norm", "guidance_scale", "save_every",
                               "keep_checkpoints"))
     require(not args.resume or Path(args.resume).is_dir(), f"--resume {args.resume}: no such run directory")
+    if args.output_dir:
+        _check_can_create(Path(args.output_dir), f"--output-dir {args.output_dir}")
+
+
+def _check_can_create(run_dir: Path, what: str) -> None:
+    """`run_dir` is a directory, or one that can be made: no file in its place or above it, and write access."""
+    require(not run_dir.exists() or run_dir.is_dir(), f"{what} is a file, not a directory")
+    parent = run_dir
+    while not parent.exists():
+        parent = parent.parent
+    require(parent.is_dir(), f"{what}: {parent} is a file, not a directory")
+    require(os.access(parent, os.W_OK | os.X_OK), f"{what}: no permission to write in {parent}")
 
 
 def make_run_dir(output_dir: str | None, script: str, reward: str, seed: int, resume: str | None = None) -> Path:
     """`output_dir`, or runs/{script}__{reward}__{seed}__{time}; with `resume`, that run's directory.
-    Refuses a directory holding another run. Creates nothing (the Logger does, once the model has loaded)."""
+    Refuses a directory holding another run, or one that another process writes. Creates nothing (the Checkpointer
+    does, once the model has loaded, and takes the directory's lock: `lock_run_dir`)."""
     if resume:
+        _check_unlocked(Path(resume))
         return Path(resume)
     name = reward.replace(":", "-").replace(",", "+")  # "hpsv2:1,aesthetic:0.1" -> "hpsv2-1+aesthetic-0.1"
     name = re.sub(r"[^\w.+-]+", "_", name)[:80]  # URLs, paths and options in a spec: one folder name
     # under torchrun every rank must agree on the time-stamped name: rank 0's is broadcast
     run_dir = Path(output_dir or distributed.broadcast_object(f"runs/{script}__{name}__{seed}__{int(time.time())}"))
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.exists() and metrics.stat().st_size > 0:  # an empty one is a run that failed before its first step
-        raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir, "
-                              f"or continue it with --resume {run_dir}")
+    _check_can_create(run_dir, f"run directory {run_dir}")
+    _check_unlocked(run_dir)
+    check_new_run(run_dir)
     return run_dir
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
-    """Drop rows logged after `last_step` (a resumed run re-logs the steps after its checkpoint); returns the rows
-    kept."""
+def check_new_run(run_dir: Path) -> None:
+    """Refuse a directory that holds a run (a non-empty metrics.jsonl; an empty one is a run that failed before its
+    first step, and may be reused)."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        raise UserError(f"{run_dir} already holds a run (metrics.jsonl); choose another --output-dir, "
+                        f"or continue it with --resume {run_dir}")
+
+
+# One writer per run directory: the writing process holds an exclusive flock on RUN_DIR/.lock, which the OS releases
+# when that process ends, however it ends. The file holds the writer's PID, for the message of a refused second one.
+LOCK = ".lock"
+_held: dict[str, object] = {}  # directories this process holds: its in-process runs (tests) take them again
+
+
+def _holder(run_dir: Path) -> str:
+    try:
+        pid = (run_dir / LOCK).read_text().strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "a process that has not written its PID yet"
+
+
+def _busy(run_dir: Path, holder: str) -> UserError:
+    return UserError(f"{run_dir} is being written by another run ({holder}, holding {run_dir / LOCK}); one process "
+                     f"writes a run directory at a time: wait for it to end, stop it (its checkpoint then resumes), "
+                     "or choose another --output-dir")
+
+
+def _check_unlocked(run_dir: Path) -> None:
+    """Before anything loads: refuse a directory that another process holds (without writing anything). Rank 0 only:
+    under torchrun the other ranks would find rank 0's own lock."""
+    if not distributed.world().is_main or str(run_dir.resolve()) in _held or not (run_dir / LOCK).is_file():
+        return
+    with open(run_dir / LOCK) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(run_dir, _holder(run_dir)) from None
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Create `run_dir` and hold its lock until this process ends; refuse (UserError, naming the holder's PID) while
+    another process holds it."""
+    key = str(run_dir.resolve())
+    if key in _held:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # not "w": the holder's PID stays readable until the lock is ours
+    for attempt in range(20):  # ~2 s: another process's _check_unlocked holds a shared lock for an instant
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt == 19:
+                holder = _holder(run_dir)
+                f.close()
+                raise _busy(run_dir, holder) from None
+            time.sleep(0.1)
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _held[key] = f
+
+
+def release_run_dir(run_dir: Path) -> None:
+    """Let another process write `run_dir` (a finished in-process run; a process's end releases it anyway)."""
+    f = _held.pop(str(run_dir.resolve()), None)
+    if f is not None:
+        f.close()
+
+
+def read_jsonl(path: Path, warn: bool = False) -> list[dict]:
+    """The rows of a log (metrics.jsonl, eval.jsonl): JSON objects with an integer "step". A last line cut off
+    mid-write (a full disk, a killed process) is dropped, with one warning if `warn`; a damaged line before it is
+    refused (UserError), since dropping it would lose a logged step silently."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line]
-    kept = [(line, row) for line, row in zip(lines, map(json.loads, lines)) if row["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line, _ in kept))
-    return [row for _, row in kept]
+    lines = [line for line in path.read_text(errors="replace").split("\n") if line.strip()]
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)):
+                raise ValueError("not an object with an integer step")
+        except ValueError as e:
+            if n < len(lines):
+                raise UserError(f"{path}: line {n} is damaged ({e}): {line[:80]!r}; repair or delete that line "
+                                "to continue the run") from None
+            if warn:
+                print(f"warning: {path}: its last line was cut off mid-write and is dropped: {line[:80]!r}",
+                      file=sys.stderr)
+            break
+        rows.append(row)
+    return rows
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Replace `path`'s content at once: a process killed meanwhile leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Keep the rows logged up to `last_step` (a resumed run re-logs the steps after its checkpoint; a new run,
+    last_step 0, keeps none); returns them."""
+    if not path.exists():
+        return []
+    kept = [row for row in read_jsonl(path) if last_step and row["step"] <= last_step]
+    _write_atomic(path, "".join(json.dumps(row) + "\n" for row in kept))
+    return kept
 
 
 class Logger:
@@ -115,11 +235,13 @@ class Logger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir = run_dir
         config = dataclasses.asdict(args)
-        (run_dir / "args.json").write_text(json.dumps(config, indent=2, default=str))
+        for log in ("metrics.jsonl", "eval.jsonl"):  # every log readable (resume_args has checked) before any write
+            read_jsonl(run_dir / log)
+        _write_atomic(run_dir / "args.json", json.dumps(config, indent=2, default=str))
         _truncate_jsonl(run_dir / "eval.jsonl", start_step)
         kept = _truncate_jsonl(run_dir / "metrics.jsonl", start_step)
         if kept:  # a resumed run's clock continues from its last kept row
-            self.start -= kept[-1]["seconds"]
+            self.start -= kept[-1].get("seconds", 0)
         self.writer = SummaryWriter(str(run_dir), purge_step=start_step + 1 if start_step else None)
         table = "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in config.items())
         self.writer.add_text("hyperparameters", table)
@@ -171,12 +293,14 @@ class Logger:
         return values["eval_reward"]
 
     def close(self) -> None:
+        """The run has finished: close its logs and release its directory (`lock_run_dir`)."""
         if not self.enabled:
             return
         self.metrics.close()
         self.writer.close()
         if self.wandb is not None:
             self.wandb.finish()
+        release_run_dir(self.run_dir)
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int = 4, row_captions: list[str] | None = None,

@@ -370,7 +370,7 @@ def test_resume_restores_the_loss_scale(tmp_path):
     once, twice = tmp_path / "once", tmp_path / "twice"
     draft.main(tyro.cli(draft.Args, args=[*flags, "--steps", "2", "--output-dir", str(once)]))
     draft.main(tyro.cli(draft.Args, args=[*flags, "--steps", "1", "--output-dir", str(twice)]))
-    draft.main(tyro.cli(draft.Args, args=["--resume", str(twice), "--steps", "2"]))
+    draft.main(common.cli(draft.Args, args=["--resume", str(twice), "--steps", "2"]))
     a, b = read_metrics(once), read_metrics(twice)
     assert a[0]["loss_scale"] < 2.0**24 and a[0]["skipped_updates"] >= 1  # it did overflow
     assert [(r["loss_scale"], r["skipped_updates"]) for r in a] == [(r["loss_scale"], r["skipped_updates"]) for r in b]

@@ -139,6 +139,21 @@ def test_bad_flag_is_refused_while_parsing(script, flags, message, files, tmp_pa
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
+def test_an_output_dir_that_is_a_file_is_refused_while_parsing(script, tmp_path):
+    """--output-dir naming a file, or a path under one, is one line (it was a FileExistsError traceback once the
+    model had loaded)."""
+    module = importlib.import_module(script)
+    file = tmp_path / "notes.txt"
+    file.write_text("not a run\n")
+    for out, message in ((file, f"--output-dir {file} is a file, not a directory"),
+                         (file / "run", f"--output-dir {file / 'run'}: {file} is a file, not a directory")):
+        with pytest.raises(common.UserError) as e:
+            tyro.cli(module.Args, args=[*base(script), "--output-dir", str(out)])
+        assert str(e.value) == message
+    assert file.read_text() == "not a run\n"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_the_valid_configuration_parses(script):
     """The baseline the cases change is itself accepted (so each case fails for its own reason)."""
     tyro.cli(importlib.import_module(script).Args, args=base(script))
