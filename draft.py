@@ -182,7 +182,7 @@ def main(args: Args) -> None:
     start, state = checkpointer.restore(args.resume)  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
     reward_queries = state.get("reward_queries", 0)
-    logger = common.Logger(run_dir, args, args.track, start_step=start)
+    logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal()
     uncond = common.encode_prompts(pipe, [""])
     grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
