@@ -295,7 +295,7 @@ def main(args: Args) -> None:
 
     logger.close()
     if world.is_main:
-        common.save_lora(pipe, run_dir)
+        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

@@ -7,8 +7,9 @@ fine-tuning is one additive term, the paper gets two things for free (§5.2, Fig
   (s > 1, extrapolation), which trades reward against closeness to the base model after training;
 - mixing: adapters trained on different rewards combine by a weighted sum, W0 + Σ_i w_i·ΔW_i, with no training.
 This tool writes such LoRAs as ordinary LoRA files (`scale`, `mix`), draws fixed prompts and seeds across scales or
-mixing weights (`grid`, the paper's Fig. 7), and writes a LoRA in the kohya key format that AUTOMATIC1111, ComfyUI
-and most other SD1.x tools load, with the metadata they read, or as a peft adapter (`export`).
+mixing weights (`grid`, the paper's Fig. 7), writes a LoRA in the kohya key format that AUTOMATIC1111, ComfyUI
+and most other SD1.x tools load, with the metadata they read, or as a peft adapter (`export`), and uploads a finished
+run with its model card to the Hugging Face Hub (`push`).
 
 LoRA arguments are run directories (their final LoRA), `checkpoints/step_N` folders, or any folder holding
 `pytorch_lora_weights.safetensors`. `--model` is the base model they were trained on, as in the training scripts
@@ -21,11 +22,13 @@ against it before anything is written.
     python lora_tools.py grid runs/aesthetic runs/hps --weights "1,0;0,1;1,1" --output mix_grid.png
     python lora_tools.py export runs/draft --format kohya --output draft_kohya.safetensors
     python lora_tools.py export runs/draft --format peft --output draft_peft
+    python lora_tools.py push runs/draft --repo-id your-name/draft-aesthetic
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import warnings
 from collections import Counter
@@ -34,10 +37,14 @@ from pathlib import Path
 import torch
 
 import common
-from common.lora import LORA_FILE, lora_file, read_lora, write_kohya, write_lora
+from common.lora import KOHYA_FILE, LORA_FILE, lora_file, read_lora, write_kohya, write_lora
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A [r, in], B [out, r])}, ΔW = B·A
 PEFT_FILE = "adapter_model.safetensors"
+# What `push` uploads (huggingface_hub's allow_patterns): the model card and everything it shows or links, the
+# TensorBoard logs (the Hub draws them), not the checkpoints (optimizer state, several times the LoRA's size)
+PUBLISHED = ("README.md", LORA_FILE, KOHYA_FILE, "args.json", "metrics.jsonl", "eval.jsonl", "samples/*.png",
+             "events.out.tfevents.*")
 
 
 def scale_lora(layers: Layers, s: float) -> Layers:
@@ -184,6 +191,38 @@ def cmd_export(args) -> None:
     print(f"{args.run} -> {output} ({args.format} format)")
 
 
+def cmd_push(args) -> None:
+    import httpx2  # huggingface_hub's HTTP client: a connection that fails raises its errors
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    run = Path(args.run)
+    if not (run / LORA_FILE).is_file() or not (run / "args.json").is_file():
+        raise common.UserError(f"{run} is not the directory of a finished run (it needs {LORA_FILE} and args.json)")
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as e:
+        raise common.UserError(f"--repo-id {args.repo_id!r}: {e}") from e
+    if hub_constants.HF_HUB_OFFLINE:  # refused before the card below is written
+        raise common.UserError(f"could not push {run}: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); "
+                               "unset it on a machine with network")
+    if not (run / "README.md").is_file():  # a run from before the scripts wrote model cards
+        common.write_model_card(run, json.loads((run / "args.json").read_text()))
+    try:
+        huggingface_hub.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        commit = huggingface_hub.upload_folder(repo_id=args.repo_id, folder_path=str(run),
+                                               allow_patterns=list(PUBLISHED),
+                                               commit_message=f"{run.name}: LoRA, model card, metrics, samples")
+    except (OSError, httpx2.HTTPError) as e:  # offline, no network, no token, no write access, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise common.UserError(f"could not push {run} to the Hub repo {args.repo_id} ({type(e).__name__}: {reason}); "
+                               "it needs the network, HF_HUB_OFFLINE unset and a write token (`hf auth login` or "
+                               "HF_TOKEN)") from e
+    print(f"{run} -> {getattr(commit, 'commit_url', commit)}")
+
+
 def cmd_grid(args) -> None:
     from diffusers.utils import logging as diffusers_logging
 
@@ -284,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "adapter_config.json for PeftModel.from_pretrained(unet, folder) (%(default)s)")
     p.add_argument("--output", required=True, help="the .safetensors file (kohya) or the folder (peft) to write")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("push", help="upload a finished run (LoRA, kohya copy, model card, metrics, sample grids, "
+                                    "TensorBoard logs; not its checkpoints) to a Hugging Face Hub model repo")
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--repo-id", required=True, help="NAME or OWNER/NAME of the model repo (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(fn=cmd_push)
     return parser
 
 
