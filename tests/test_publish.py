@@ -1,6 +1,6 @@
 """A run that publishes itself (issue 25): the model card, the kohya copy and the per-term rewards a run writes at its
-end, and `lora_tools.py push` (the Hub is unreachable here: the card and the files an upload would send are checked,
-and the error when offline).
+end, `lora_tools.py push` (the Hub is unreachable here: the card and the files an upload would send are checked,
+and the error when offline), and `accelerate launch` on the CPU.
 
 The references are independent of the code under test: huggingface_hub's own card parser and upload filter,
 diffusers' `load_lora_weights`, the rewards scored on their own."""
@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 
@@ -321,3 +322,45 @@ def test_push_offline_is_one_line(finished_run, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1 and "could not push" in proc.stderr and "HF_HUB_OFFLINE" in proc.stderr
     assert not (old / "README.md").exists()
+
+
+# --- accelerate launch ------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(script, flags, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2`: on a machine without GPUs, --multi_gpu is what makes
+    accelerate start two processes (through torch.distributed.run, as on GPUs); without it, one. HF_HOME: no user
+    accelerate config is read."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(ROOT / f"{script}.py"), *flags]
+    return subprocess.run(cmd, env=dict(ENV, HF_HOME=str(tmp_path / "hf_home")), capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+
+
+def test_accelerate_launch_two_processes_match_one(finished_run, tmp_path):
+    """The finished run (one process) again under `accelerate launch` with two processes of one image each."""
+    # the script sees two processes: a global batch of 3 cannot be split between them (one process takes it)
+    refused = accelerate_launch("draft", DRAFT + ["--batch-size", "3", "--output-dir", str(tmp_path / "no")], tmp_path)
+    assert refused.returncode != 0 and "--batch-size 3 (the global batch) must divide among 2 processes" in \
+        refused.stderr, refused.stderr[-3000:]
+    two = tmp_path / "two"
+    launched = accelerate_launch("draft", DRAFT + ["--output-dir", str(two)], tmp_path)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # the same images, rewards (the per-term ones gathered over both ranks) and LoRA. Each image goes through the same
+    # operations (a chunk of one, a process of one) and the gradient mean (g1 + g2) / 2 = g1/2 + g2/2 exactly, so this
+    # CPU gives the same bits; the torchrun test's tolerances (test_robustness.py) leave room for a CPU whose matrix
+    # products round differently for the text encoder's batch of 2 and of 1
+    rows_one, rows_two = read_metrics(finished_run), read_metrics(two)
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("reward_mean", "reward/shapes_alignment", "reward/jpeg_compressibility_diff"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+    with safe_open(str(finished_run / common.LORA_FILE), "pt") as a, safe_open(str(two / common.LORA_FILE), "pt") as b:
+        for k in a.keys():
+            torch.testing.assert_close(b.get_tensor(k), a.get_tensor(k), rtol=0, atol=2e-5, msg=k)
+    assert (two / "README.md").is_file() and (two / common.KOHYA_FILE).is_file()  # rank 0 finished the run
