@@ -200,7 +200,7 @@ def main(args: Args) -> None:
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
     reward_queries = state.get("reward_queries", 0)
-    logger = common.Logger(run_dir, args, args.track, start_step=start)
+    logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
     uncond = common.encode_prompts(pipe, [""])
     grid = common.SampleGrid.from_args(args, prompts, reward_fn, eval_rewards)  # fixed prompts × seeds
@@ -246,7 +246,7 @@ def main(args: Args) -> None:
 
     logger.close()
     if world.is_main:
-        common.save_lora(pipe, run_dir)
+        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

@@ -7,8 +7,9 @@ fine-tuning is one additive term, the paper gets two things for free (§5.2, Fig
   (s > 1, extrapolation), which trades reward against closeness to the base model after training;
 - mixing: adapters trained on different rewards combine by a weighted sum, W0 + Σ_i w_i·ΔW_i, with no training.
 This tool writes such LoRAs as ordinary LoRA files (`scale`, `mix`), draws fixed prompts and seeds across scales or
-mixing weights (`grid`, the paper's Fig. 7), and writes a LoRA in the kohya key format that AUTOMATIC1111, ComfyUI
-and most other SD1.x tools load (`export`).
+mixing weights (`grid`, the paper's Fig. 7), writes a LoRA in the kohya key format that AUTOMATIC1111, ComfyUI
+and most other SD1.x tools load, with the metadata they read, or as a peft adapter (`export`), and uploads a finished
+run with its model card to the Hugging Face Hub (`push`).
 
 LoRA arguments are run directories (their final LoRA), `checkpoints/step_N` folders, or any folder holding
 `pytorch_lora_weights.safetensors`. `--model` is the base model they were trained on, as in the training scripts
@@ -20,21 +21,30 @@ against it before anything is written.
     python lora_tools.py grid runs/draft --scales 0,0.5,1,1.5 --seeds 0,1 --output scale_grid.png
     python lora_tools.py grid runs/aesthetic runs/hps --weights "1,0;0,1;1,1" --output mix_grid.png
     python lora_tools.py export runs/draft --format kohya --output draft_kohya.safetensors
+    python lora_tools.py export runs/draft --format peft --output draft_peft
+    python lora_tools.py push runs/draft --repo-id your-name/draft-aesthetic
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 import common
-from common.lora import LORA_FILE, lora_file, read_lora, write_lora
+from common.lora import KOHYA_FILE, LORA_FILE, lora_file, read_lora, write_kohya, write_lora
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A [r, in], B [out, r])}, ΔW = B·A
+PEFT_FILE = "adapter_model.safetensors"
+# What `push` uploads (huggingface_hub's allow_patterns): the model card and everything it shows or links, the
+# TensorBoard logs (the Hub draws them), not the checkpoints (optimizer state, several times the LoRA's size)
+PUBLISHED = ("README.md", LORA_FILE, KOHYA_FILE, "args.json", "metrics.jsonl", "eval.jsonl", "samples/*.png",
+             "events.out.tfevents.*")
 
 
 def scale_lora(layers: Layers, s: float) -> Layers:
@@ -55,17 +65,27 @@ def mix_loras(weighted: list[tuple[Layers, float]]) -> Layers:
     return mixed
 
 
-def to_kohya(layers: Layers) -> dict[str, torch.Tensor]:
-    """The kohya-ss key format (`lora_unet_<module with _>.lora_down/lora_up.weight` and `.alpha`) through diffusers'
-    own converter, whose docstring names AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI as its readers. It sets
-    alpha = rank per module, i.e. scale 1: right, since our factors carry their scale in B."""
-    from diffusers.utils import convert_state_dict_to_kohya
+def write_peft(layers: Layers, directory: Path, base_model: str | None = None) -> Path:
+    """A peft adapter folder (`adapter_config.json` + `adapter_model.safetensors`, peft's own names and key layout
+    `base_model.model.<module>.lora_A/lora_B.weight`) that `PeftModel.from_pretrained(unet, directory)` applies to a
+    diffusers UNet as ΔW = B·A: alpha = rank for every module (scale 1), other ranks in a rank pattern, as
+    `write_lora` does."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
 
-    peft = {}
+    ranks = {m: a.shape[0] for m, (a, _) in layers.items()}
+    rank = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {m: r for m, r in ranks.items() if r != rank}
+    config = LoraConfig(r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern,
+                        target_modules=sorted(layers), base_model_name_or_path=base_model)
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(directory))
+    state = {}
     for m, (a, b) in layers.items():
-        peft[f"unet.{m}.lora_A.weight"], peft[f"unet.{m}.lora_B.weight"] = a.contiguous(), b.contiguous()
-    # kohya's sd-scripts store each alpha as a float scalar; the converter makes an integer one
-    return {k: v.float() if k.endswith(".alpha") else v for k, v in convert_state_dict_to_kohya(peft).items()}
+        state[f"base_model.model.{m}.lora_A.weight"] = a.float().contiguous()
+        state[f"base_model.model.{m}.lora_B.weight"] = b.float().contiguous()
+    save_file(state, str(directory / PEFT_FILE), metadata={"format": "pt"})
+    return directory
 
 
 def load_base(model: str, device="cpu", dtype=torch.float32):
@@ -116,13 +136,14 @@ def parse_list(text: str, flag: str, kind=float) -> list:
     return values
 
 
-def check_output(path: Path, overwrite: bool, suffix: str | None = None) -> None:
-    """Refuse to replace a file unless --overwrite; a file output must have the expected suffix."""
+def check_output(path: Path, overwrite: bool, suffix: str | None = None, file: str = LORA_FILE) -> None:
+    """Refuse to replace a file unless --overwrite; a file output must have the expected suffix, a folder output
+    (suffix None) is checked for `file`."""
     if suffix is not None and path.suffix.lower() != suffix:
         raise common.UserError(f"--output {path}: expected a {suffix} file")
-    target = path if suffix is not None else path / LORA_FILE
+    target = path if suffix is not None else path / file
     if suffix is None and path.is_file():
-        raise common.UserError(f"--output {path} is a file; scale and mix write a LoRA folder")
+        raise common.UserError(f"--output {path} is a file; expected a folder to write the LoRA to")
     if target.exists() and not overwrite:
         raise common.UserError(f"--output {target} already exists; choose another --output, or pass --overwrite")
 
@@ -154,14 +175,52 @@ def cmd_mix(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from safetensors.torch import save_file
-
     output = Path(args.output)
-    check_output(output, args.overwrite, ".safetensors")
-    (layers,) = read_checked([args.run], args.model)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_kohya(layers), str(output), metadata={"format": "pt"})
+    if args.format == "kohya":
+        check_output(output, args.overwrite, ".safetensors")
+    else:
+        check_output(output, args.overwrite, file=PEFT_FILE)
+    layers = read_lora(args.run)
+    pipe = load_base(args.model)
+    check_fits(layers, pipe.unet, args.run, args.model)
+    if args.format == "kohya":
+        write_kohya(layers, output, pipe, title=output.stem, base_model=args.model)
+    else:
+        hub_id = args.model.count("/") == 1 and not Path(args.model).is_dir()
+        write_peft(layers, output, args.model if hub_id else None)
     print(f"{args.run} -> {output} ({args.format} format)")
+
+
+def cmd_push(args) -> None:
+    import httpx2  # huggingface_hub's HTTP client: a connection that fails raises its errors
+    import huggingface_hub
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    run = Path(args.run)
+    if not (run / LORA_FILE).is_file() or not (run / "args.json").is_file():
+        raise common.UserError(f"{run} is not the directory of a finished run (it needs {LORA_FILE} and args.json)")
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as e:
+        raise common.UserError(f"--repo-id {args.repo_id!r}: {e}") from e
+    if hub_constants.HF_HUB_OFFLINE:  # refused before the card below is written
+        raise common.UserError(f"could not push {run}: huggingface_hub is in offline mode (HF_HUB_OFFLINE is set); "
+                               "unset it on a machine with network")
+    if not (run / "README.md").is_file():  # a run from before the scripts wrote model cards
+        common.write_model_card(run, json.loads((run / "args.json").read_text()))
+    try:
+        huggingface_hub.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        commit = huggingface_hub.upload_folder(repo_id=args.repo_id, folder_path=str(run),
+                                               allow_patterns=list(PUBLISHED),
+                                               commit_message=f"{run.name}: LoRA, model card, metrics, samples")
+    except (OSError, httpx2.HTTPError) as e:  # offline, no network, no token, no write access, ...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise common.UserError(f"could not push {run} to the Hub repo {args.repo_id} ({type(e).__name__}: {reason}); "
+                               "it needs the network, HF_HUB_OFFLINE unset and a write token (`hf auth login` or "
+                               "HF_TOKEN)") from e
+    print(f"{run} -> {getattr(commit, 'commit_url', commit)}")
 
 
 def cmd_grid(args) -> None:
@@ -256,11 +315,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the PNG to write")
     p.set_defaults(fn=cmd_grid)
 
-    p = sub.add_parser("export", parents=[common_flags], help="the LoRA in the kohya / A1111 / ComfyUI format")
+    p = sub.add_parser("export", parents=[common_flags],
+                       help="the LoRA for the web UIs (kohya: A1111, ComfyUI) or as a peft adapter")
     p.add_argument("run", help="run directory, checkpoints/step_N or LoRA folder")
-    p.add_argument("--format", default="kohya", choices=["kohya"], help="key format (%(default)s)")
-    p.add_argument("--output", required=True, help="the .safetensors file to write")
+    p.add_argument("--format", default="kohya", choices=["kohya", "peft"],
+                   help="kohya: one .safetensors file with the web UIs' metadata; peft: a folder with "
+                        "adapter_config.json for PeftModel.from_pretrained(unet, folder) (%(default)s)")
+    p.add_argument("--output", required=True, help="the .safetensors file (kohya) or the folder (peft) to write")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("push", help="upload a finished run (LoRA, kohya copy, model card, metrics, sample grids, "
+                                    "TensorBoard logs; not its checkpoints) to a Hugging Face Hub model repo")
+    p.add_argument("run", help="the run directory")
+    p.add_argument("--repo-id", required=True, help="NAME or OWNER/NAME of the model repo (created if absent)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(fn=cmd_push)
     return parser
 
 

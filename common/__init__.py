@@ -23,9 +23,10 @@ from .checkpoint import Checkpointer, StopSignal, UpdateGuard, cli, find_checkpo
 from .distributed import (
     average_gradients, check_batch_split, gather, launched_world_size, randint, randn, setup_distributed, shard
 )
-from .lora import LORA_FILE, load_lora, save_lora, set_lora_scale
+from .lora import KOHYA_FILE, LORA_FILE, load_lora, save_lora, set_lora_scale
 from .models import (
     ATTENTION_TARGETS, FEEDFORWARD_TARGETS, SD14, clip_tokenizer, load_pipeline, lora_parameters, set_resolution
 )
 from .prompts import PROMPT_SETS, load_prompts, sample_prompts
+from .publish import finish_run, write_model_card
 from .run import Logger, check_run_args, device_and_dtype, make_run_dir, save_grid, seed_everything

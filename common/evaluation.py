@@ -14,6 +14,7 @@ Tensor[B]`, as `rewards.load` returns them) and, optionally, an image-embedding 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -136,7 +137,11 @@ class SampleGrid:
         seeds = [s for _ in self.prompts for s in self.seeds]
 
         def score(fn):  # no training reward given: NaN, so the grid still draws and logs its held-out rewards
-            return torch.full((len(prompts),), math.nan) if fn is None else fn(images, prompts).detach().float().cpu()
+            if fn is None:
+                return torch.full((len(prompts),), math.nan)
+            # not among the training batch's per-term rewards that a weighted reward records for the log
+            with getattr(fn, "unrecorded", contextlib.nullcontext)():
+                return fn(images, prompts).detach().float().cpu()
 
         group = len(self.seeds)
         return GridResult(

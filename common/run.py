@@ -217,14 +217,23 @@ class Logger:
     """metrics.jsonl (one object per optimizer step), TensorBoard scalars, and optionally wandb."""
 
     def __init__(self, run_dir: Path, args, track: bool = False, project: str = "reward-finetuning",
-                 start_step: int = 0):
+                 start_step: int = 0, reward_fn=None):
         """`start_step` > 0 continues a resumed run: rows and TensorBoard events after it are discarded.
+        `reward_fn`: the training reward; when it is a weighted sum (`rewards.load("a:1,b:0.1")`), each term is logged
+        too, as reward/<term>: the mean over the global batch of the term's unweighted score.
         Under torchrun only rank 0 writes; on the other ranks every method is a no-op."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.enabled = distributed.world().is_main
         self.wandb = None
         self.start = time.time()
+        weights = getattr(reward_fn, "weights", {})
+        weighted = len(weights) > 1 or any(w != 1 for w in weights.values())  # one term of weight 1 is the total
+        # every rank records: the means are over all ranks' images
+        self.terms = reward_fn if weighted and hasattr(reward_fn, "take_recorded") else None
+        self.term_means: dict[str, torch.Tensor] = {}
+        if self.terms is not None:
+            self.terms.take_recorded()
         if not self.enabled:
             return
         if track:
@@ -253,14 +262,20 @@ class Logger:
     def log(self, step: int, charts: dict, losses: dict) -> dict:
         """Write one optimizer step. Values may be tensors; `seconds` since the start (of the first of a resumed run's
         sessions, not counting the time between them) is added."""
+        if self.terms is not None:
+            recorded = self.terms.take_recorded()
+            if recorded:  # a step that scored a batch (the later updates on the same batch repeat its values)
+                self.term_means = {f"reward/{t}": distributed.gather(v.float()).mean() for t, v in recorded.items()}
         charts = {k: float(torch.as_tensor(v).detach()) for k, v in charts.items()}
         losses = {k: float(torch.as_tensor(v).detach()) for k, v in losses.items()}
-        row = {"step": step, **charts, **losses, "seconds": round(time.time() - self.start, 3)}
+        terms = {k: float(v) for k, v in self.term_means.items()}
+        row = {"step": step, **charts, **terms, **losses, "seconds": round(time.time() - self.start, 3)}
         if not self.enabled:
             return row
         self.metrics.write(json.dumps(row) + "\n")
         self.metrics.flush()
-        scalars = {f"charts/{k}": v for k, v in charts.items()} | {f"losses/{k}": v for k, v in losses.items()}
+        scalars = ({f"charts/{k}": v for k, v in charts.items()} | terms
+                   | {f"losses/{k}": v for k, v in losses.items()})
         for k, v in scalars.items():
             self.writer.add_scalar(k, v, step)
         if self.wandb is not None:

@@ -6,6 +6,7 @@
     reward_fn = rewards.load("http://127.0.0.1:8085")      # a reward server (python -m rewards.serve)
     reward_fn.differentiable                               # all() of the parts
     reward_fn.last_components                              # {term text: Tensor[B]} of the last call, unweighted
+    reward_fn.take_recorded()                              # the same for all calls since the last take, joined
 
 The reward spec (the scripts' `--reward`, stored as text in the run's args.json):
 
@@ -43,6 +44,7 @@ arguments of `load` and environment variables named `{reward}_{key}` (`load(...,
 Only torch is imported here; transformers, open_clip, kornia and the HTTP client are imported by the loaders.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -297,7 +299,11 @@ def is_differentiable(spec: str) -> bool:
 
 class WeightedSum(Reward):
     """`sum_i w_i * r_i(images, prompts)`, keyed by term text; keeps the unweighted, detached parts of the last
-    call in `last_components`. Non-differentiable parts are scored on detached images without a graph."""
+    call in `last_components`. Non-differentiable parts are scored on detached images without a graph.
+
+    Once `take_recorded()` has been called, every later call's parts are also kept until the next take: a training
+    step that scores its batch in chunks gets all of them (common.Logger logs their means as reward/<term>). Calls
+    inside `with reward.unrecorded():` (the sample grid's) are not kept."""
 
     def __init__(self, parts: list[tuple[str, float, Reward]]):
         super().__init__()
@@ -306,7 +312,23 @@ class WeightedSum(Reward):
         self.rewards = torch.nn.ModuleList([reward for _, _, reward in parts])
         self.differentiable = all(reward.differentiable for _, _, reward in parts)
         self.last_components: dict[str, torch.Tensor] = {}
+        self._recorded: list[dict[str, torch.Tensor]] | None = None  # None: not recording (nothing piles up)
+        self._paused = False
         self.freeze()
+
+    def take_recorded(self) -> dict[str, torch.Tensor]:
+        """{term text: unweighted scores [N]} of the calls since the previous take, concatenated in call order
+        (empty if there were none); recording starts at the first take."""
+        calls, self._recorded = self._recorded or [], []
+        return {text: torch.cat([call[text] for call in calls]) for text in self.weights} if calls else {}
+
+    @contextlib.contextmanager
+    def unrecorded(self):
+        paused, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = paused
 
     @property
     def parts(self) -> dict[str, Reward]:
@@ -324,6 +346,8 @@ class WeightedSum(Reward):
             components[text] = score.detach()
             total = total + self.weights[text] * score
         self.last_components = components
+        if self._recorded is not None and not self._paused:
+            self._recorded.append(components)
         return total
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import common
@@ -102,6 +103,39 @@ def test_export_kohya_loads_in_diffusers(loras, tmp_path):
     assert state[f"{q}.lora_down.weight"].shape[0] == 6 and float(state[f"{q}.alpha"]) == 6.0  # alpha = rank: scale 1
     # diffusers detects the kohya keys and converts them back: the same UNet as the diffusers-format mix
     assert close(unet_output([out]), unet_output([attn, both], [1.0, -0.7]))
+    # the metadata the web UIs read, as kohya's sd-scripts write it: ranks 6 (attention) and 4 (feed-forward) are
+    # per-module ranks, "Dynamic" in sd-scripts' resize_lora.py; an SD1-shaped UNet (768-wide text in SD1.4, 32 here)
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == metadata["ss_network_alpha"] == "Dynamic"
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_v2"] == "False"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert metadata["modelspec.title"] == "mix_kohya" and metadata["modelspec.resolution"] == "32x32"
+    lora_tools.main(["export", str(attn), "--model", "tiny", "--output", str(tmp_path / "attn.safetensors")])
+    with safe_open(str(tmp_path / "attn.safetensors"), framework="pt") as f:
+        assert (f.metadata()["ss_network_dim"], f.metadata()["ss_network_alpha"]) == ("2", "2.0")  # one rank: scale 1
+
+
+def test_export_peft_loads_with_peft_model(loras, tmp_path):
+    """`PeftModel.from_pretrained(unet, folder)` on a diffusers UNet gives the UNet that `load_lora_weights` gives for
+    the LoRA in diffusers' format: one rank (attention, rank 2) and per-module ranks (a mix: 6 on attention, 4 on the
+    feed-forward layers, through peft's rank_pattern). Both sides are peft LoRA layers with the same float32 factors
+    and scale alpha / rank = 1 exactly, computing the same operations: equal to the bit."""
+    from peft import PeftModel
+
+    attn, both = loras
+    lora_tools.main(["mix", str(attn), f"{both}:-0.7", "--model", "tiny", "--output", str(tmp_path / "mix")])
+    for source in (attn, tmp_path / "mix"):
+        out = tmp_path / f"{source.name}_peft"
+        lora_tools.main(["export", str(source), "--format", "peft", "--model", "tiny", "--output", str(out)])
+        assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        model = PeftModel.from_pretrained(tiny_components(0)["unet"], str(out))
+        g = torch.Generator().manual_seed(0)
+        x, text = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g)
+        with torch.no_grad():
+            adapted = model(x, 500, encoder_hidden_states=text).sample
+        assert torch.equal(adapted, unet_output([source]))
+        assert not torch.equal(adapted, unet_output())  # the adapter changes the UNet: the test can fail
 
 
 def test_grid_png(loras, tmp_path):
