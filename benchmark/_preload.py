@@ -1,4 +1,4 @@
-"""Third-party imports of the seven scripts, loaded once by compare.py's fork server so that each run starts in
+"""Third-party imports of the eight scripts, loaded once by compare.py's fork server so that each run starts in
 ~1 s instead of paying torch/diffusers/transformers' import time (10–20 s on this machine) again.
 
 Only third-party libraries: the repository's own modules (common, rewards, shapes and the scripts) are imported

@@ -5,7 +5,7 @@ sampled images per run (RL scripts: 2 batches of 16; gradient scripts: 8 updates
 loop (model loading, the step-0 sample grid and saving excluded), as wall-clock seconds and as the process's CPU
 seconds (steadier on a busy machine; with one thread they agree on an idle one). `--fast` adds the opt-in speed flags
 (bench_speed.FAST: --timesteps-per-call 20 for DDPO-SF, DDPO-IS and GRPO, --no-unet-checkpointing for the gradient
-scripts), so that the table shows both columns of the README's before/after.
+scripts), so that the table shows both columns of docs/speed/README.md's before/after.
 
     python benchmark/bench_scripts.py [--fast] [--threads 1] [--scripts ddpo_is alignprop]
 """

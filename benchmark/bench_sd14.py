@@ -21,7 +21,7 @@ claim), every gradient script ≤ 24 GB; RWR has none. On the CPU the table says
 
     python benchmark/bench_sd14.py                               # GPU: 512 px, T = 50, published batches
     python benchmark/bench_sd14.py --resolution 128 --num-inference-steps 2 --scripts draft.py,ddpo_sf.py
-    python benchmark/bench_sd14.py --markdown                    # the table as in the README
+    python benchmark/bench_sd14.py --markdown                    # the table as in docs/gpu.md
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def verdict(row: dict) -> str:
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    """The rows as a plain-text table (or a markdown one, for the README)."""
+    """The rows as a plain-text table (or a markdown one, for docs/gpu.md)."""
     header = ["script", "variant", "s/update", "peak GB", "verdict", "wall s", "flags"]
     lines = []
     for r in rows:
@@ -153,7 +153,7 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scripts", default=",".join(RL_SCRIPTS + GRADIENT_SCRIPTS),
-                   help="comma-separated scripts to run (default: all seven)")
+                   help="comma-separated scripts to run (default: all eight)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated variants of the gradient scripts, of {', '.join(VARIANTS)}")
     p.add_argument("--resolution", type=int, default=512 if cuda else 128,

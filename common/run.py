@@ -1,4 +1,4 @@
-"""Run bookkeeping shared by the seven scripts: run directory, seeding, precision, logging, sample grids."""
+"""Run bookkeeping shared by the eight scripts: run directory, seeding, precision, logging, sample grids."""
 
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ The reward spec (the scripts' `--reward`, stored as text in the run's args.json)
     URL    := http://host:port[/path] or https://...   a reward server, weight 1 (`remote[url=URL]:0.5` weighs it)
 
 e.g. `owlvit_remove[queries=a person|a face]:1,aesthetic:0.1` or `http://127.0.0.1:8085`. Commas and colons
-inside brackets or inside a URL split nothing. Each reward lists its option keys in `_REGISTRY` (and the
-README's "Rewards" section); the builder converts and checks the values.
+inside brackets or inside a URL split nothing. Each reward lists its option keys in `_REGISTRY` (and
+docs/rewards.md); the builder converts and checks the values.
 
 | name | model | score |
 |---|---|---|
