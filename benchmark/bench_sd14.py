@@ -66,8 +66,8 @@ def script_default(script: str, field: str):
 
 
 def shared_flags(opts) -> list[str]:
-    return ["--model", getattr(opts, "model", "sd14-random"), "--resolution", str(opts.resolution), "--num-inference-steps",
-            str(opts.num_inference_steps), "--steps", str(opts.steps), "--num-sample-images",
+    return ["--model", getattr(opts, "model", "sd14-random"), "--resolution", str(opts.resolution),
+            "--num-inference-steps", str(opts.num_inference_steps), "--steps", str(opts.steps), "--num-sample-images",
             str(opts.num_sample_images), "--mixed-precision", opts.mixed_precision]
 
 
