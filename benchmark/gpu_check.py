@@ -567,7 +567,15 @@ def worker(opts) -> int:
             say(report, f"budget of {report['budget_s']:g} s spent: {len(pending) - n} items skipped")
             break
         if w is None:  # the imports and the device, outside the items' time
-            w = Worker(opts, report, out)
+            try:
+                w = Worker(opts, report, out)
+            except ImportError as e:  # a package the parent's check does not name (a dependency of one it does)
+                traceback.print_exc(file=sys.stderr)
+                report["error"] = f"cannot import {e.name or e} ({e}): pip install -r requirements.txt"
+                for rest in pending[n:]:
+                    rest.update(status="skipped", error=report["error"])
+                save(out, report)
+                return 4
         item.update(status="running", started_s=round(now(report), 1))
         save(out, report)
         say(report, f"{item['id']} ...")
@@ -703,6 +711,9 @@ def main(argv=None) -> int:
     save(out, report)
     say(report, f"done: {report['finished_note']}")
     print((out / "gpu_check.md").read_text(), flush=True)
+    if report.get("error"):  # the worker could not start
+        print(f"gpu_check: {report['error']}", file=sys.stderr, flush=True)
+        return 2
     return 0 if counts["ok"] == len(report["items"]) else 1
 
 

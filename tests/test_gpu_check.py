@@ -3,6 +3,7 @@ real command line, so that the command a GPU session runs cannot rot; its refusa
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -109,6 +110,24 @@ def test_missing_packages_end_in_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("gpu_check: missing Python packages: no-such-package") and err.count("\n") == 1
     assert "no-such-package" in json.loads((tmp_path / "gpu_check.json").read_text())["error"]
+
+
+def test_a_missing_dependency_of_a_checked_package_ends_in_one_line(tmp_path):
+    """tyro is installed but its docstring_parser is not (shadowed here by a module that fails to import, as a
+    missing one does): the worker cannot start, and the run ends in one line naming it, every item skipped."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "docstring_parser.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'docstring_parser'\", name='docstring_parser')\n")
+    env = dict(os.environ, PYTHONPATH=str(shadow))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmark" / "gpu_check.py"), "--out", str(tmp_path / "out"),
+                           "--device", "cpu", "--small"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "gpu_check: cannot import docstring_parser (No module named 'docstring_parser'): pip install -r "
+        "requirements.txt"]
+    items = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["items"]
+    assert all(i["status"] == "skipped" and "docstring_parser" in i["error"] for i in items)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
