@@ -152,7 +152,7 @@ def fmt(value, digits=2) -> str:
 def state(item) -> str:
     """ok (with fp16's skipped updates), pending, skipped, or the error's first line."""
     if item["status"] == "ok":
-        skipped = item["figures"].get("skipped_updates", 0)
+        skipped = int(item["figures"].get("skipped_updates", 0))
         return f"ok, {skipped} of {item['figures']['updates']} updates skipped (fp16 overflow)" if skipped else "ok"
     return f"{item['status']}: {item['error']}" if item.get("error") else item["status"]
 
@@ -204,8 +204,9 @@ def markdown(report: dict) -> str:
     rows = []
     for i in by_kind["cosine"]:
         for r in i.get("figures", {}).get("rows", [{}]):
+            unscaled = "all zero" if r.get("fp16_unscaled_zero_fraction") == 1 else fmt(r.get("fp16_unscaled"), 4)
             rows.append([f"`{i['script']}.py`", r.get("what", "–"), fmt(r.get("fp16"), 4), fmt(r.get("bf16"), 4),
-                         fmt(r.get("fp16_unscaled"), 4), state(i)])
+                         unscaled, state(i)])
     if rows:
         out += ["", "**Gradient cosine with float32** (LoRA gradient; fp16 loss-scaled; unscaled fp16 is the control)",
                 "", table(["script", "what", "fp16", "bf16", "fp16 unscaled", "status"], rows)]
