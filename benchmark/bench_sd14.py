@@ -66,8 +66,8 @@ def script_default(script: str, field: str):
 
 
 def shared_flags(opts) -> list[str]:
-    return ["--model", "sd14-random", "--resolution", str(opts.resolution), "--num-inference-steps",
-            str(opts.num_inference_steps), "--steps", str(opts.steps), "--num-sample-images",
+    return ["--model", getattr(opts, "model", "sd14-random"), "--resolution", str(opts.resolution),
+            "--num-inference-steps", str(opts.num_inference_steps), "--steps", str(opts.steps), "--num-sample-images",
             str(opts.num_sample_images), "--mixed-precision", opts.mixed_precision]
 
 
@@ -81,6 +81,10 @@ def script_flags(script: str, variant: str, opts) -> list[str]:
             minibatches = script_default(script, "num_minibatches")
             train_batch = script_default(script, "train_batch_size")
             flags += ["--num-minibatches", str(max(1, min(minibatches, opts.rl_batch_size // train_batch)))]
+        # the batch must hold whole groups (GRPO) or prompts' image sets (RWR): smaller ones below the published size
+        group = {"grpo.py": "group_size", "rwr.py": "images_per_prompt"}.get(script)
+        if group and opts.rl_batch_size < script_default(script, group):
+            flags += [f"--{group.replace('_', '-')}", str(opts.rl_batch_size)]
     if script == "refl.py" and opts.num_inference_steps < script_default(script, "max_step"):
         flags += ["--max-step", str(opts.num_inference_steps)]  # m is drawn from the last max_step steps
     if not rl:

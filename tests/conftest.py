@@ -17,6 +17,8 @@ torch.set_num_threads(1)
 # took torch's default of 2 threads next to two busy workers, and the SD1.4-sized CLI runs took 153 s instead of ~40.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from benchmark.precision import randomize_lora  # noqa: E402,F401  (the tests' LoRA that changes the model)
+
 
 def read_metrics(run_dir):
     """A run's metrics.jsonl as a list of dicts, one per optimizer update."""
@@ -28,15 +30,6 @@ def tiny_pipe():
     import common
 
     return common.load_pipeline("tiny", lora_rank=4)
-
-
-def randomize_lora(pipe, std=0.05, seed=0):
-    """Give the zero-initialised LoRA B matrices non-zero values so that the adapter changes the model."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.unet.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ SD1.4's sizes on the `tiny` model: its latents have D = 4·16·16 elements again
 pixels against 512², and the tests train on a few samples and timesteps where the published settings average over
 n·T (DDPO: 64 images × 50 steps per update). Every loss here is linear in the advantages (or weights, or reward), so
 multiplying them by (test sizes) / (real sizes) gives the per-element gradient a real update has at the UNet's output
-(DDPO: about 4e-8, below fp16's smallest subnormal, 6e-8), which is what decides whether fp16 keeps it.
+(DDPO: about 4e-8, below fp16's smallest subnormal, 6e-8), which is what decides whether fp16 keeps it. The cosine's
+computation lives in benchmark/precision.py, which benchmark/gpu_check.py runs on CUDA at SD1.4's real sizes.
 """
 
 import math
@@ -26,41 +27,18 @@ import alignprop
 import grpo
 import refl
 import rwr
-from conftest import ROOT, randomize_lora, read_metrics
+from benchmark.precision import (D_SD14, cosine, gradient_inputs, half_precision_cosines, lora_gradient,
+                                 pixel_mean_reward, policy_gradient_backward, precision_pipes,
+                                 reward_gradient_backward)
+from conftest import ROOT, read_metrics
 
-D_TEST, D_SD14 = 4 * 16 * 16, 4 * 64 * 64  # latent elements
-PIXELS_TEST, PIXELS_SD14 = 32 * 32, 512 * 512
-PRECISIONS = [torch.float16, torch.bfloat16]
-
+D_TEST = 4 * 16 * 16  # tiny's latent elements
 
 
 @pytest.fixture(scope="module")
 def pipes():
     """The tiny pipeline with float32, fp16 and bf16 base weights (the same weights, rounded) and one LoRA."""
-    out = {dtype: common.load_pipeline("tiny", lora_rank=4, dtype=dtype)
-           for dtype in (torch.float32, torch.float16, torch.bfloat16)}
-    randomize_lora(out[torch.float32], std=0.05)
-    for dtype in PRECISIONS:
-        for p, q in zip(common.lora_parameters(out[torch.float32]), common.lora_parameters(out[dtype])):
-            q.data.copy_(p.data)
-    return out
-
-
-def cosine(a, b):
-    # not torch's cosine_similarity: it clamps ‖a‖·‖b‖ at 1e-8, and these gradients have norms of about 1e-8
-    a, b = a.double(), b.double()
-    return float(a @ b / (a.norm() * b.norm()))
-
-
-def lora_gradient(pipe, backward) -> torch.Tensor:
-    """The flat LoRA gradient of one update: `backward(guard)` accumulates it, then the guard unscales (fp16)."""
-    params = common.lora_parameters(pipe)
-    for p in params:
-        p.grad = None
-    guard = common.UpdateGuard(1, loss_scaling=pipe.unet.conv_in.weight.dtype == torch.float16)
-    backward(guard)
-    guard.clip_grad_norm_(params, 0.0)
-    return torch.cat([p.grad.flatten() for p in params])
+    return precision_pipes("tiny")
 
 
 # --- the RL scripts: DDPO-SF, DDPO-IS, GRPO, RWR -------------------------------------------------------------------
@@ -87,29 +65,20 @@ def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
     module, n_t = RL_SCRIPTS[name]
     cond, uncond, traj = trajectory
     n = cond.shape[0]
-    advantages = torch.tensor([1.0, -0.7]) * (n * D_TEST) / (n_t * D_SD14)  # one timestep of n samples: ×1/(n·T)
     args = module.Args(model="tiny", train_batch_size=n, guidance_scale=5.0, eta=1.0, num_inference_steps=50,
                        **({"group_size": 2, "batch_size": 4, "sample_batch_size": 4, "num_minibatches": 2}
                           if name == "grpo" else {}))
-    samples, timestep_idx = torch.arange(n), torch.full((n, 1), j)
 
-    def backward(pipe):
-        pipe.scheduler.set_timesteps(50)
-        return lambda guard: module.accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_idx,
-                                                        guard, args)
+    def backward(pipe):  # one timestep of n samples, weighted as in an update over n_t pairs (benchmark/precision.py)
+        return policy_gradient_backward(module, pipe, traj, cond, uncond, j, n_t, args)
 
-    reference = lora_gradient(pipes[torch.float32], backward(pipes[torch.float32]))
+    reference, cosines = half_precision_cosines(pipes, backward)
     assert reference.abs().max() > 0
-    for dtype in PRECISIONS:
-        ours = lora_gradient(pipes[dtype], backward(pipes[dtype]))
-        print(f"cosine {name} t{j} {dtype}: {cosine(ours, reference):.4f}")  # the figures of the README (pytest -s)
-        assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
+    for dtype, c in cosines.items():
+        print(f"cosine {name} t{j} {dtype}: {c:.4f}")  # the figures of the README (pytest -s)
+        assert c >= 0.99, (dtype, c)
     # the control: fp16 without loss scaling (the scripts before issue 11) does not keep this gradient
-    params = common.lora_parameters(pipes[torch.float16])
-    for p in params:
-        p.grad = None
-    backward(pipes[torch.float16])(common.UpdateGuard(1, loss_scaling=False))
-    unscaled = torch.cat([p.grad.flatten() for p in params])
+    unscaled = lora_gradient(pipes[torch.float16], backward(pipes[torch.float16]), loss_scaling=False)
     print(f"cosine {name} t{j} unscaled fp16: " + ("all zero" if unscaled.abs().max() == 0
                                                     else f"{cosine(unscaled, reference):.4f}"))
     assert unscaled.abs().max() == 0 or cosine(unscaled, reference) < 0.9
@@ -129,24 +98,12 @@ def test_rwr_gradient_survives_half_precision(pipes, trajectory):
                                     args)
         return run
 
-    reference = lora_gradient(pipes[torch.float32], backward(pipes[torch.float32]))
-    for dtype in PRECISIONS:
-        c = cosine(lora_gradient(pipes[dtype], backward(pipes[dtype])), reference)
+    for dtype, c in half_precision_cosines(pipes, backward)[1].items():
         print(f"cosine rwr {dtype}: {c:.4f}")
         assert c >= 0.99, dtype
 
 
 # --- the gradient scripts: DRaFT, DRaFT-LV, ReFL, AlignProp --------------------------------------------------------
-
-def pixel_mean_reward(scale):
-    """A reward averaged over the pixels, like a reward model's: its per-pixel gradient is ∝ 1/pixels, here scaled
-    from tiny's 32² to SD1.4's 512² pixels and from a batch of 2 to the published 4."""
-    w = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
-
-    def reward(images, prompts):
-        return (images.float() * w).mean(dim=(1, 2, 3)) * scale
-    return reward
-
 
 GRADIENT_SCRIPTS = {
     "draft": (draft, dict(k=2), ()), "draft_lv": (draft_lv, dict(num_copies=2), ()),
@@ -159,23 +116,16 @@ def test_reward_gradient_survives_half_precision(name, pipes):
     """Backprop through the last steps and the VAE decoder at SD1.4's sizes: cosine ≥ 0.99 with float32's."""
     module, flags, extra = GRADIENT_SCRIPTS[name]
     args = module.Args(model="tiny", num_inference_steps=4, batch_size=2, **flags)
-    reward_fn = pixel_mean_reward(PIXELS_TEST / PIXELS_SD14 * 2 / 4)
-    prompts = ["a cat", "a dog"]
-    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
-    noises = [torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3 + i)) for i in range(2)]
+    prompts, latents, noises = gradient_inputs(pipes[torch.float32], n=2)
 
-    def backward(pipe):
-        cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, [""])
-        more = (noises,) if name == "draft_lv" else ()
-        return lambda guard: module.accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, *more,
-                                                        guard, args, *extra)
+    def backward(pipe):  # the reward scaled to SD1.4's 512² pixels and batch of 4 (benchmark/precision.py)
+        return reward_gradient_backward(module, pipe, prompts, latents, noises, args, extra)
 
-    reference = lora_gradient(pipes[torch.float32], backward(pipes[torch.float32]))
+    reference, cosines = half_precision_cosines(pipes, backward)
     assert reference.abs().max() > 0
-    for dtype in PRECISIONS:
-        ours = lora_gradient(pipes[dtype], backward(pipes[dtype]))
-        print(f"cosine {name} {dtype}: {cosine(ours, reference):.4f}")
-        assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
+    for dtype, c in cosines.items():
+        print(f"cosine {name} {dtype}: {c:.4f}")
+        assert c >= 0.99, (dtype, c)
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))

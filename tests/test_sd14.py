@@ -267,16 +267,22 @@ def test_bench_sd14_reads_runs_and_formats_its_table(tmp_path):
     assert cells[3][6] == "`--train-batch-size 1`"
 
 
-def test_bench_sd14_cpu_reductions_keep_the_scripts_batch_rules():
+@pytest.mark.parametrize("rl_batch", ["16", "8"])  # a CPU run's; gpu_check.py's (one sampling chunk)
+def test_bench_sd14_cpu_reductions_keep_the_scripts_batch_rules(rl_batch):
     """The smaller RL batch of a CPU run still divides into the scripts' sample batches, minibatches and train
-    batches (their Args defaults), and ReFL's window fits in a short schedule."""
+    batches (their Args defaults), holds GRPO's groups and RWR's images per prompt, and ReFL's window fits in a short
+    schedule: each script's own checks accept the command line."""
+    import tyro
+
     from benchmark import bench_sd14
 
-    opts = bench_sd14.parse_args(["--rl-batch-size", "16", "--num-inference-steps", "2"])
+    opts = bench_sd14.parse_args(["--rl-batch-size", rl_batch, "--num-inference-steps", "2"])
     for script in bench_sd14.RL_SCRIPTS + bench_sd14.GRADIENT_SCRIPTS:
-        defaults = importlib.import_module(script.removesuffix(".py")).Args()
+        module = importlib.import_module(script.removesuffix(".py"))
+        defaults = module.Args()
         for variant in ["defaults"] if script in bench_sd14.RL_SCRIPTS else bench_sd14.VARIANTS:
             flags = bench_sd14.script_flags(script, variant, opts)
+            tyro.cli(module.Args, args=bench_sd14.shared_flags(opts) + flags)  # raises UserError where one is off
             value = dict(zip(flags[::2], flags[1::2]))
             if script in bench_sd14.RL_SCRIPTS:
                 batch = int(value["--batch-size"])
