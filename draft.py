@@ -206,7 +206,7 @@ def main(args: Args) -> None:
         reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, guard, args)
         reward_queries += args.batch_size
         common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
-        grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
+        grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
         if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
 

@@ -312,7 +312,7 @@ def main(args: Args) -> None:
             optimizer.zero_grad(set_to_none=True)
             stats = accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_idx, guard, args)
             common.average_gradients(params)  # under torchrun: the mean over ranks is the global minibatch's gradient
-            grad_norm = guard.clip_grad_norm_(params, args.max_grad_norm)  # undoes fp16's loss scale, then clips
+            grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
                 optimizer.step()
 

@@ -30,6 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+RL = ("ddpo_sf", "ddpo_is", "rwr", "grpo")  # the scripts that score under no_grad (the rest backpropagate rewards)
+LABELS = dict(ddpo_sf="DDPO-SF", ddpo_is="DDPO-IS", rwr="RWR", draft="DRaFT-1", draft_lv="DRaFT-LV", refl="ReFL",
+              alignprop="AlignProp", grpo="GRPO")
 CSV_COLUMNS = ["comparison", "algorithm", "learning_rate", "seed", "step", "reward_queries", "seconds",
                "train_seconds", "step_seconds", "reward_mean", "eval_reward"]
 SWEEP_COLUMNS = ["algorithm", "learning_rate", "seed", "validation_score", "chosen"]

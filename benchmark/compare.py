@@ -67,11 +67,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import analysis  # noqa: E402
+from benchmark.analysis import LABELS, RL  # noqa: E402 (there, not here, so that report.py needs nothing of this file)
 
 ALGORITHMS = ("ddpo_sf", "ddpo_is", "rwr", "draft", "draft_lv", "refl", "alignprop", "grpo")
-RL = ("ddpo_sf", "ddpo_is", "rwr", "grpo")
-LABELS = dict(ddpo_sf="DDPO-SF", ddpo_is="DDPO-IS", rwr="RWR", draft="DRaFT-1", draft_lv="DRaFT-LV", refl="ReFL",
-              alignprop="AlignProp", grpo="GRPO")
 GRPO_GROUP = 8  # images per prompt: Flow-GRPO's one-GPU configs (DanceGRPO: 16, which would leave 1 prompt per batch)
 PAPER_LR = 3e-4  # DDPO's learning rate, at which its clip range 1e-4 is calibrated
 PAPER_CLIP = 1e-4

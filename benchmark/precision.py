@@ -54,7 +54,7 @@ def lora_gradient(pipe, backward, loss_scaling: bool | None = None) -> torch.Ten
         loss_scaling = pipe.unet.conv_in.weight.dtype == torch.float16
     guard = common.UpdateGuard(1, loss_scaling=loss_scaling)
     backward(guard)
-    guard.clip_grad_norm_(params, 0.0)
+    guard.clip_grad_norm_(torch.optim.SGD(params), 0.0)  # the optimizer only names the gradients to unscale
     return torch.cat([p.grad.flatten() for p in params])
 
 

@@ -21,15 +21,11 @@ GRID_POINTS = 80
 
 
 def _label(algo: str) -> str:
-    from benchmark.compare import LABELS
-
-    return LABELS[algo]
+    return analysis.LABELS[algo]
 
 
 def _style(algo: str) -> dict:
-    from benchmark.compare import RL
-
-    return dict(color=COLORS[algo], linestyle="--" if algo in RL else "-")
+    return dict(color=COLORS[algo], linestyle="--" if algo in analysis.RL else "-")
 
 
 def _fmt(mean_std, digits=3) -> str:
@@ -165,9 +161,7 @@ def _config_table(c, jobs) -> list[str]:
 
 
 def _eta(algo: str) -> float:
-    from benchmark.compare import RL
-
-    return 1.0 if algo in RL else 0.0
+    return 1.0 if algo in analysis.RL else 0.0
 
 
 def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
@@ -317,8 +311,6 @@ def _sweep_section(c, runs: dict, scores: dict, base: dict) -> list[str]:
 def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
     """Write lr_sweep.csv/.png, runs.csv, the plots, the grids, summary.md and summary.json from what is in the run
     directories. `comps` may start with the sweep (a comparison on the validation split)."""
-    from benchmark.compare import LABELS
-
     runs_of: dict = {}  # job -> Run, finished runs only (bench_run.json is written at the end)
     rows = []
     for j in jobs:
@@ -351,7 +343,7 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
         result["comparisons"][c.name] = info
         if c.sweep:
             scores = sweep_scores(runs)
-            sweep_rows = analysis.sweep_rows(scores, c.seeds[0], LABELS)
+            sweep_rows = analysis.sweep_rows(scores, c.seeds[0], analysis.LABELS)
             analysis.write_csv(sweep_rows, out / "lr_sweep.csv", analysis.SWEEP_COLUMNS)
             plot = plot_sweep(c, scores, base, out)
             info |= dict(rows=sweep_rows, chosen=analysis.choose_rates(scores))

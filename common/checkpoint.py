@@ -417,69 +417,89 @@ class StopSignal:
         raise SystemExit(128 + (self.signum or signal.SIGTERM))
 
 
+INIT_SCALE = 2.0**24
+"""The initial fp16 loss scale S (GradScaler's default: 2^16). The two ways to miss cost differently: too low is
+silent (gradients below fp16's subnormals are zeros until S has doubled back, one doubling per 2000 clean updates),
+too high costs one skipped update per halving, once, at the start, logged (`skipped_updates`). At SD1.4's sizes a
+reward's gradient through the VAE decoder and the last step (DRaFT-1, tests/test_precision.py) kept cosine 0.93 with
+float32's at 2^16, 0.9994 at 2^20, 0.9999 at 2^24: 2^24 leaves a factor 16 for rewards with smaller gradients.
+Updates skipped before the first applied one, measured on `tiny` (10 steps, 4 images per update), at 2^24 / 2^20 /
+2^16: DDPO-SF 1/0/0, DDPO-IS 2/0/0, GRPO 1/0/0, RWR 3/0/0 (jpeg_compressibility); DRaFT-1, DRaFT-LV, ReFL 10/6/2,
+AlignProp 4/0/0 (jpeg_compressibility_diff, a reward of about 10³); on tiny-shapes with shapes_alignment at 2^24 /
+2^20: DRaFT-1 6/2, DRaFT-LV 5/2, ReFL 8/4, AlignProp 2/1. The tiny models' gradients per element are far larger
+than SD1.4's at the published sizes (32² pixels, not 512²; DDPO's n·T = 40, not 3200), so SD1.4 should skip fewer."""
+
+
 class UpdateGuard:
     """Skip updates whose loss, gradients or rewards are not finite, stop after `max_bad_steps` bad steps in a row,
-    and, with fp16 base weights, scale the loss so that its gradient survives half precision:
+    and, with fp16 base weights, scale the loss with `torch.amp.GradScaler` so that its gradient survives half
+    precision:
 
         guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
-        guard.backward(loss)                                    # (loss × scale).backward()
-        grad_norm = guard.clip_grad_norm_(params, max_norm)     # unscale, then clip
-        if guard.ok(step, loss=loss, grad_norm=grad_norm):
+        guard.backward(loss)                                     # scaler.scale(loss).backward()
+        grad_norm = guard.clip_grad_norm_(optimizer, max_norm)   # scaler.unscale_(optimizer), then clip
+        if guard.ok(step, loss=loss, grad_norm=grad_norm):       # scaler.update(), and the finite check
             optimizer.step()
 
-    Why loss scaling (Micikevicius et al., "Mixed Precision Training", 2018; torch.amp.GradScaler does the same):
-    the backward pass through fp16 base weights carries every activation gradient in fp16, whose smallest
-    subnormal is 6e-8. DDPO's loss is divided by n·T and averaged over 16,384 latent elements on SD1.4, so the
-    gradient reaching the UNet output is about 4e-8 per element: unscaled, fp16 trains on zeros and rounding noise
-    while clipping and Adam still take full-size steps. The loss is multiplied by S; the LoRA gradients, float32, are
-    divided by S before clipping. S starts at 2^24, not GradScaler's 2^16: a reward's gradient averaged over 512²
-    pixels and backpropagated through the VAE decoder and the last step (DRaFT-1) kept cosine 0.93 with float32's
-    at 2^16, 0.9994 at 2^20 and 0.9999 at 2^24 (tests/test_precision.py); a reward with larger gradients overflows
-    at first and S halves until it fits. A non-finite gradient with a finite loss is an fp16
-    overflow: the update is skipped and S halved; after `growth_interval` good updates S doubles. bf16 has
-    float32's exponent range and needs no scaling. Overflow skips count toward `max_bad_steps` only once S < 1.
+    The loss scaling is GradScaler's, unchanged: the loss × S before backward, the float32 LoRA gradients ÷ S before
+    clipping, an update with a non-finite gradient skipped and S halved, S doubled after `growth_interval` clean
+    updates. What it lacks is added here: the finite check of the loss and rewards (`ok(step, reward=...)` before
+    a batch is used), the count of skipped updates, the stop after `max_bad_steps`, and the verdict agreed by all
+    ranks under torchrun (the gradients are averaged over ranks before `clip_grad_norm_`, so every rank's
+    GradScaler sees the same overflow and keeps the same S). bf16 has float32's exponent range and needs none.
+    Overflow skips count toward `max_bad_steps` once S has fallen below 1.
 
-    Under torchrun the verdict (and so S) is agreed by all ranks. `skipped` counts skipped checks (logged per
-    step). `state_dict()` goes into checkpoints, so a resumed run continues with the same scale."""
+    Why loss scaling (Micikevicius et al., "Mixed Precision Training", 2018): the backward pass through fp16 base
+    weights carries every activation gradient in fp16, whose smallest subnormal is 6e-8. DDPO's loss is divided by
+    n·T and averaged over 16,384 latent elements on SD1.4, so the gradient reaching the UNet output is about 4e-8
+    per element: unscaled, fp16 trains on zeros and rounding noise while clipping and Adam still take full-size
+    steps. S starts at INIT_SCALE (see there for the choice), not GradScaler's 2^16.
 
-    def __init__(self, max_bad_steps: int, loss_scaling: bool = False, init_scale: float = 2.0**24,
+    `skipped` counts skipped checks (logged per step). `state_dict()` (GradScaler's with the count) goes into
+    checkpoints, so a resumed run continues with the same scale."""
+
+    def __init__(self, max_bad_steps: int, loss_scaling: bool = False, init_scale: float = INIT_SCALE,
                  growth_interval: int = 2000):
         self.max_bad_steps = max_bad_steps
         self.loss_scaling = loss_scaling
-        self.scale = init_scale if loss_scaling else 1.0
-        self.growth_interval = growth_interval
-        self.good_updates = 0  # since the last change of scale
+        # GradScaler's device only decides whether it disables itself without CUDA; its scale lives on the loss's.
+        self.scaler = torch.amp.GradScaler("cuda" if torch.cuda.is_available() else "cpu", init_scale=init_scale,
+                                           growth_interval=growth_interval, enabled=loss_scaling)
+        self.unscaled = False  # clip_grad_norm_ recorded this update's overflow check; ok() hands it to update()
         self.skipped = 0
         self.consecutive = 0
         self.last_bad_step = -1
         self.defer_stop = False  # set by StopSignal(guard): stop through it instead of raising SystemExit here
         self.stop_reason = ""
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """`loss.backward()`, with the loss multiplied by the current scale (1 without loss scaling)."""
-        (loss * self.scale if self.loss_scaling else loss).backward()
+    @property
+    def scale(self) -> float:
+        """The current loss scale S (1 without loss scaling)."""
+        return self.scaler.get_scale()
 
-    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
-        """Divide the gradients by the loss scale, then clip their norm to `max_norm` (0: no clipping); returns the
-        norm before clipping, as `torch.nn.utils.clip_grad_norm_` does."""
-        if self.loss_scaling:
-            for p in params:
-                if p.grad is not None:
-                    p.grad.div_(self.scale)
+    def backward(self, loss: torch.Tensor) -> None:
+        """`loss.backward()`, with the loss multiplied by the current scale (without loss scaling: unchanged)."""
+        self.scaler.scale(loss).backward()
+
+    def clip_grad_norm_(self, optimizer: torch.optim.Optimizer, max_norm: float) -> torch.Tensor:
+        """Divide the optimizer's gradients by the loss scale (`GradScaler.unscale_`, which also notes an overflow),
+        then clip their norm to `max_norm` (0: no clipping); returns the norm before clipping, as
+        `torch.nn.utils.clip_grad_norm_` does."""
+        self.scaler.unscale_(optimizer)
+        self.unscaled = self.loss_scaling
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         return torch.nn.utils.clip_grad_norm_(params, max_norm or float("inf"))
 
     def ok(self, step: int, **values) -> bool:
         bad = [name for name, v in values.items() if not torch.isfinite(torch.as_tensor(v, dtype=torch.float64)).all()]
         device = next((v.device for v in values.values() if isinstance(v, torch.Tensor)), None)
+        if self.unscaled:  # an update's check: GradScaler halves S after an overflow, or grows it
+            self.scaler.update()
+            self.unscaled = False
         if not distributed.any_rank(bool(bad), device):
-            if self.loss_scaling:
-                self.good_updates += 1
-                if self.good_updates >= self.growth_interval:
-                    self.scale, self.good_updates = self.scale * 2, 0
             return True
         self.skipped += 1
-        if self.loss_scaling and bad == ["grad_norm"] and self.scale >= 1:  # an fp16 overflow: lower the scale
-            self.scale, self.good_updates = self.scale / 2, 0
+        if self.loss_scaling and bad == ["grad_norm"] and self.scale >= 1:  # an fp16 overflow: update() lowered S
             print(f"step {step}: fp16 gradient overflow; update skipped, loss scale lowered to {self.scale:g}",
                   file=sys.stderr)
             return False
@@ -505,9 +525,9 @@ class UpdateGuard:
         return dict(skipped_updates=self.skipped) | (dict(loss_scale=self.scale) if self.loss_scaling else {})
 
     def state_dict(self) -> dict:
-        return dict(scale=self.scale, good_updates=self.good_updates, skipped=self.skipped)
+        return dict(skipped=self.skipped, scaler=self.scaler.state_dict())
 
     def load_state_dict(self, state: dict) -> None:
-        self.scale = state.get("scale", self.scale)
-        self.good_updates = state.get("good_updates", 0)
         self.skipped = state.get("skipped", 0)
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])

@@ -13,6 +13,9 @@ from .diffusion import check_scheduler
 from .errors import UserError
 
 SD14 = "CompVis/stable-diffusion-v1-4"
+# `--model tiny-shapes` is this diffusers folder: the CPU testbed's model (written by `python -m shapes.pretrain`).
+# A path, not an import, so common/ needs nothing from shapes/; absent where only common/ and rewards/ were copied.
+TINY_SHAPES = Path(__file__).resolve().parents[1] / "shapes" / "tiny-shapes"
 
 # LoRA targets (ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
 # feed-forward layers (the DRaFT paper found FF + cross-attention slightly better than attention alone).
@@ -34,23 +37,30 @@ SD14_SCHEDULER = dict(
 )
 
 
-@functools.lru_cache(maxsize=1)
-def clip_tokenizer():
-    """The real CLIP BPE tokenizer (as SD1.4's `tokenizer/`), rebuilt offline from open_clip's vocabulary file.
+def clip_bpe() -> tuple[list[str], list[str]]:
+    """The real CLIP BPE vocabulary and merges (as SD1.4's `tokenizer/`), rebuilt offline from open_clip's file.
 
     open_clip ships `bpe_simple_vocab_16e6.txt.gz`, the merges list OpenAI's CLIP was trained with. The
     vocabulary is derived from it exactly as CLIP does: 256 byte symbols, the same with the end-of-word
-    marker, one token per merge, then the two special tokens (ids 49406, 49407).
+    marker, one token per merge, then the two special tokens (ids 49406, 49407). Returns (tokens in id order,
+    merges as "a b" lines).
     """
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
-    from transformers import CLIPTokenizer
 
     bpe_file = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe_file).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return vocab + ["<|startoftext|>", "<|endoftext|>"], merges
+
+
+@functools.lru_cache(maxsize=1)
+def clip_tokenizer():
+    """The real CLIP BPE tokenizer (`clip_bpe`), as SD1.4's `tokenizer/` loads it."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_bpe()
     tok = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=[tuple(m.split()) for m in merges])
     tok.model_max_length = 77
     return tok
@@ -196,7 +206,7 @@ def _from_pretrained(model: str, dtype: torch.dtype):
     local = os.path.isdir(model)
     try:
         return StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            model, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     except (OSError, ValueError, EnvironmentError) as e:
         where = (
@@ -249,10 +259,10 @@ def load_pipeline(
     """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
 
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
-    random weights) or "tiny-shapes" (pretrained on the
-    shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU
-    too, slowly, for tests); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
-    text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
+    random weights) or "tiny-shapes" (the folder TINY_SHAPES, pretrained on the shapes testbed). `dtype` is the
+    frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU too, slowly, for tests); LoRA weights are
+    always float32. Only LoRA parameters require grad; the VAE and text encoder are frozen. The scheduler is DDIM
+    with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -260,21 +270,14 @@ def load_pipeline(
 
     device = torch.device(device)
     check_model_name(model)
+    if model == "tiny-shapes":
+        if not TINY_SHAPES.is_dir():
+            raise UserError(f"--model tiny-shapes is the testbed's folder {TINY_SHAPES}, which is not here (a script "
+                            "copied with common/ and rewards/ only?); pass --model with the path of a copy of it")
+        model = str(TINY_SHAPES)
     if model == "tiny":
         pipe = StableDiffusionPipeline(
             **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    elif model == "tiny-shapes":
-        # `tiny`'s layout pretrained on the shapes testbed (shapes/model.py); weights committed in shapes/weights/.
-        # Imported here so that common/ works without shapes/ (a script copied with common/ and rewards/).
-        try:
-            from shapes.model import components
-        except ImportError as e:
-            raise UserError(f"--model tiny-shapes needs the testbed's shapes/ folder, which is not importable "
-                            f"here ({e})") from e
-
-        pipe = StableDiffusionPipeline(
-            **components(dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
     elif model == "sd14-random":
         # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download

@@ -41,19 +41,22 @@ spec options (`aesthetic[clip=DIR;head=FILE]`), or, for the options marked as pa
 arguments of `load` and environment variables named `{reward}_{key}` (`load(..., aesthetic_head=FILE)`,
 `REWARDS_AESTHETIC_HEAD=FILE`). Precedence: spec option > `load` keyword > environment variable > hub.
 
-Only torch is imported here; transformers, open_clip, kornia and the HTTP client are imported by the loaders.
+Only torch is imported here. A reward's module is imported when that reward is loaded (`_REGISTRY` names it as
+"module:callable"), so a script pulls in only the rewards it uses; transformers, open_clip, kornia and the HTTP client
+are imported by the loaders.
 """
 
 import contextlib
+import importlib
 import math
 import os
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable, NamedTuple
 
 import torch
 
-from . import aesthetic, bertscore, hps, imagereward, jpeg, llava, owlvit, pickscore, remote, resnet, shapes
 from ._base import Reward, RewardError, RewardSpecError, clip_preprocess
 from ._hub import InvalidWeights, WeightsNotFound
 
@@ -63,119 +66,122 @@ __all__ = [
 ]
 
 
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")
+
+
 @dataclass(frozen=True)
 class _Entry:
+    """One reward of the registry. Its module (`rewards/<module>.py`) is imported when the reward is built or its
+    help is asked for, never by `import rewards`: a script pulls in only the rewards it loads."""
+
+    target: str  # "module:callable" in rewards/: build(**fixed, device=..., dtype=..., **{keyword: option text})
     differentiable: bool
-    build: Callable[..., Reward]  # build(device=..., dtype=..., **{keyword: option value, as text})
+    fixed: dict = field(default_factory=dict)  # keyword arguments of this entry (e.g. the sign of a JPEG reward)
     options: dict[str, str] = field(default_factory=dict)  # spec option key -> build keyword
-    help: dict[str, str] = field(default_factory=dict)  # spec option key -> one-line description
     paths: tuple[str, ...] = ()  # keys that are local copies: also load(..., {name}_{key}=) and REWARDS_{NAME}_{KEY}
-    downloads: tuple[tuple[str, list[str]], ...] = ()  # (hub repo, `hf download` arguments) it fetches
+    # Read from the module's constants (the hub ids live there), so only when they are needed:
+    describe: Callable[[ModuleType], dict[str, str]] = lambda m: {}  # spec option key -> one-line description
+    fetches: Callable[[ModuleType], tuple] = lambda m: ()  # ((hub repo, `hf download` arguments), ...)
 
+    @property
+    def module(self) -> ModuleType:
+        return _module(self.target.partition(":")[0])
 
-def _jpeg(cls, sign: float) -> Callable[..., Reward]:
-    return lambda device, dtype: cls(sign).to(device)
+    @property
+    def help(self) -> dict[str, str]:
+        return self.describe(self.module)
 
+    @property
+    def downloads(self) -> tuple[tuple[str, list[str]], ...]:
+        return self.fetches(self.module)
 
-def _hps(version: str) -> Callable[..., Reward]:
-    return lambda **kw: hps.HPSReward.from_pretrained(version, **kw)
+    def build(self, **kwargs) -> Reward:
+        factory = self.module
+        for name in self.target.partition(":")[2].split("."):
+            factory = getattr(factory, name)
+        if isinstance(factory, type):  # a reward without weights (JPEG): its class, moved to the device
+            return factory(**self.fixed).to(kwargs["device"])
+        return factory(**self.fixed, **kwargs)
 
 
 def _hps_entry(version: str) -> _Entry:
     return _Entry(
-        True, _hps(version), {"checkpoint": "checkpoint"}, {"checkpoint": f"file {hps.FILES[version]}"},
-        paths=("checkpoint",), downloads=((hps.REPO, [hps.FILES[version]]),),
+        "hps:HPSReward.from_pretrained", True, dict(version=version), {"checkpoint": "checkpoint"}, ("checkpoint",),
+        lambda m: {"checkpoint": f"file {m.FILES[version]}"}, lambda m: ((m.REPO, [m.FILES[version]]),),
     )
 
 
-_OWLVIT_HELP = {
-    "model": f"hub id or directory of {owlvit.MODEL_REPO} (transformers, with its tokenizer)",
-    "queries": "text queries separated by '|' (default: detect the prompt itself; remove 'a photo of a person')",
-    "threshold": f"score above which a box is a detection (default {owlvit.THRESHOLD:g})",
-}
+def _owlvit_entry(cls: str, differentiable: bool, keys: tuple[str, ...], **fixed) -> _Entry:
+    def describe(m):
+        return {key: text for key, text in {
+            "model": f"hub id or directory of {m.MODEL_REPO} (transformers, with its tokenizer)",
+            "queries": "text queries separated by '|' (default: detect the prompt itself; remove 'a photo of a "
+                       "person')",
+            "threshold": f"score above which a box is a detection (default {m.THRESHOLD:g})",
+        }.items() if key in keys}
 
-
-def _owlvit_entry(cls, keys: tuple[str, ...], **fixed) -> _Entry:
-    return _Entry(
-        cls.differentiable, lambda **kw: cls.from_pretrained(**fixed, **kw), {key: key for key in keys},
-        {key: _OWLVIT_HELP[key] for key in keys}, paths=("model",),
-        downloads=((owlvit.MODEL_REPO, owlvit.MODEL_FILES),),
-    )
+    return _Entry(f"owlvit:{cls}.from_pretrained", differentiable, fixed, {key: key for key in keys},
+                  ("model",), describe, lambda m: ((m.MODEL_REPO, m.MODEL_FILES),))
 
 
 _REGISTRY: dict[str, _Entry] = {
     "aesthetic": _Entry(
-        True,
-        aesthetic.AestheticReward.from_pretrained,
-        {"clip": "clip", "head": "head"},
-        {"clip": f"hub id or directory of {aesthetic.CLIP_REPO} (transformers)", "head": f"file {aesthetic.HEAD_FILE}"},
-        paths=("clip", "head"),
-        downloads=((aesthetic.CLIP_REPO, aesthetic.CLIP_FILES), (aesthetic.HEAD_REPO, [aesthetic.HEAD_FILE])),
+        "aesthetic:AestheticReward.from_pretrained", True, {}, {"clip": "clip", "head": "head"}, ("clip", "head"),
+        lambda m: {"clip": f"hub id or directory of {m.CLIP_REPO} (transformers)", "head": f"file {m.HEAD_FILE}"},
+        lambda m: ((m.CLIP_REPO, m.CLIP_FILES), (m.HEAD_REPO, [m.HEAD_FILE])),
     ),
     "hpsv2": _hps_entry("v2"),
     "hpsv21": _hps_entry("v2.1"),
     "pickscore": _Entry(
-        True,
-        pickscore.PickScoreReward.from_pretrained,
-        {"model": "model", "processor": "processor"},
-        {"model": f"hub id or directory of {pickscore.MODEL_REPO}",
-         "processor": f"hub id or directory of {pickscore.PROCESSOR_REPO} (tokenizer)"},
-        paths=("model", "processor"),
-        downloads=(
-            (pickscore.MODEL_REPO, pickscore.MODEL_FILES), (pickscore.PROCESSOR_REPO, pickscore.PROCESSOR_FILES)
-        ),
+        "pickscore:PickScoreReward.from_pretrained", True, {}, {"model": "model", "processor": "processor"},
+        ("model", "processor"),
+        lambda m: {"model": f"hub id or directory of {m.MODEL_REPO}",
+                   "processor": f"hub id or directory of {m.PROCESSOR_REPO} (tokenizer)"},
+        lambda m: ((m.MODEL_REPO, m.MODEL_FILES), (m.PROCESSOR_REPO, m.PROCESSOR_FILES)),
     ),
-    "jpeg_compressibility": _Entry(False, _jpeg(jpeg.JpegSize, -1.0)),
-    "jpeg_incompressibility": _Entry(False, _jpeg(jpeg.JpegSize, +1.0)),
-    "jpeg_compressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, -1.0)),
-    "jpeg_incompressibility_diff": _Entry(True, _jpeg(jpeg.JpegDistortion, +1.0)),
-    "shapes_alignment": _Entry(True, shapes.ShapesAlignment.from_pretrained),
-    "shapes_exact_match": _Entry(False, shapes.ShapesExactMatch.from_pretrained),
-    "owlvit_detect": _owlvit_entry(owlvit.OwlViTDetection, ("model", "queries", "threshold"), sign=1.0),
-    "owlvit_remove": _owlvit_entry(owlvit.OwlViTDetection, ("model", "queries", "threshold"), sign=-1.0),
-    "owlvit_count": _owlvit_entry(owlvit.OwlViTCount, ("model", "threshold")),
-    "owlvit_count_exact": _owlvit_entry(owlvit.OwlViTCountExact, ("model", "threshold")),
+    "jpeg_compressibility": _Entry("jpeg:JpegSize", False, dict(sign=-1.0)),
+    "jpeg_incompressibility": _Entry("jpeg:JpegSize", False, dict(sign=+1.0)),
+    "jpeg_compressibility_diff": _Entry("jpeg:JpegDistortion", True, dict(sign=-1.0)),
+    "jpeg_incompressibility_diff": _Entry("jpeg:JpegDistortion", True, dict(sign=+1.0)),
+    "shapes_alignment": _Entry("shapes:ShapesAlignment.from_pretrained", True),
+    "shapes_exact_match": _Entry("shapes:ShapesExactMatch.from_pretrained", False),
+    "owlvit_detect": _owlvit_entry("OwlViTDetection", True, ("model", "queries", "threshold"), sign=1.0),
+    "owlvit_remove": _owlvit_entry("OwlViTDetection", True, ("model", "queries", "threshold"), sign=-1.0),
+    "owlvit_count": _owlvit_entry("OwlViTCount", True, ("model", "threshold")),
+    "owlvit_count_exact": _owlvit_entry("OwlViTCountExact", False, ("model", "threshold")),
     "resnet50_target": _Entry(
-        True,
-        resnet.ResNetTarget.from_pretrained,
-        {"model": "model", "target": "target"},
-        {"model": f"hub id or directory of {resnet.MODEL_REPO} (transformers)",
-         "target": f"ImageNet class name or index 0-999 (default {resnet.TARGET!r})"},
-        paths=("model",),
-        downloads=((resnet.MODEL_REPO, resnet.MODEL_FILES),),
+        "resnet:ResNetTarget.from_pretrained", True, {}, {"model": "model", "target": "target"}, ("model",),
+        lambda m: {"model": f"hub id or directory of {m.MODEL_REPO} (transformers)",
+                   "target": f"ImageNet class name or index 0-999 (default {m.TARGET!r})"},
+        lambda m: ((m.MODEL_REPO, m.MODEL_FILES),),
     ),
     "imagereward": _Entry(
-        True,
-        imagereward.ImageRewardModel.from_pretrained,
+        "imagereward:ImageRewardModel.from_pretrained", True, {},
         {"checkpoint": "checkpoint", "med_config": "med_config", "tokenizer": "tokenizer"},
-        {"checkpoint": f"file {imagereward.CHECKPOINT}", "med_config": f"file {imagereward.MED_CONFIG}",
-         "tokenizer": f"hub id or directory of {imagereward.TOKENIZER_REPO} (tokenizer)"},
-        paths=("checkpoint", "med_config", "tokenizer"),
-        downloads=(
-            (imagereward.REPO, [imagereward.CHECKPOINT, imagereward.MED_CONFIG]),
-            (imagereward.TOKENIZER_REPO, imagereward.TOKENIZER_FILES),
-        ),
+        ("checkpoint", "med_config", "tokenizer"),
+        lambda m: {"checkpoint": f"file {m.CHECKPOINT}", "med_config": f"file {m.MED_CONFIG}",
+                   "tokenizer": f"hub id or directory of {m.TOKENIZER_REPO} (tokenizer)"},
+        lambda m: ((m.REPO, [m.CHECKPOINT, m.MED_CONFIG]), (m.TOKENIZER_REPO, m.TOKENIZER_FILES)),
     ),
     "llava_bertscore": _Entry(
-        False,
-        llava.LlavaBertScore.from_pretrained,
+        "llava:LlavaBertScore.from_pretrained", False, {},
         {key: key for key in ("model", "question", "max_new_tokens", "bertscore_model", "bertscore_layer")},
-        {"model": f"hub id or directory of a LLaVA checkpoint in transformers' format (default {llava.LLAVA_REPO})",
-         "question": f"what LLaVA is asked (default DDPO's {llava.QUESTION!r})",
-         "max_new_tokens": f"longest answer in tokens (default {llava.MAX_NEW_TOKENS}, DDPO's)",
-         "bertscore_model": f"hub id or directory of BERTScore's encoder (default {bertscore.DEFAULT_MODEL}, DDPO's)",
-         "bertscore_layer": "the encoder layer whose embeddings are matched (default: bert_score's for the model)"},
-        paths=("model", "bertscore_model"),
-        downloads=((llava.LLAVA_REPO, llava.LLAVA_FILES), (bertscore.DEFAULT_MODEL, bertscore.MODEL_FILES)),
+        ("model", "bertscore_model"),
+        lambda m: {
+            "model": f"hub id or directory of a LLaVA checkpoint in transformers' format (default {m.LLAVA_REPO})",
+            "question": f"what LLaVA is asked (default DDPO's {m.QUESTION!r})",
+            "max_new_tokens": f"longest answer in tokens (default {m.MAX_NEW_TOKENS}, DDPO's)",
+            "bertscore_model": f"hub id or directory of BERTScore's encoder (default {m.BERTSCORE_MODEL}, DDPO's)",
+            "bertscore_layer": "the encoder layer whose embeddings are matched (default: bert_score's for the model)"},
+        lambda m: ((m.LLAVA_REPO, m.LLAVA_FILES), (m.BERTSCORE_MODEL, _module("bertscore").MODEL_FILES)),
     ),
     "remote": _Entry(
-        False,
-        remote.RemoteReward.build,
-        {"url": "url", "timeout": "timeout", "retries": "retries"},
-        {"url": "the server's URL, http://host:port (python -m rewards.serve)",
-         "timeout": f"seconds to wait for one answer (default {remote.TIMEOUT:g}, at most {remote.MAX_TIMEOUT:g})",
-         "retries": f"attempts after a failed one, with backoff (each wait at most {remote.MAX_BACKOFF:g} s), before "
-                    f"the run stops (default {remote.RETRIES}, at most {remote.MAX_RETRIES})"},
+        "remote:RemoteReward.build", False, {}, {"url": "url", "timeout": "timeout", "retries": "retries"}, (),
+        lambda m: {"url": "the server's URL, http://host:port (python -m rewards.serve)",
+                   "timeout": f"seconds to wait for one answer (default {m.TIMEOUT:g}, at most {m.MAX_TIMEOUT:g})",
+                   "retries": f"attempts after a failed one, with backoff (each wait at most {m.MAX_BACKOFF:g} s), "
+                              f"before the run stops (default {m.RETRIES}, at most {m.MAX_RETRIES})"},
     ),
 }
 REWARDS: tuple[str, ...] = tuple(_REGISTRY)
@@ -236,12 +242,12 @@ def _parse_options(name: str, text: str, term: str) -> dict[str, str]:
     entry, options = _REGISTRY[name], {}
     if not entry.options:
         raise RewardSpecError(f"reward {name!r} takes no options, got {term!r}; {_GRAMMAR}")
-    known = "; ".join(f"{key}: {entry.help.get(key, '')}" for key in entry.options)
     for item in text.split(";"):
         key, equals, value = (part.strip() for part in item.partition("="))
         if not equals or not key or not value:
             raise RewardSpecError(f"malformed option {item.strip()!r} in {term!r}, expected key=value; {_GRAMMAR}")
         if key not in entry.options:
+            known = "; ".join(f"{key}: {entry.help.get(key, '')}" for key in entry.options)
             raise RewardSpecError(f"unknown option {key!r} of reward {name!r} in {term!r}; its options are {known}")
         if key in options:
             raise RewardSpecError(f"option {key!r} given twice in {term!r}")
@@ -251,7 +257,7 @@ def _parse_options(name: str, text: str, term: str) -> dict[str, str]:
 
 def _parse_term(text: str, spec: str) -> Term:
     if _URL.match(text):
-        return Term("remote", 1.0, {"url": remote.check_url(text.strip())})
+        return Term("remote", 1.0, {"url": _module("remote").check_url(text.strip())})
     match = _TERM.fullmatch(text.strip())
     if not match:
         raise RewardSpecError(f"malformed term {text.strip()!r} in reward spec {spec!r}; {_GRAMMAR}")

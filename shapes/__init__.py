@@ -1,6 +1,6 @@
 """The tiny-shapes testbed: a procedural captioned data set (`shapes.data`), a Stable-Diffusion-architecture
-model pretrained on it (`shapes.model`, `--model tiny-shapes`) and the classifier that judges prompt alignment
-(`shapes.classifier`, rewards `shapes_alignment` / `shapes_exact_match`).
+model pretrained on it (`shapes.pretrain`; `--model tiny-shapes` is its diffusers folder `shapes/tiny-shapes/`) and
+the classifier that judges prompt alignment (`shapes.classifier`, rewards `shapes_alignment` / `shapes_exact_match`).
 
 `RECOMMENDED`: the sampling settings the testbed's figures use (DDIM η = 0, 20 steps, SD's w = 7.5). Measured with
 `python -m shapes.evaluate` on the committed weights (`weights/base_eval.json`, 4 seeds per prompt): exact match

@@ -32,7 +32,8 @@ class Args:
     lora_dir: Optional[str] = None
     """a run directory whose LoRA to evaluate (default: the base model)"""
     weights_dir: Optional[str] = None
-    """evaluate the weights of a `python -m shapes.pretrain --output-dir DIR` rerun instead of the committed ones"""
+    """evaluate the pipeline folder of a `python -m shapes.pretrain --output-dir DIR` rerun instead of the committed
+    one (shapes/tiny-shapes)"""
     threads: int = 1
 
 
@@ -58,15 +59,7 @@ def evaluate(pipe, prompts: list[str], samples_per_prompt: int, num_steps: int, 
 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
-    if args.weights_dir:
-        from diffusers import StableDiffusionPipeline
-
-        from shapes.model import components
-
-        pipe = StableDiffusionPipeline(**components(directory=args.weights_dir), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
-    else:
-        pipe = common.load_pipeline("tiny-shapes", lora_rank=0)
+    pipe = common.load_pipeline(args.weights_dir or "tiny-shapes", lora_rank=0)
     if args.lora_dir:
         pipe.load_lora_weights(args.lora_dir)
     result = dict(

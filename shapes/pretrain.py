@@ -1,6 +1,6 @@
 """Pretrain `tiny-shapes` on a CPU with one thread: the VAE first, then the UNet and text encoder jointly.
 
-    python -m shapes.pretrain            # about 50 minutes; writes shapes/weights/{vae,unet,text_encoder}.safetensors
+    python -m shapes.pretrain            # about 50 minutes; writes the diffusers folder shapes/tiny-shapes/
 
 Stage 1 (VAE): reconstruction MSE + a small KL term on freshly rendered images of every attribute combination
 (the autoencoder only has to know colours and edges). Its `scaling_factor` is 1 / std of the latent means on
@@ -10,6 +10,12 @@ schedule, on TRAIN_PROMPTS only (the held-out (shape, colour) pairs are never se
 replaced by "" with probability `caption_dropout` so that classifier-free guidance has an unconditional
 model. An exponential moving average of the UNet and text encoder weights is what gets saved.
 Everything is seeded and single-threaded, so a rerun gives the same weights. Figures go to `pretrain.json`.
+
+The model is written as a `StableDiffusionPipeline` folder (`save_pipeline`), so that `from_pretrained(path)` loads
+it anywhere and `--model tiny-shapes` is that path: the same classes as SD1.4 and as `common.models.tiny_components`
+(UNet2DConditionModel with `tiny`'s layout, so a sampling step costs the same; a smaller AutoencoderKL, 32×32×3
+images ↔ 16×16×4 latents; a 2-layer CLIPTextModel), the real CLIP tokenizer, DDIM with SD1.4's schedule. The
+weights are stored in float16 (they are small) under float32 configs, so they load as float32.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ import numpy as np
 import torch
 import tyro
 
-from common.models import SD14_SCHEDULER, clip_tokenizer, tiny_text_encoder, tiny_unet
-from shapes import data, model
+from common.models import SD14_SCHEDULER, TINY_SHAPES, clip_bpe, clip_tokenizer, pipeline_components, \
+    tiny_text_encoder, tiny_unet, tiny_vae
+from shapes import data
+
+REPORT = "pretrain.json"
 
 
 @dataclass
@@ -51,8 +60,34 @@ class Args:
     """probability of training on the empty prompt instead of the caption"""
     ema_decay: float = 0.995
     threads: int = 1
-    output_dir: str = str(model.WEIGHTS)
-    """where the weights and pretrain.json go (the committed ones: shapes/weights)"""
+    output_dir: str = str(TINY_SHAPES)
+    """the pipeline folder to write, with pretrain.json (the committed one: shapes/tiny-shapes)"""
+
+
+def build_vae(scaling_factor: float = 1.0):
+    """`tiny`'s VAE layout at half the channels: the shapes need less capacity."""
+    return tiny_vae(channels=(16, 32), norm_groups=8, scaling_factor=scaling_factor)
+
+
+def save_pipeline(unet, vae, text_encoder, directory: Path) -> None:
+    """Write the model as a `StableDiffusionPipeline` folder: model_index.json, unet/, vae/, text_encoder/,
+    tokenizer/, scheduler/. Configs say float32 and the weights are float16 (exact: the float32 values loaded back
+    are these float16 numbers). The tokenizer is SD1.4's format, vocab.json + merges.txt (1.5 MB; transformers'
+    own tokenizer.json would be 3.6 MB)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    directory = Path(directory)
+    pipe = StableDiffusionPipeline(**pipeline_components(unet, vae, text_encoder), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(directory)
+    for path in directory.glob("*/*.safetensors"):
+        save_file({k: v.to(torch.float16) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    tokenizer = directory / "tokenizer"
+    (tokenizer / "tokenizer.json").unlink()
+    vocab, merges = clip_bpe()
+    (tokenizer / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def lr_at(step: int, args: Args) -> float:
@@ -63,7 +98,7 @@ def lr_at(step: int, args: Args) -> float:
 
 def train_vae(args: Args, rng: np.random.Generator, log: dict):
     torch.manual_seed(args.seed)
-    vae = model.build_vae()
+    vae = build_vae()
     optimizer = torch.optim.Adam(vae.parameters(), lr=args.vae_lr)
     t0 = time.time()
     for step in range(args.vae_steps):
@@ -157,11 +192,11 @@ def main(args: Args) -> None:
     unet, text_encoder = train_unet(args, vae, rng, log)
     log["total_seconds"] = round(time.time() - t0, 1)
     out = Path(args.output_dir)
-    for module, name in ((vae, "vae"), (unet, "unet"), (text_encoder, "text_encoder")):
-        path = model.save(module, name, out)
-        log.setdefault("file_bytes", {})[name] = path.stat().st_size
-    (out / model.REPORT.name).write_text(json.dumps(log, indent=1) + "\n")
-    print(f"weights and {model.REPORT.name} in {out} ({log['total_seconds']:.0f}s)")
+    save_pipeline(unet, vae, text_encoder, out)
+    log["file_bytes"] = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*"))
+                         if p.is_file() and p.name != REPORT}
+    (out / REPORT).write_text(json.dumps(log, indent=1) + "\n")
+    print(f"the pipeline folder and {REPORT} in {out} ({log['total_seconds']:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -163,11 +163,13 @@ def test_micro_batches_and_vae_checkpointing_give_the_whole_batch_gradient(name,
 
 def test_overflow_skips_the_update_and_lowers_the_scale():
     p = torch.nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([p])
     guard = common.UpdateGuard(max_bad_steps=2, loss_scaling=True, init_scale=2.0**16, growth_interval=2)
     assert common.UpdateGuard(1, loss_scaling=True).scale == 2.0**24 and common.UpdateGuard(1).scale == 1.0
     for step, grad in enumerate([torch.tensor([1.0, float("inf"), 0.0])] * 3 + [torch.ones(3)] * 2, start=1):
-        p.grad = grad * guard.scale  # what backward through the scaled loss leaves
-        norm = guard.clip_grad_norm_([p], 0.0)
+        p.grad = None
+        guard.backward((p * grad).sum())  # leaves grad × the scale in p.grad
+        norm = guard.clip_grad_norm_(optimizer, 0.0)
         ok = guard.ok(step, loss=torch.tensor(1.0), grad_norm=norm)
         if step <= 3:  # overflows: skipped, the scale halves, and they do not stop the run (max_bad_steps 2)
             assert not ok and guard.scale == 2.0 ** (16 - step)

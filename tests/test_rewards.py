@@ -297,6 +297,38 @@ def test_spec_options_reach_the_builder_with_precedence(monkeypatch, tmp_path):
         rewards.load("remote")
 
 
+NEURAL = ("transformers", "open_clip", "kornia")  # what the neural and differentiable-JPEG rewards import
+
+
+def test_loading_a_reward_imports_its_module_only():
+    """`import rewards` and loading the PIL JPEG reward import no other reward's module and none of the libraries
+    the neural rewards need (a script's --help and a copied script pull in only what they use); the registry still
+    lists every reward."""
+    code = ("import sys, rewards; rewards.load('jpeg_compressibility'); print(rewards.REWARDS); "
+            "print(sorted(m for m in sys.modules if m.startswith('rewards.') or m.split('.')[0] in "
+            f"{NEURAL!r}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    listed, loaded = map(eval, proc.stdout.splitlines())
+    assert listed == (
+        "aesthetic", "hpsv2", "hpsv21", "pickscore", "jpeg_compressibility", "jpeg_incompressibility",
+        "jpeg_compressibility_diff", "jpeg_incompressibility_diff", "shapes_alignment", "shapes_exact_match",
+        "owlvit_detect", "owlvit_remove", "owlvit_count", "owlvit_count_exact", "resnet50_target", "imagereward",
+        "llava_bertscore", "remote")
+    reward_modules = {m for m in loaded if m.startswith("rewards.") and not m.startswith("rewards._")}
+    assert reward_modules == {"rewards.jpeg"}, loaded
+    assert not [m for m in loaded if m.split(".")[0] in NEURAL], loaded
+
+
+def test_every_registry_entry_names_its_builder():
+    """Each "module:callable" of the registry resolves, and its class says what the registry says about gradients."""
+    for name, entry in rewards._REGISTRY.items():
+        module, _, path = entry.target.partition(":")
+        owner = getattr(entry.module, path.split(".")[0])
+        assert entry.module.__name__ == f"rewards.{module}" and callable(owner), name
+        assert owner.differentiable == entry.differentiable, name
+
+
 def test_every_option_is_described():
     for name, entry in rewards._REGISTRY.items():
         assert set(entry.help) == set(entry.options), name

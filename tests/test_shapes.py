@@ -1,4 +1,7 @@
-"""The tiny-shapes testbed: data generator, committed weights, the shapes rewards, and a short DRaFT run."""
+"""The tiny-shapes testbed: data generator, the committed model folder, the shapes rewards, and a short DRaFT run."""
+
+import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -82,18 +85,9 @@ def shapes_pipe():
 
 
 def test_tiny_shapes_loads_committed_weights_offline(shapes_pipe):
-    from safetensors.torch import load_file
-
-    from shapes.model import WEIGHTS, FILES
-
     pipe = shapes_pipe
     assert type(pipe.unet).__name__ == "UNet2DConditionModel" and pipe.unet.config.sample_size == 16
     assert common.lora_parameters(pipe) and not any(p.requires_grad for p in pipe.vae.parameters())
-    for name, module in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
-        stored = load_file(WEIGHTS / FILES[name])
-        own = {k.replace(".base_layer", ""): v for k, v in module.state_dict().items() if "lora_" not in k}
-        assert set(stored) == set(own)
-        assert all(torch.equal(stored[k].float(), own[k]) for k in stored), name
     # the VAE's scaling factor gives latents of about unit std on the data
     x, _ = data.sample_batch(64, np.random.default_rng(0))
     with torch.no_grad():
@@ -101,6 +95,88 @@ def test_tiny_shapes_loads_committed_weights_offline(shapes_pipe):
     assert 0.8 < latents.std().item() < 1.25
     images = common.sample_images(pipe, data.TRAIN_PROMPTS[:2], 0, 4, shapes.RECOMMENDED["guidance_scale"])
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+# SHA-256 of the float16 tensors (name, dtype, shape, bytes; sorted by name) of the files tiny-shapes was committed as
+# before it became a pipeline folder: shapes/weights/{unet,vae,text_encoder}.safetensors of commit 5fd0f6a.
+PRETRAINED_DIGESTS = {
+    "unet/diffusion_pytorch_model.safetensors": "e4315a5c97f50eef6c473a60d820c2de7adbd40c2d6c60b9b140a20628d65d36",
+    "vae/diffusion_pytorch_model.safetensors": "d26b7d29ba839ac3d428a720afa4a47b015ff80b5471643c30474cf0a4b7fdca",
+    "text_encoder/model.safetensors": "a200f1ee02df96f7d24a3c193d2ea718bccafdfaa21433bf6e13464ecc8deb11",
+}
+
+
+def _digest(tensors: dict) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_tiny_shapes_folder_holds_the_pretrained_weights_bit_for_bit():
+    from safetensors.torch import load_file
+
+    for name, digest in PRETRAINED_DIGESTS.items():
+        assert _digest(load_file(common.models.TINY_SHAPES / name)) == digest, name
+
+
+def _built_in_code() -> dict:
+    """tiny-shapes as it was built before it became a folder: the configs in code (`tiny`'s UNet and text encoder, the
+    VAE at half the channels with the scaling factor `shapes.pretrain` measured) and the folder's weights."""
+    from safetensors.torch import load_file
+
+    from common.models import TINY_SHAPES, tiny_text_encoder, tiny_unet, tiny_vae
+
+    report = json.loads((TINY_SHAPES / "pretrain.json").read_text())
+    built = dict(unet=tiny_unet(), text_encoder=tiny_text_encoder(),
+                 vae=tiny_vae(channels=(16, 32), norm_groups=8, scaling_factor=report["vae"]["scaling_factor"]))
+    for name, module in built.items():
+        file = next(f for f in PRETRAINED_DIGESTS if f.startswith(name + "/"))
+        module.load_state_dict({k: v.float() for k, v in load_file(TINY_SHAPES / file).items()})
+        module.eval()
+    return built
+
+
+def test_tiny_shapes_folder_is_the_model_built_in_code():
+    """`StableDiffusionPipeline.from_pretrained(folder)`, with no other argument, is float32 and samples exactly the
+    images of the model built in code (with the CLIP tokenizer and DDIM on SD1.4's schedule); so does
+    `--model tiny-shapes` through `common.load_pipeline`."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from common.models import SD14_SCHEDULER, TINY_SHAPES, clip_tokenizer
+
+    built = _built_in_code()
+    reference = StableDiffusionPipeline(**built, tokenizer=clip_tokenizer(), scheduler=DDIMScheduler(**SD14_SCHEDULER),
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    folder = StableDiffusionPipeline.from_pretrained(TINY_SHAPES)
+    assert folder.safety_checker is None and type(folder.scheduler) is DDIMScheduler
+    for name, module in built.items():
+        own = getattr(folder, name).state_dict()
+        assert set(own) == set(module.state_dict()), name
+        assert all(v.dtype == torch.float32 and torch.equal(v, module.state_dict()[k]) for k, v in own.items()), name
+    prompts = [*data.TRAIN_PROMPTS[:3], data.HELDOUT_PROMPTS[0], "Two RED squares, héllo wörld!", ""]
+    assert folder.tokenizer(prompts, padding="max_length").input_ids == \
+        reference.tokenizer(prompts, padding="max_length").input_ids
+    assert folder.tokenizer.model_max_length == 77
+    expected = common.sample_images(reference, prompts[:4], 0, 4, shapes.RECOMMENDED["guidance_scale"])
+    assert torch.equal(common.sample_images(folder, prompts[:4], 0, 4, shapes.RECOMMENDED["guidance_scale"]), expected)
+    loaded = common.load_pipeline("tiny-shapes", lora_rank=0)
+    assert torch.equal(common.sample_images(loaded, prompts[:4], 0, 4, shapes.RECOMMENDED["guidance_scale"]), expected)
+
+
+def test_shapes_pretrain_writes_the_committed_folder(tmp_path):
+    """`shapes.pretrain`'s writer, given the modules it trains (built in code), writes the committed files."""
+    from shapes import pretrain
+
+    built = _built_in_code()
+    pretrain.save_pipeline(built["unet"], built["vae"], built["text_encoder"], tmp_path)
+    committed = common.models.TINY_SHAPES
+    listing = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())  # noqa: E731
+    assert listing(tmp_path) == [f for f in listing(committed) if f != pretrain.REPORT]
+    for name in listing(tmp_path):
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
 
 
 @pytest.fixture(scope="module")
