@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .errors import UserError, flag
+from .errors import FAILURE_HOOKS, UserError, flag
 from .lora import LORA_FILE, load_lora, save_lora
 from .run import check_new_run, lock_run_dir, read_jsonl
 
@@ -377,6 +377,9 @@ def save_on_failure() -> None:
     run, _running = _running, None
     if run is not None:
         run.after_failure()
+
+
+FAILURE_HOOKS.append(save_on_failure)
 
 
 class StopSignal:

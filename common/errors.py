@@ -7,12 +7,18 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 
 class UserError(Exception):
     """A mistake in the user's input: a flag out of range, an unknown name, a missing or unreadable file, a model
     that cannot be found, an unusable --resume. The scripts print its message as one line; any other exception
     is a bug and keeps its traceback."""
+
+
+# Run before `user_errors` exits: common.checkpoint registers the checkpoint of a failing run's last complete step
+# (registered there, so that this module imports nothing of common's and no import cycle forms)
+FAILURE_HOOKS: list[Callable[[], None]] = []
 
 
 @contextlib.contextmanager
@@ -29,9 +35,8 @@ def user_errors(*more: type[BaseException]):
     except (UserError, *more) as e:
         message = " ".join(str(e).split("\n")) if str(e) else type(e).__name__
         print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
-        from .checkpoint import save_on_failure  # here: checkpoint imports this module
-
-        save_on_failure()
+        for hook in FAILURE_HOOKS:  # checkpoint.save_on_failure, registered by common.checkpoint
+            hook()
         raise SystemExit(2) from None
 
 
