@@ -22,7 +22,7 @@ import refl
 import rewards
 from conftest import assert_normwise_close, float64_copy, randomize_lora, read_metrics, rounding_tolerance, roundings
 
-T, B, W = 6, 2, 7.5  # inference steps, batch, guidance weight
+T, B, W = 4, 2, 7.5  # inference steps, batch, guidance weight
 
 
 def linear_reward(seed=1):
@@ -158,12 +158,13 @@ def test_full_draft_equals_alignprop_fixed_k_t(tiny_pipe):
     # the same operations in the same layout (one function's code in two scripts): equal to the last bit
     assert torch.equal(x_d, x_a) and all(torch.equal(a, d) for a, d in zip(g_align, g_draft))
     pipe64 = float64_copy(pipe)
-    chain64 = dict(pipe=pipe64, x=latents(0).double(), cond=cond.double(), uncond=uncond.double())
-    g_ref = lora_grad(pipe64, -reward(decode(pipe64, reference_chain(**chain64, k=T)), None).mean())
+    ref_x0 = reference_chain(pipe64, latents(0).double(), cond.double(), uncond.double(), k=T)
+    g_ref = lora_grad(pipe64, -reward(decode(pipe64, ref_x0), None).mean())
     assert_normwise_close(g_draft, g_ref, tolerance(pipe, T, backward=True))
-    g_last = lora_grad(pipe64, -reward(decode(pipe64, reference_chain(**chain64, k=1)), None).mean())
+    # the earlier steps do contribute here: K = 1's gradient is far from K = T's (float32 is enough for that)
+    g_last = lora_grad(pipe, -reward(decode(pipe, reference_chain(pipe, latents(0), cond, uncond, k=1)), None).mean())
     diff = sum((a - b).norm() ** 2 for a, b in zip(g_ref, g_last)) ** 0.5
-    assert diff > 1e-3 * sum(g.norm() ** 2 for g in g_ref) ** 0.5  # the earlier steps do contribute here
+    assert diff > 1e-3 * sum(g.norm() ** 2 for g in g_ref) ** 0.5
 
 
 def test_draft_lv_with_n_0_is_draft_1(tiny_pipe, tmp_path, monkeypatch):
@@ -214,7 +215,7 @@ def test_draft_lv_loss_is_the_sum_over_the_renoised_copies(tiny_pipe, tmp_path, 
 
 
 def test_refl_scores_the_one_step_prediction_at_step_m(tiny_pipe):
-    pipe, m = tiny_pipe, 3
+    pipe, m = tiny_pipe, 2
     randomize_lora(pipe)
     cond, uncond = embeddings(pipe)
     reward = linear_reward()
