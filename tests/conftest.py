@@ -76,9 +76,11 @@ def serve_in_thread():
 # Mary, "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 2019), through layers whose
 # normalisations keep the activations' scale, so that no layer amplifies a relative error by much. Where a step does
 # amplify one (classifier-free guidance: ε̂ = (1 − w)·ε(∅) + w·ε(c) turns a relative error δ of ε into up to
-# (2w − 1)·δ), the test states that gain. N counts every dot product's terms (`roundings`). On this project's CPU the
-# errors measured are 20-300 times below the bound, which is the margin that lets another CPU's kernels round
-# differently; a real error (a wrong step, weight, stop-gradient or guidance) is far above it.
+# (2w − 1)·δ), the test states that gain. N counts every dot product's terms (`roundings`). On this project's CPU
+# (AMD EPYC) the errors measured are 20 to 1000 times below the bound: the margin for another CPU's kernels, which
+# round differently but not by that much more. An error in the code (a wrong step, weight, stop-gradient, pairing
+# or guidance weight) is far above it; a guidance weight off by 0.1% is, for one UNet call
+# (test_ddim_logprob's test_guided_eps_is_cfg_combination), though not through a whole sampling chain.
 
 U32 = 2.0**-24  # float32's unit roundoff: one rounding changes a value by at most this, relatively
 U64 = 2.0**-53  # float64's
