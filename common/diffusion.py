@@ -109,7 +109,10 @@ def _x0_and_eps(scheduler, model_output, timestep, sample):
 
 def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
     """μ and σ of the DDIM step x_t → x_{t−1} (Song et al. 2021, eq. 12), t scalar or per-sample [B]."""
-    sample, model_output = _at_least_f32(sample), _at_least_f32(model_output)
+    # both in the wider dtype: a float64 UNet's step from float32 initial noise takes ᾱ in float64, as re-evaluating
+    # the stored (then float64) latent does
+    dtype = torch.promote_types(_at_least_f32(sample).dtype, _at_least_f32(model_output).dtype)
+    sample, model_output = sample.to(dtype), model_output.to(dtype)
     t = torch.as_tensor(timestep, device=sample.device).long()
     step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     alpha_t, alpha_prev = _abar(scheduler, t, sample), _abar(scheduler, t - step, sample)

@@ -1,4 +1,4 @@
-"""Gradients through the sampling chain: checkpointed = plain, and finite differences in float64."""
+"""Gradients through the sampling chain: checkpointed = plain (exactly), and finite differences in float64."""
 
 import torch
 
@@ -61,8 +61,8 @@ def test_checkpointed_equals_plain_gradients(tiny_pipe):
 
     assert plain_calls == 5 and ckpt_calls == 5 + 3  # the 3 checkpointed calls are recomputed in backward
     assert sum(g.abs().sum() for g in plain) > 0
-    for a, b in zip(plain, ckpt):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the checkpointed calls recompute the same operations in the same layout: the same gradient to the last bit
+    assert all(torch.equal(a, b) for a, b in zip(plain, ckpt))
 
 
 def test_finite_differences_float64(tiny_pipe):

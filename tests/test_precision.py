@@ -30,7 +30,10 @@ import rwr
 from benchmark.precision import (D_SD14, cosine, gradient_inputs, half_precision_cosines, lora_gradient,
                                  pixel_mean_reward, policy_gradient_backward, precision_pipes,
                                  reward_gradient_backward)
-from conftest import ROOT, read_metrics
+from conftest import (ROOT, assert_normwise_close, log_prob_tolerance, pair_tolerance, read_metrics,
+                      rounding_tolerance, roundings)
+
+PRECISIONS = [torch.float16, torch.bfloat16]
 
 D_TEST = 4 * 16 * 16  # tiny's latent elements
 
@@ -39,6 +42,29 @@ D_TEST = 4 * 16 * 16  # tiny's latent elements
 def pipes():
     """The tiny pipeline with float32, fp16 and bf16 base weights (the same weights, rounded) and one LoRA."""
     return precision_pipes("tiny")
+
+
+def layers(module) -> int:
+    return sum(isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) for m in module.modules())
+
+
+def cosine_floor(dtype, pipe, unet_calls, backward_calls, decodes=0, guidance_scale=7.5):
+    """The cosine with float32's gradient that half-precision rounding guarantees, from conftest's model: a gradient
+    within δ·‖g‖ of g (normwise) has cosine ≥ √(1 − δ²) with it. Half-precision kernels accumulate their products in
+    float32 and round each result once, so N counts rounding stages rather than products: about 3 per linear or
+    convolution layer (its output, a normalisation or activation, a residual sum) in a forward pass, twice that in a
+    backward one; the gain 2w − 1 is guidance's. fp16 (u = 2^-11) gets floors of 0.85 to 0.99 here.
+
+    bf16 (u = 2^-8) gets none: δ exceeds 1 for every test here, so rounding analysis cannot promise any cosine. Its
+    threshold, 0.9, is the control's (unscaled fp16: cosine 0.04 or an all-zero gradient) and only separates a
+    gradient that survives from one that does not; measured here 0.993 (AlignProp) to 0.9997."""
+    if dtype == torch.bfloat16:
+        return 0.9
+    unet, vae = layers(pipe.unet), layers(pipe.vae.post_quant_conv) + layers(pipe.vae.decoder)
+    n = 3 * (unet_calls * unet + decodes * vae) + 6 * (backward_calls * unet + decodes * vae)
+    delta = rounding_tolerance(n, gain=2 * guidance_scale - 1, u=2.0**-11)
+    assert delta < 1
+    return math.sqrt(1 - delta**2)
 
 
 # --- the RL scripts: DDPO-SF, DDPO-IS, GRPO, RWR -------------------------------------------------------------------
@@ -60,8 +86,9 @@ RL_SCRIPTS = {  # module, the updates' n·T under the published settings (images
 @pytest.mark.parametrize("name", sorted(RL_SCRIPTS))
 @pytest.mark.parametrize("j", [0, 25, 49], ids=["t981", "t481", "t1"])
 def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
-    """One timestep of the DDPO-style loss at SD1.4's sizes: cosine ≥ 0.99 with float32's gradient, in fp16 (loss
-    scaled) and with bf16 base weights. Unscaled fp16 gave 0.04 / 0 / 0 (97–100% exact zeros)."""
+    """One timestep of the DDPO-style loss at SD1.4's sizes: cosine with float32's gradient above `cosine_floor`
+    (fp16, loss scaled: 0.987; bf16 base weights: 0.9), measured 0.9999 and 0.995. Unscaled fp16 gave 0.04 / 0 / 0
+    (97–100% exact zeros)."""
     module, n_t = RL_SCRIPTS[name]
     cond, uncond, traj = trajectory
     n = cond.shape[0]
@@ -76,7 +103,8 @@ def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
     assert reference.abs().max() > 0
     for dtype, c in cosines.items():
         print(f"cosine {name} t{j} {dtype}: {c:.4f}")  # the figures of the README (pytest -s)
-        assert c >= 0.99, (dtype, c)
+        floor = cosine_floor(dtype, pipes[dtype], 1, 1, guidance_scale=5.0)  # one UNet call, forward and backward
+        assert c >= floor, (dtype, c, floor)
     # the control: fp16 without loss scaling (the scripts before issue 11) does not keep this gradient
     unscaled = lora_gradient(pipes[torch.float16], backward(pipes[torch.float16]), loss_scaling=False)
     print(f"cosine {name} t{j} unscaled fp16: " + ("all zero" if unscaled.abs().max() == 0
@@ -100,7 +128,7 @@ def test_rwr_gradient_survives_half_precision(pipes, trajectory):
 
     for dtype, c in half_precision_cosines(pipes, backward)[1].items():
         print(f"cosine rwr {dtype}: {c:.4f}")
-        assert c >= 0.99, dtype
+        assert c >= cosine_floor(dtype, pipes[dtype], 1, 1, guidance_scale=5.0), dtype
 
 
 # --- the gradient scripts: DRaFT, DRaFT-LV, ReFL, AlignProp --------------------------------------------------------
@@ -109,11 +137,14 @@ GRADIENT_SCRIPTS = {
     "draft": (draft, dict(k=2), ()), "draft_lv": (draft_lv, dict(num_copies=2), ()),
     "refl": (refl, dict(max_step=4), (2,)), "alignprop": (alignprop, dict(truncation="fixed", k=4), (4,)),
 }
+# UNet calls of one image's gradient over 4 sampling steps (forward, backward) and VAE decodes, for cosine_floor
+GRADIENT_CALLS = {"draft": (4, 2, 1), "draft_lv": (6, 3, 3), "refl": (3, 1, 1), "alignprop": (4, 4, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))
 def test_reward_gradient_survives_half_precision(name, pipes):
-    """Backprop through the last steps and the VAE decoder at SD1.4's sizes: cosine ≥ 0.99 with float32's."""
+    """Backprop through the last steps and the VAE decoder at SD1.4's sizes: cosine with float32's above
+    `cosine_floor` (fp16: 0.85 to 0.94, measured 0.9999; bf16: 0.9, measured 0.993 to 0.998)."""
     module, flags, extra = GRADIENT_SCRIPTS[name]
     args = module.Args(model="tiny", num_inference_steps=4, batch_size=2, **flags)
     prompts, latents, noises = gradient_inputs(pipes[torch.float32], n=2)
@@ -125,7 +156,8 @@ def test_reward_gradient_survives_half_precision(name, pipes):
     assert reference.abs().max() > 0
     for dtype, c in cosines.items():
         print(f"cosine {name} {dtype}: {c:.4f}")
-        assert c >= 0.99, (dtype, c)
+        floor = cosine_floor(dtype, pipes[dtype], *GRADIENT_CALLS[name], guidance_scale=args.guidance_scale)
+        assert c >= floor, (dtype, c, floor)
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))
@@ -154,9 +186,14 @@ def test_micro_batches_and_vae_checkpointing_give_the_whole_batch_gradient(name,
         checkpointed = gradient(2)
     finally:
         pipe.vae.disable_gradient_checkpointing()
-    scale = float(whole.abs().max())
-    torch.testing.assert_close(micro, whole, rtol=1e-4, atol=1e-5 * scale)
-    torch.testing.assert_close(checkpointed, whole, rtol=1e-4, atol=1e-5 * scale)
+    # float32 sums in other layouts (4 backward passes of 1 image, the decoder recomputed): each within conftest's bound
+    # of the exact gradient, so within twice it of each other. The bound counts one image's chain (GRADIENT_CALLS),
+    # forward and backward (3·N), and the 4 images' sum.
+    unet_calls, _, decodes = GRADIENT_CALLS[name]
+    n = 3 * (unet_calls * roundings(pipe.unet) + decodes * roundings(pipe.vae.post_quant_conv, pipe.vae.decoder)) + 4
+    tolerance = pair_tolerance(rounding_tolerance(n, gain=2 * module.Args().guidance_scale - 1))
+    assert_normwise_close(micro, whole, tolerance)
+    assert_normwise_close(checkpointed, whole, tolerance)
 
 
 # --- dynamic loss scaling ------------------------------------------------------------------------------------------
@@ -235,21 +272,29 @@ def test_first_update_ratio_in_a_layout_dependent_precision(reevaluate, tmp_path
 
 
 def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
-    """Measured here: the stored log-probs (sampled 2 at a time at one timestep) re-evaluated in the training layout
-    (1 sample per chunk, shuffled timesteps) at the same weights. On this CPU fp16 and bf16 kernels do not depend on
-    the layout (|ratio − 1| exactly 0) and float32's differ by rounding (< 1e-5): within ε = 1e-4 in every
-    precision without re-evaluation. (A GPU's half-precision kernels do depend on it: the test above.)"""
+    """The stored log-probs (sampled 2 at a time at one timestep) re-evaluated in the training layout (1 sample per
+    chunk, shuffled timesteps) at the same weights. In float32 the two layouts round ε̂ differently, which moves a
+    log-prob by log_prob_tolerance at most (asserted; measured 5e-7, the bound about 1e-4). Whether a half-precision
+    kernel depends on the layout is a property of the machine, not of this code: printed, not asserted (on this
+    project's CPU fp16 and bf16 give |ratio − 1| exactly 0; a GPU's do depend on it: the test above)."""
     cond, uncond, _ = trajectory
     for dtype, pipe in pipes.items():
         traj = common.sample_trajectory(pipe, cond, uncond, 10, 5.0, 1.0, generator=torch.Generator().manual_seed(0))
         args = ddpo_is.Args(model="tiny", train_batch_size=1, guidance_scale=5.0, eta=1.0, num_inference_steps=10)
         order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(2)])
-        worst = 0.0
+        log_ratio = torch.zeros(2, 10)
         with torch.no_grad():
             for i, k, log_prob in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, torch.arange(2), order, args):
-                worst = max(worst, float((log_prob - traj.log_probs[i, k]).abs().max()))
-        print(f"first-update |log ratio| {dtype}: max {worst:.2e}")  # |ratio − 1| to first order
-        assert worst < 1e-5, (dtype, worst)
+                log_ratio[i, k] = (log_prob - traj.log_probs[i, k]).abs().float()
+        print(f"first-update |log ratio| {dtype}: max {log_ratio.max():.2e}")  # |ratio − 1| to first order
+        if dtype == torch.float32:
+            x, prev = traj.latents[:, :-1].flatten(0, 1), traj.latents[:, 1:].flatten(0, 1)
+            t = traj.timesteps.repeat(2)
+            with torch.no_grad():
+                eps = common.guided_eps(pipe, x, t, cond.repeat_interleave(10, 0), uncond, 5.0)
+            eps_tolerance = rounding_tolerance(roundings(pipe.unet), gain=2 * 5.0 - 1)
+            bound = log_prob_tolerance(pipe.scheduler, eps, t, x, prev, 1.0, eps_tolerance).view(2, 10)
+            assert (log_ratio <= bound).all(), (log_ratio, bound)
 
 
 # --- the whole CLI in half precision -------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rewards
+from conftest import pair_tolerance, rounding_tolerance, roundings
 from rewards._base import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 from rewards.aesthetic import AestheticMLP, AestheticReward
 from rewards.hps import HPSReward
@@ -50,6 +51,23 @@ def as_batch(images_uint8: list[torch.Tensor]) -> torch.Tensor:
 
 def to_pil(image_uint8: torch.Tensor) -> Image.Image:
     return Image.fromarray(image_uint8.permute(1, 2, 0).numpy())
+
+
+def affine_gain(head) -> float:
+    """‖w‖ of an affine head (AestheticMLP has no activations: w·x + b), the most it scales an input's error."""
+    import copy
+
+    head = copy.deepcopy(head).double().eval()
+    d = head.layers[0].in_features
+    with torch.no_grad():
+        return float((head(torch.eye(d, dtype=torch.float64)) - head(torch.zeros(1, d, dtype=torch.float64))).norm())
+
+
+def same_input_tolerance(*towers) -> float:
+    """Without a resize, ours and the reference feed the same pixels to the same model in the same batch layout, up to
+    the normalisation's rounding (another order of the same operations): both within conftest's bound t of the exact
+    output, so within 2t of each other (relative, normwise); unit-normalised features within 4t."""
+    return pair_tolerance(rounding_tolerance(roundings(*towers) + 8))
 
 
 def features(output) -> torch.Tensor:
@@ -408,9 +426,13 @@ def test_aesthetic_matches_official_pipeline(h, w, head_state_dict):
         embedding = features(clip.get_image_features(pixel_values=pixel_values))
         expected = official(embedding / embedding.norm(dim=-1, keepdim=True)).squeeze(1)
     assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    # Exact without a resize; otherwise the reference's uint8 rounding (above) moves the score slightly: measured
-    # max |diff| 6e-4 with the real head (scores about 5.7, spread 0.1 between these images).
-    tolerance = 1e-5 if (h, w) == (224, 224) else 2e-3 * max(1.0, expected.abs().max().item())
+    # Without a resize: the head (affine) scales the unit embedding's error (2·same_input_tolerance) by ‖w‖, plus its
+    # own rounding. Otherwise the reference's uint8 rounding (above, the same on every machine) moves the score:
+    # measured max |diff| 6e-4 with the real head (scores about 5.7, spread 0.1 between these images).
+    gain = affine_gain(mlp)
+    exact_tolerance = gain * (2 * same_input_tolerance(clip.vision_model, clip.visual_projection)
+                              + pair_tolerance(rounding_tolerance(roundings(mlp))))
+    tolerance = exact_tolerance if (h, w) == (224, 224) else 2e-3 * max(1.0, expected.abs().max().item())
     torch.testing.assert_close(scores, expected, rtol=0, atol=tolerance)
 
 
@@ -446,7 +468,10 @@ def test_hps_matches_official_scoring(h, w, tiny_open_clip):
         )[:2]
         expected = torch.diagonal(image_features @ text_features.T)
     assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    tolerance = 1e-5 if (h, w) == (224, 224) else 1e-3  # measured 1e-8 / 3e-4 (scores 0.12-0.19)
+    # a cosine of unit features (the text side identical): 2·same_input_tolerance without a resize (measured 1e-8);
+    # with one, the reference's uint8 rounding: measured 3e-4 (scores 0.12-0.19)
+    exact_tolerance = 2 * same_input_tolerance(tiny_open_clip.visual)
+    tolerance = exact_tolerance if (h, w) == (224, 224) else 1e-3
     torch.testing.assert_close(scores, expected, rtol=0, atol=tolerance)
 
 
@@ -504,8 +529,11 @@ def test_pickscore_matches_model_card(h, w, hf_tokenizer):
         text_embs = text_embs / torch.norm(text_embs, dim=-1, keepdim=True)
         expected = torch.diagonal(model.logit_scale.exp() * (text_embs @ image_embs.T))
     assert scores.shape == (2,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
-    # logit_scale.exp() = 14.3 here (100 in PickScore); measured max |diff| 0 / 5e-3 (scores -2.4 to 1.6)
-    tolerance = 1e-4 if (h, w) == (224, 224) else 0.02
+    # logit_scale.exp() = 14.3 here (100 in PickScore) times a cosine of unit features: without a resize within
+    # that times 2·same_input_tolerance (measured 2e-7); with one, the uint8 rounding: measured 5e-3 (scores -2.4 to 1.6)
+    exact_tolerance = float(model.logit_scale.exp()) * 2 * same_input_tolerance(model.vision_model,
+                                                                               model.visual_projection)
+    tolerance = exact_tolerance if (h, w) == (224, 224) else 0.02
     torch.testing.assert_close(scores, expected, rtol=0, atol=tolerance)
 
 

@@ -613,7 +613,9 @@ def test_resume_after_a_refusal_still_works(finished_run, tmp_path):
 # --- torchrun -----------------------------------------------------------------------------------------------------
 
 TORCHRUN = {  # per-process flags: the global batch is the same, DDPO's sampling chunk is the per-process share
-    "draft": ([], []),
+    # DRaFT: one process computing each image's chain alone (--train-batch-size 1), as each rank computes its own,
+    # does the ranks' operations in their layout, and (a/2 + b/2) = (a + b)/2 in binary floating point: equal LoRAs
+    "draft": (["--train-batch-size", "1"], []),
     "ddpo_sf": (["--sample-batch-size", "4"], ["--sample-batch-size", "2", "--train-batch-size", "2"]),
 }
 
@@ -630,12 +632,17 @@ def test_two_processes_under_torchrun_match_one(script, tmp_path):
     ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           *cmd[1:]], env=ENV, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    # measured: max difference 2.5e-6 (draft), 1.4e-7 (ddpo_sf); each LoRA B entry moved by about 6e-4
-    assert_same_lora(lora(one), lora(two), atol=2e-5)
+    # DRaFT: the same operations, exactly. DDPO-SF: one process samples 4 images per UNet call and sums each chunk's
+    # timesteps into the gradient before the next chunk's, the ranks 2 per call and sum their halves at the end: equal
+    # up to rounding only, which Adam's first step (lr·g/(|g| + ε)) amplifies where an entry of g is near 0, and which
+    # the JPEG-size reward (of uint8 pixels) can turn into whole bytes. No rounding bound covers that comparison; its
+    # tolerance is the measured one (max difference 1.4e-7 here, each LoRA B entry moved by about 6e-4).
+    exact = script == "draft"
+    assert_same_lora(lora(one), lora(two), atol=0 if exact else 2e-5)
     moved = torch.cat([v.flatten() for k, v in lora(two).items() if "lora.up" in k]).abs()  # B starts at zero
     assert moved.mean() > 3e-4
     rows_one, rows_two = read_metrics(one), read_metrics(two)
     assert [r["reward_queries"] for r in rows_two] == [r["reward_queries"] for r in rows_one]
     for a, b in zip(rows_one, rows_two):
-        assert b["reward_mean"] == pytest.approx(a["reward_mean"], rel=1e-4, abs=1e-5)
+        assert b["reward_mean"] == (a["reward_mean"] if exact else pytest.approx(a["reward_mean"], rel=1e-4, abs=1e-5))
     assert list(two.glob("events.out.tfevents.*"))  # rank 0 wrote the logs

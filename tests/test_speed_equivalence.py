@@ -20,7 +20,8 @@ import draft
 import draft_lv
 import grpo
 import refl
-from conftest import randomize_lora, read_metrics
+from conftest import (U64, assert_normwise_close, float64_scheduler, log_prob_tolerance, pair_tolerance, randomize_lora,
+                      read_metrics, rounding_tolerance, roundings)
 
 RL = {"ddpo_sf": (ddpo_sf, {}), "ddpo_is": (ddpo_is, {}), "grpo": (grpo, dict(group_size=2, kl_beta=0.5))}
 GRADIENT = {  # module, flags, extra positional arguments after `args`
@@ -42,14 +43,18 @@ def count_unet_calls(pipe):
 
 @pytest.fixture
 def rl_batch(tiny_pipe):
-    """4 samples of 5 DDIM steps, shuffled samples, each with its own order of timesteps, distinct advantages."""
+    """4 samples of 3 DDIM steps, shuffled samples, each with its own order of timesteps, distinct advantages. In
+    float64: the layouts compared here differ by rounding, which float32 puts within reach of what these tests
+    compare (the clip range ε = 1e-4 on the ratio, GRPO's KL between two means 1e-3 apart), and float64 far below."""
     randomize_lora(tiny_pipe, seed=4)
+    tiny_pipe.unet.to(torch.float64)
+    tiny_pipe.scheduler = float64_scheduler(tiny_pipe.scheduler)
     prompts = ["a cat", "a dog", "a cat", "a fox"]
     cond, uncond = common.encode_prompts(tiny_pipe, prompts), common.encode_prompts(tiny_pipe, [""])
-    traj = common.sample_trajectory(tiny_pipe, cond, uncond, 5, 5.0, 1.0, generator=torch.Generator().manual_seed(0))
+    traj = common.sample_trajectory(tiny_pipe, cond, uncond, 3, 5.0, 1.0, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     samples = torch.randperm(4, generator=g)
-    timestep_idx = torch.stack([torch.randperm(5, generator=g) for _ in range(4)])
+    timestep_idx = torch.stack([torch.randperm(3, generator=g) for _ in range(4)])
     return dict(traj=traj, cond=cond, uncond=uncond, advantages=torch.tensor([1.3, -0.7, 0.2, -2.0]),
                 samples=samples, timestep_idx=timestep_idx)
 
@@ -73,27 +78,39 @@ def test_timesteps_per_call_gives_the_same_gradient(name, tiny_pipe, rl_batch):
         return [size for size in sizes for _ in range(2 if flags.get("kl_beta") else 1)]
 
     plain, plain_stats = gradient(1)
-    assert calls == unet_calls([4] * 10)  # 2 chunks × 5 timesteps, each a doubled batch of 2
-    for n, sizes in ((2, [8, 8, 4] * 2), (5, [20, 20])):  # 5 = 2 + 2 + 1 columns; or all 5 at once
+    assert calls == unet_calls([4] * 6)  # 2 chunks × 3 timesteps, each a doubled batch of 2
+    for n, sizes in ((2, [8, 4] * 2), (3, [12, 12])):  # 3 = 2 + 1 columns; or all 3 at once
         calls.clear()
         stacked, stats = gradient(n)
         assert calls == unet_calls(sizes)
-        torch.testing.assert_close(stacked, plain, rtol=1e-4, atol=1e-4 * float(plain.abs().max()))
+        # float64 sums in other layouts: each within conftest's bound (u = 2^-53) of the exact gradient, which counts
+        # every pair's forward and backward pass through the guided UNet (and GRPO's KL call), and its log-prob
+        n_pairs = 4 * 3 * (3 * roundings(tiny_pipe.unet) * (2 if flags.get("kl_beta") else 1) + 4 * 16 * 16)
+        assert_normwise_close(stacked, plain, pair_tolerance(rounding_tolerance(n_pairs, gain=2 * 5.0 - 1, u=U64)))
+        # The statistics: in float64 the log-probs of two layouts are within 3e-13 of each other (log_prob_tolerance
+        # with u = 2^-53), so the ratios, the loss and the clip decisions agree far below 1e-8 relative; GRPO's KL,
+        # quadratic in ε̂_θ − ε̂_base (at least 1/60 of ‖ε̂‖ here), within 8·(conftest's bound, 6e-12)·60 = 3e-9.
         assert stats.keys() == plain_stats.keys()
         for key in stats:
-            torch.testing.assert_close(stats[key], plain_stats[key], rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(stats[key], plain_stats[key], rtol=1e-8, atol=1e-20)
 
 
 def test_stacked_pairs_are_the_trajectory_s(tiny_pipe, rl_batch):
     """Each flat (i, k) pair re-evaluates sample i's stored step k: at the sampling weights its log-prob is the
     sampler's, so a pairing mistake (a sample at another's timestep) cannot pass."""
     b = rl_batch
-    args = ddpo_is.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0, timesteps_per_call=3)
-    seen = torch.zeros(4, 5, dtype=torch.int64)
+    args = ddpo_is.Args(train_batch_size=2, guidance_scale=5.0, eta=1.0, timesteps_per_call=2)
+    seen = torch.zeros(4, 3, dtype=torch.int64)
+    t64 = rounding_tolerance(roundings(tiny_pipe.unet), gain=2 * 5.0 - 1, u=U64)  # one guided UNet call, float64
     with torch.no_grad():
         for i, k, log_prob in ddpo_is.minibatch_log_probs(tiny_pipe, b["traj"], b["cond"], b["uncond"], b["samples"],
                                                           b["timestep_idx"], args):
-            torch.testing.assert_close(log_prob, b["traj"].log_probs[i, k], rtol=0, atol=1e-5)
+            # the sampler's layout and this one's round ε̂ differently: log_prob_tolerance (about 3e-13) bounds the
+            # effect; a sample paired with another's timestep is off by 2e-2 or more (test_ddim_logprob)
+            x, t = b["traj"].latents[i, k], b["traj"].timesteps[k]
+            eps = common.guided_eps(tiny_pipe, x, t, b["cond"][i], b["uncond"], 5.0)
+            bound = log_prob_tolerance(tiny_pipe.scheduler, eps, t, x, b["traj"].latents[i, k + 1], 1.0, t64, U64)
+            assert ((log_prob - b["traj"].log_probs[i, k]).abs() <= bound).all()
             seen[i, k] += 1
     assert (seen == 1).all()  # every (sample, timestep) pair exactly once
 
@@ -151,6 +168,6 @@ def test_no_unet_checkpointing_gives_the_same_gradient(name, tiny_pipe):
 
     (checkpointed, n_checkpointed), (stored, n_stored) = gradient(True), gradient(False)
     assert checkpointed.abs().max() > 0
-    torch.testing.assert_close(stored, checkpointed, rtol=1e-5, atol=1e-7 * float(checkpointed.abs().max()))
+    assert torch.equal(stored, checkpointed)  # recomputed by the same operations in the same layout: to the last bit
     with_grad = {"draft": 2, "draft_lv": 3, "refl": 1, "alignprop": 3}[name]  # UNet calls with gradient
     assert n_checkpointed - n_stored == with_grad
