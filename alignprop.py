@@ -147,9 +147,9 @@ def sample_with_grad(pipe, cond, uncond, latents, args, k):
     for i, t in enumerate(timesteps):
         # AlignProp: the first T − K steps are plain sampling, for this batch's K; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - k):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     return x
 
 

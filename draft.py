@@ -128,9 +128,9 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
     for i, t in enumerate(timesteps):
         # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - args.k):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     return x
 
 

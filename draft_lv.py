@@ -128,9 +128,9 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
     for i, t in enumerate(timesteps):
         # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     return x
 
 
@@ -140,8 +140,9 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     t1 = pipe.scheduler.timesteps[-1]
     # DRaFT-LV: the stop-gradient is on x0: each copy's gradient reaches the weights through this one step only.
     x = common.add_noise(pipe.scheduler, x0.detach(), noise, t1)
-    eps = common.guided_eps(pipe, x, t1, cond, uncond, args.guidance_scale, use_checkpoint=args.unet_checkpointing)
-    return common.ddim_step(pipe.scheduler, eps, t1, x)
+    noise_pred = common.guided_noise_pred(pipe, x, t1, cond, uncond, args.guidance_scale,
+                                          use_checkpoint=args.unet_checkpointing)
+    return common.ddim_step(pipe.scheduler, noise_pred, t1, x)
 
 
 def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):

@@ -180,10 +180,10 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             columns = timestep_idx[s : s + args.train_batch_size, j : j + args.timesteps_per_call]
             i, k = chunk.repeat(columns.shape[1]), columns.T.flatten()  # column after column
             t = traj.timesteps[k]
-            eps = common.guided_eps(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
-            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, eps, t, traj.latents[i, k], args.eta,
+            noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
+            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
-            yield i, k, log_prob, eps  # GRPO: and ε̂, for the KL
+            yield i, k, log_prob, noise_pred  # GRPO: and ε̂, for the KL
 
 
 # DDPO-IS: the PPO-style clipped surrogate replaces −A·log p.
@@ -199,16 +199,16 @@ def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
 
 
 # GRPO: the KL of one DDIM step to the base model's; both are Gaussians with the same σ_t.
-def kl_to_base(pipe, latents, t, cond, uncond, eps, args):
+def kl_to_base(pipe, latents, t, cond, uncond, noise_pred, args):
     """KL(p_θ ‖ p_ref) = ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over C,H,W like the log-prob and over the chunk
     (Flow-GRPO's kl_loss, scripts/train_sd3.py); μ_ref from the same UNet with its LoRA disabled (diffusers'
     disable_adapters): one more forward, without gradient, and no second model in memory."""
     pipe.unet.disable_adapters()
     with torch.no_grad():
-        eps_ref = common.guided_eps(pipe, latents, t, cond, uncond, args.guidance_scale)
+        noise_pred_ref = common.guided_noise_pred(pipe, latents, t, cond, uncond, args.guidance_scale)
     pipe.unet.enable_adapters()
-    mean, std = common.ddim_mean_std(pipe.scheduler, eps, t, latents, args.eta)
-    mean_ref, _ = common.ddim_mean_std(pipe.scheduler, eps_ref, t, latents, args.eta)
+    mean, std = common.ddim_mean_std(pipe.scheduler, noise_pred, t, latents, args.eta)
+    mean_ref, _ = common.ddim_mean_std(pipe.scheduler, noise_pred_ref, t, latents, args.eta)
     return ((mean - mean_ref) ** 2 / (2 * std**2)).mean()
 
 
@@ -216,10 +216,10 @@ def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_
     """Backpropagate the loss averaged over one minibatch's (sample, timestep) pairs, chunk by chunk (gradients
     accumulate; the caller takes one optimizer step). Returns the loss and its diagnostics, averaged the same way."""
     stats = defaultdict(float)
-    for i, k, log_prob, eps in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+    for i, k, log_prob, noise_pred in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
         loss, diagnostics = clipped_surrogate(log_prob, traj.log_probs[i, k], advantages[i], args.clip_range)
         if args.kl_beta > 0:  # GRPO
-            kl = kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, eps, args)
+            kl = kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, noise_pred, args)
             loss, diagnostics["kl"] = loss + args.kl_beta * kl, kl.detach()
         weight = len(i) / len(samples) / timestep_idx.shape[1]  # this chunk's share of the minibatch's mean
         guard.backward(loss * weight)  # × the loss scale in fp16

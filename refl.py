@@ -148,11 +148,11 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
     for i, t in enumerate(timesteps):
         # ReFL: steps 0..m−1 are plain sampling (the stop-gradient is here); only the call at x_m has gradient.
         with torch.set_grad_enabled(i == m):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
-                return common.predict_x0(pipe.scheduler, eps, t, x)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+                return common.predict_x0(pipe.scheduler, noise_pred, t, x)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     raise ValueError(f"step index m = {m} is outside 0..{len(timesteps) - 1}")
 
 

@@ -25,7 +25,7 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0]
 
 
-def guided_eps(
+def guided_noise_pred(
     pipe,
     latents: torch.Tensor,
     t: torch.Tensor | int,
@@ -56,8 +56,8 @@ def guided_eps(
         out = checkpoint(call, x, torch.cat([t, t]), emb, use_reentrant=False)
     else:
         out = call(x, torch.cat([t, t]), emb)
-    eps_uncond, eps_cond = _at_least_f32(out).chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    noise_pred_uncond, noise_pred_text = _at_least_f32(out).chunk(2)
+    return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
 
 def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
@@ -198,8 +198,8 @@ def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latent
     x = initial_latents(pipe, n, generator) if latents is None else latents.float()
     all_latents, log_probs = [x], []
     for t in scheduler.timesteps:
-        eps = guided_eps(pipe, x, t, cond, uncond, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta, generator=generator)
+        noise_pred = guided_noise_pred(pipe, x, t, cond, uncond, guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x, eta, generator=generator)
         all_latents.append(x)
         log_probs.append(log_prob)
     lp = torch.stack(log_probs, 1) if eta > 0 else torch.zeros(x.shape[0], 0, device=x.device)

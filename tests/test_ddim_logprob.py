@@ -100,13 +100,13 @@ def test_reevaluating_trajectory_gives_ratio_one(tiny_pipe):
         idx = perm[:, j]
         t = traj.timesteps[idx]
         x, x_prev = traj.latents[rows[:, 0], idx], traj.latents[rows[:, 0], idx + 1]
-        eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, 5.0)
-        _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, eps, t, x, 1.0, prev_sample=x_prev)
+        noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, 5.0)
+        _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
         ratio = torch.exp(lp - traj.log_probs[rows[:, 0], idx])
         torch.testing.assert_close(ratio, torch.ones(3), rtol=0, atol=1e-5)
 
 
-def test_guided_eps_is_cfg_combination(tiny_pipe):
+def test_guided_noise_pred_is_cfg_combination(tiny_pipe):
     from conftest import randomize_lora
 
     randomize_lora(tiny_pipe)
@@ -118,5 +118,5 @@ def test_guided_eps_is_cfg_combination(tiny_pipe):
     with torch.no_grad():
         e_c = tiny_pipe.unet(x, t, encoder_hidden_states=cond).sample
         e_u = tiny_pipe.unet(x, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
-        ours = common.guided_eps(tiny_pipe, x, t, cond, uncond, 7.5)
+        ours = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, 7.5)
     torch.testing.assert_close(ours, e_u + 7.5 * (e_c - e_u), rtol=1e-4, atol=1e-5)

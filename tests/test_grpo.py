@@ -127,8 +127,8 @@ def guided_unet(unet, x, t, cond, uncond, w):
 def test_kl_is_zero_while_the_lora_is_zero(tiny_pipe):
     x, t, cond, uncond = fixed_step(tiny_pipe)
     args = grpo.Args(guidance_scale=5.0, eta=1.0)
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
     assert kl.item() == 0.0  # B = 0: the adapted UNet is the base model exactly
     kl.backward()
     assert all((p.grad == 0).all() for p in common.lora_parameters(tiny_pipe))
@@ -141,16 +141,16 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
     randomize_lora(tiny_pipe, seed=3)
     x, t, cond, uncond = fixed_step(tiny_pipe)
     args = grpo.Args(guidance_scale=5.0, eta=0.8)
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
 
     base = common.load_pipeline("tiny", lora_rank=0)
     scheduler = base.scheduler
     scheduler.set_timesteps(5)
     with torch.no_grad():
-        eps_theta = guided_unet(tiny_pipe.unet, x, t, cond, uncond, args.guidance_scale)
-        eps_ref = guided_unet(base.unet, x, t, cond, uncond, args.guidance_scale)
-    assert (eps_theta - eps_ref).abs().max() > 1e-3  # the LoRA changes the model
+        noise_pred_theta = guided_unet(tiny_pipe.unet, x, t, cond, uncond, args.guidance_scale)
+        noise_pred_ref = guided_unet(base.unet, x, t, cond, uncond, args.guidance_scale)
+    assert (noise_pred_theta - noise_pred_ref).abs().max() > 1e-3  # the LoRA changes the model
     reference = []
     for b in range(2):
         def mean(e):
@@ -161,7 +161,8 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
         a_t = scheduler.alphas_cumprod[t[b]]
         a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
         sigma = args.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        reference.append(kl_divergence(Normal(mean(eps_theta), sigma), Normal(mean(eps_ref), sigma)).mean())
+        p_theta, p_ref = Normal(mean(noise_pred_theta), sigma), Normal(mean(noise_pred_ref), sigma)
+        reference.append(kl_divergence(p_theta, p_ref).mean())
     assert ours.item() > 0
     torch.testing.assert_close(ours.detach(), torch.stack(reference).mean(), rtol=1e-4, atol=0)
 
@@ -181,8 +182,8 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
                                                                                      5.0)).norm()
 
     before = distance()
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
     kl.backward()
     assert len(params) == len(common.lora_parameters(tiny_pipe)) and all(p.requires_grad for p in params)
     norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
@@ -192,8 +193,8 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
     after = distance()
     assert 0 < after < before, (before, after)
     with torch.no_grad():
-        eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args) < kl.detach()
+        noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args) < kl.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the script

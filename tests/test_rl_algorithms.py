@@ -83,9 +83,9 @@ def test_is_partial_minibatch_is_mean_over_its_pairs(tiny_pipe):
     for i, ks in [(3, [2, 0]), (0, [1, 3])]:
         for k in ks:
             x, t = traj.latents[i : i + 1, k], traj.timesteps[k]
-            eps = common.guided_eps(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
+            noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
             x_prev = traj.latents[i : i + 1, k + 1]
-            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, eps, t, x, 1.0, prev_sample=x_prev)
+            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
             loss = loss - advantages[i] * lp.sum() / 4
     loss.backward()
     for a, b in zip(lora_grads(tiny_pipe), ours):
@@ -248,8 +248,8 @@ def test_rwr_loss_is_weighted_guided_denoising_mse(tiny_pipe):
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     e_c = tiny_pipe.unet(x_t, t, encoder_hidden_states=cond).sample
     e_u = tiny_pipe.unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
-    eps = e_u + 5.0 * (e_c - e_u)
-    reference = sum(w[i] * ((noise[i] - eps[i]) ** 2).mean() for i in range(3)) / 6
+    noise_pred = e_u + 5.0 * (e_c - e_u)
+    reference = sum(w[i] * ((noise[i] - noise_pred[i]) ** 2).mean() for i in range(3)) / 6
     reference.backward()
     loss, reference = loss.detach(), reference.detach()
     assert loss.dtype == torch.float64 and float(loss) == pytest.approx(float(reference), rel=1e-7)
