@@ -1,16 +1,17 @@
 """GRPO: group-relative policy optimisation (DanceGRPO, Flow-GRPO) on DDPO's denoising MDP, as a diff of DDPO-IS.
 
-Black, Janner, Du, Kostrikov & Levine, "Training Diffusion Models with Reinforcement Learning", ICLR 2024
-(arXiv:2305.13301).
+Xue et al., "DanceGRPO: Unleashing GRPO on Visual Generation" (arXiv:2505.07818) and Liu et al., "Flow-GRPO:
+Training Flow Matching Models via Online RL" (arXiv:2505.05470), on the MDP of Black, Janner, Du, Kostrikov &
+Levine, "Training Diffusion Models with Reinforcement Learning", ICLR 2024 (arXiv:2305.13301).
 
 Idea: treat denoising as a T-step MDP whose policy is the guided noise prediction. A DDIM step with η > 0
 is a Gaussian, so each sampled step x_t → x_{t−1} has a log-probability that is differentiable in the
 weights. The reward of the final image, normalised per prompt into an advantage A, weights these
 log-probabilities. The reward is never differentiated, so any scorer works (JPEG size, a VLM, a human).
 
-What differs from `ddpo_is.py` (marked `# GRPO:`), after Xue et al., "DanceGRPO" (arXiv:2505.07818; trains SD1.4)
-and Liu et al., "Flow-GRPO" (arXiv:2505.05470): a batch is batch_size / G prompts × G images (a group; optionally
-one initial noise per group), and each image's advantage is its reward against its own group's,
+What differs from `ddpo_is.py` (marked `# GRPO:`), after DanceGRPO (which trains SD1.4) and Flow-GRPO: a batch is
+batch_size / G prompts × G images (a group; optionally one initial noise per group), and each image's advantage is
+its reward against its own group's,
 A = (r − mean_group) / (std_group + ε), with no statistics kept across batches (DDPO's per-prompt tracker is gone).
 An optional KL to the base model, β·‖μ_θ − μ_ref‖² / (2σ_t²) per step, joins the loss. The clipped ratio
 (ε = 1e-4, as both), the advantage clip (5, as both), the minibatches and --timestep-fraction are DDPO-IS's.
@@ -183,7 +184,7 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
             _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
-            yield i, k, log_prob, noise_pred  # GRPO: and ε̂, for the KL
+            yield i, k, log_prob, noise_pred  # GRPO: and the guided ε̂, for the KL
 
 
 # DDPO-IS: the PPO-style clipped surrogate replaces −A·log p.
@@ -287,7 +288,7 @@ def main(args: Args) -> None:
             with torch.no_grad():  # all ranks' rewards: the statistics are the global batch's
                 reward = common.gather(reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float()).cpu()
             reward_queries += args.batch_size
-            batch_ok = guard.ok(step, reward=reward)  # a non-finite reward must not reach the per-prompt statistics
+            batch_ok = guard.ok(step, reward=reward)  # a non-finite reward: the whole batch is skipped
             # ALGO 2. Rewards -> advantages (a skipped batch keeps NaN, for the log).
             advantages = torch.full((local_batch,), float("nan"), device=device)
             if batch_ok:

@@ -97,7 +97,7 @@ class Args:
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
-    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    on the CPU), no (float32), fp16, bf16; LoRA weights and latents stay float32"""
     unet_checkpointing: bool = True
     """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
     makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
@@ -173,9 +173,9 @@ def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
 
 
 def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, args, m):
-    """Backpropagate L = −mean r over the batch, train_batch_size images at a time: each chunk is backpropagated as
-    soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the whole batch's.
-    Returns the rewards (per image, per term) and L, detached."""
+    """Backpropagate L (`refl_loss`) over the batch, train_batch_size images at a time: each chunk is
+    backpropagated as soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the
+    whole batch's. Returns the rewards (per image) and L, detached."""
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))

@@ -106,7 +106,7 @@ class Args:
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
-    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    on the CPU), no (float32), fp16, bf16; LoRA weights and latents stay float32"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 160

@@ -1,4 +1,4 @@
-"""The thin shared core: mechanics identical for all seven algorithms. The algorithms live in the scripts."""
+"""The thin shared core: mechanics identical for all eight algorithms. The algorithms live in the scripts."""
 
 from .diffusion import (
     Trajectory,

@@ -217,8 +217,8 @@ class StopSignal:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this update (DDPO-IS, RWR: after the updates of this "
-              "sampled batch) with a checkpoint; Ctrl-C again aborts without one", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this update (DDPO-IS, GRPO, RWR: after the updates of "
+              "this sampled batch) with a checkpoint; Ctrl-C again aborts without one", file=sys.stderr, flush=True)
 
     def requested(self, device=None) -> bool:
         """Whether any rank was signalled (a collective under torchrun: call it on every rank)."""

@@ -34,7 +34,8 @@ def guided_noise_pred(
     guidance_scale: float,
     use_checkpoint: bool = False,
 ) -> torch.Tensor:
-    """The policy: ε̂ = ε(x,t,∅) + w·(ε(x,t,c) − ε(x,t,∅)), one UNet call on the doubled batch.
+    """The policy: ε̂ = ε(x,t,∅) + w·(ε(x,t,c) − ε(x,t,∅)), one UNet call on the doubled batch; diffusers' pipelines
+    call it `noise_pred` (for a v-prediction model it is the guided v̂, which the steps below convert).
 
     `uncond` is the empty-prompt embedding ([1, 77, D] or [B, 77, D]); `t` a scalar or a per-sample [B]
     tensor. With `use_checkpoint`, the UNet's activations are not stored but recomputed in the backward pass
@@ -96,8 +97,8 @@ def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
-    """μ and σ of the stochastic DDIM step (ALGORITHMS.md §0), for terms between two policies' Gaussians at the same
-    step, such as GRPO's KL to the base model (grpo.py)."""
+    """μ and σ of the stochastic DDIM step (docs/ALGORITHMS.md §0), for terms between two policies' Gaussians at the
+    same step, such as GRPO's KL to the base model (grpo.py)."""
     return _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
 
 
@@ -108,7 +109,8 @@ def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
 
 
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
-    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
+    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t): the formulas of docs/ALGORITHMS.md §0, "DDIM step with
+    log-probability" (x̂0, σ_t, μ, x_prev and log p, in that order).
 
     Same arithmetic as diffusers' `DDIMScheduler.step` (ε- or v-prediction, no clipping), but `timestep` may
     be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
@@ -123,6 +125,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     prev_sample = prev_sample.detach().to(mean.dtype)
     if eta == 0:
         return prev_sample, None
+    # log N(x_prev; μ, σ_t²) per element, averaged over C,H,W: "log p" of docs/ALGORITHMS.md §0
     log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
     return prev_sample, log_prob.mean(dim=tuple(range(1, mean.ndim)))
 

@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` models) with a trainable LoRA on the UNet."""
+"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` / `sd14-random` models) with a trainable LoRA
+on the UNet."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from .errors import UserError
 
 SD14 = "CompVis/stable-diffusion-v1-4"
 
-# LoRA targets (ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
+# LoRA targets (docs/ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
 # feed-forward layers (the DRaFT paper found FF + cross-attention slightly better than attention alone).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
@@ -252,7 +253,8 @@ def load_pipeline(
     random weights) or "tiny-shapes" (pretrained on the
     shapes testbed, `shapes/`). `dtype` is the frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU
     too, slowly, for tests); LoRA weights are always float32. Only LoRA parameters require grad; the VAE and
-    text encoder are frozen. The scheduler is DDIM with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
+    text encoder are frozen. The scheduler is DDIM on the model's own noise schedule (SD1.4's for the built-in
+    models). `seed` only affects `tiny` and `sd14-random`.
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
