@@ -1,4 +1,4 @@
-"""Runs that survive (issue 5): exact resume, kill during a save, SIGTERM, skipped non-finite updates, torchrun, and
+"""Runs that survive: exact resume, kill during a save, SIGTERM, skipped non-finite updates, torchrun, and
 the message each bad --resume gets before anything is written (the other bad inputs: test_refusals.py).
 
 In-process runs call a script's `main` with its real command-line parser (`tyro.cli(Args, args=[...])`); the
@@ -20,18 +20,14 @@ import tyro
 from safetensors.torch import load_file, save_file
 
 import common
-from conftest import ROOT, read_metrics
+from conftest import SCRIPTS, read_metrics, script_args, script_cli, scripts
 
 LORA = "pytorch_lora_weights.safetensors"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-# Small, fast configurations on `--model tiny` (one gradient script, one RL script).
-FLAGS = {
-    "draft": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--k", "2"],
-    "ddpo_sf": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
-                "--train-batch-size", "2"],
-}
-COMMON = ["--model", "tiny", "--num-inference-steps", "4", "--num-sample-images", "3", "--sample-seeds", "3",
-          "--sample-every", "100", "--lora-rank", "4"]  # 3 grid images: no batch size of FLAGS
+GRID = 3  # images in the sample grid: no batch size of the registry's
+# The registry's small run of each script (conftest.SCRIPTS).
+COMMON = ["--num-inference-steps", "4", "--num-sample-images", str(GRID), "--sample-seeds", str(GRID), "--sample-every",
+          "100", "--lora-rank", "4"]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +42,7 @@ def restore_signal_handlers():
 def run(script: str, *flags: str):
     """`python {script}.py {flags}`, in this process."""
     module = importlib.import_module(script)
-    return module.main(tyro.cli(module.Args, args=[*COMMON, *FLAGS[script], *flags]))
+    return module.main(tyro.cli(module.Args, args=script_args(script, *COMMON, *flags)))
 
 
 def lora(run_dir):
@@ -68,7 +64,7 @@ def snapshot(path):
 
 # --- exact resume --------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("script", ["draft", "ddpo_sf"])
+@pytest.mark.parametrize("script", scripts())
 def test_resume_equals_uninterrupted_run(script, tmp_path):
     """4 steps in one go == 2 steps, then --resume for 2 more: same LoRA, same rewards at steps 3 and 4."""
     whole, split = tmp_path / "whole", tmp_path / "split"
@@ -105,7 +101,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def script_cmd(script, *flags):
-    return [sys.executable, str(ROOT / f"{script}.py"), *COMMON, *FLAGS[script], *flags]
+    return script_cli(script, *COMMON, *flags)
 
 
 def test_sigkill_during_save_resumes_from_last_complete_checkpoint(tmp_path):
@@ -159,8 +155,9 @@ def test_signal_saves_a_checkpoint_and_exits_128_plus_signal(sig, tmp_path):
 
 # --- non-finite updates ----------------------------------------------------------------------------------------
 
-def nan_reward(monkeypatch, batch_size, bad_calls):
-    """Make the reward return NaN on the training batches numbered in `bad_calls` (1-based; grids not counted)."""
+def nan_reward(monkeypatch, bad_calls=frozenset()):
+    """Make the reward return NaN on the training calls numbered in `bad_calls` (1-based; the grid's calls, of
+    GRID images, are not counted). Returns the list that counts the training calls."""
     import rewards
 
     load, calls = rewards.load, []
@@ -170,7 +167,7 @@ def nan_reward(monkeypatch, batch_size, bad_calls):
 
         def reward(images, prompts):
             r = fn(images, prompts)
-            if len(prompts) == batch_size:
+            if len(prompts) != GRID:
                 calls.append(1)
                 if len(calls) in bad_calls:
                     return r * float("nan")
@@ -178,24 +175,30 @@ def nan_reward(monkeypatch, batch_size, bad_calls):
         return reward
 
     monkeypatch.setattr(rewards, "load", patched)
+    return calls
 
 
-@pytest.mark.parametrize("script, batch_size", [("draft", 2), ("ddpo_sf", 4)])
-def test_nan_reward_is_skipped_and_counted(script, batch_size, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script", scripts())
+def test_nan_reward_is_skipped_and_counted(script, tmp_path, monkeypatch, capsys):
+    """A sampled batch whose rewards are NaN is skipped whole (all of its updates), counted once, and leaves the
+    weights exactly where the batch before it put them."""
+    u = SCRIPTS[script].updates_per_batch
     reference, out = tmp_path / "reference", tmp_path / "nan"
-    run(script, "--steps", "1", "--output-dir", str(reference))
-    nan_reward(monkeypatch, batch_size, bad_calls={2})
-    run(script, "--steps", "2", "--output-dir", str(out))
+    calls = nan_reward(monkeypatch)
+    run(script, "--steps", str(u), "--output-dir", str(reference))  # one batch: how many reward calls it makes
+    n = len(calls)
+    calls.clear()
+    nan_reward(monkeypatch, bad_calls=set(range(n + 1, 2 * n + 1)))  # the second batch's
+    run(script, "--steps", str(2 * u), "--output-dir", str(out))
 
     rows = read_metrics(out)
-    assert [r["skipped_updates"] for r in rows] == [0, 1]
-    assert "step 2: non-finite" in capsys.readouterr().err
-    # the skipped update left the weights exactly where step 1 put them
+    assert [r["skipped_updates"] for r in rows] == [0] * u + [1] * u
+    assert f"step {u + 1}: non-finite" in capsys.readouterr().err
     assert_same_lora(lora(reference), lora(out))
 
 
 def test_max_bad_steps_stops_with_the_step_and_likely_causes(tmp_path, monkeypatch):
-    nan_reward(monkeypatch, 2, bad_calls=set(range(1, 100)))
+    nan_reward(monkeypatch, bad_calls=set(range(1, 100)))
     with pytest.raises(SystemExit) as e:
         run("draft", "--steps", "10", "--max-bad-steps", "3", "--output-dir", str(tmp_path / "run"))
     message = str(e.value.code)
@@ -285,6 +288,8 @@ def test_resume_after_a_refusal_still_works(finished_run, tmp_path):
 
 # --- torchrun -----------------------------------------------------------------------------------------------------
 
+# One script of each kind (conftest.SCRIPTS): a run under torchrun starts three interpreters, about 30 s of CPU per
+# test, and the rule it checks (every rank draws the global batch's randomness and keeps its share) is common/'s.
 TORCHRUN = {  # per-process flags: the global batch is the same, DDPO's sampling chunk is the per-process share
     "draft": ([], []),
     "ddpo_sf": (["--sample-batch-size", "4"], ["--sample-batch-size", "2", "--train-batch-size", "2"]),
