@@ -1,4 +1,4 @@
-"""Half precision that keeps the gradient (issue 11): every script's loss in fp16 (with loss scaling) and bf16 base
+"""Half precision that keeps the gradient: every script's loss in fp16 (with loss scaling) and bf16 base
 weights against float32, at SD1.4's sizes; dynamic loss scaling; DDPO-IS's ratio on its first update; the whole CLI
 in fp16 and bf16; micro-batching and VAE checkpointing giving the whole batch's gradient; v-prediction.
 
@@ -9,24 +9,20 @@ multiplying them by (test sizes) / (real sizes) gives the per-element gradient a
 (DDPO: about 4e-8, below fp16's smallest subnormal, 6e-8), which is what decides whether fp16 keeps it.
 """
 
+import importlib
+import inspect
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
 import common
 import ddpo_is
-import ddpo_sf
 import draft
-import draft_lv
-import alignprop
-import grpo
-import refl
 import rwr
-from conftest import ROOT, randomize_lora, read_metrics
+from conftest import SCRIPTS, randomize_lora, read_metrics, script_cli, scripts
 
 D_TEST, D_SD14 = 4 * 16 * 16, 4 * 64 * 64  # latent elements
 PIXELS_TEST, PIXELS_SD14 = 32 * 32, 512 * 512
@@ -74,23 +70,21 @@ def trajectory(pipes):
     return cond, uncond, traj
 
 
-RL_SCRIPTS = {  # module, the updates' n·T under the published settings (images × timesteps averaged over)
-    "ddpo_sf": (ddpo_sf, 64 * 50), "ddpo_is": (ddpo_is, 16 * 50), "grpo": (grpo, 16 * 50),
-}
+# the RL scripts whose loss is over the stored trajectory's log-probs (RWR's denoising loss: its own test below)
+LOG_PROB_SCRIPTS = [name for name in scripts("rl") if hasattr(importlib.import_module(name), "minibatch_log_probs")]
 
 
-@pytest.mark.parametrize("name", sorted(RL_SCRIPTS))
+@pytest.mark.parametrize("name", LOG_PROB_SCRIPTS)
 @pytest.mark.parametrize("j", [0, 25, 49], ids=["t981", "t481", "t1"])
 def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
     """One timestep of the DDPO-style loss at SD1.4's sizes: cosine ≥ 0.99 with float32's gradient, in fp16 (loss
     scaled) and with bf16 base weights. Unscaled fp16 gave 0.04 / 0 / 0 (97–100% exact zeros)."""
-    module, n_t = RL_SCRIPTS[name]
+    module, n_t = importlib.import_module(name), SCRIPTS[name].published_nt
     cond, uncond, traj = trajectory
     n = cond.shape[0]
     advantages = torch.tensor([1.0, -0.7]) * (n * D_TEST) / (n_t * D_SD14)  # one timestep of n samples: ×1/(n·T)
     args = module.Args(model="tiny", train_batch_size=n, guidance_scale=5.0, eta=1.0, num_inference_steps=50,
-                       **({"group_size": 2, "batch_size": 4, "sample_batch_size": 4, "num_minibatches": 2}
-                          if name == "grpo" else {}))
+                       **SCRIPTS[name].args)
     samples, timestep_idx = torch.arange(n), torch.full((n, 1), j)
 
     def backward(pipe):
@@ -104,7 +98,7 @@ def test_policy_gradient_survives_half_precision(name, j, pipes, trajectory):
         ours = lora_gradient(pipes[dtype], backward(pipes[dtype]))
         print(f"cosine {name} t{j} {dtype}: {cosine(ours, reference):.4f}")  # the figures of the README (pytest -s)
         assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
-    # the control: fp16 without loss scaling (the scripts before issue 11) does not keep this gradient
+    # the control: fp16 without loss scaling does not keep this gradient
     params = common.lora_parameters(pipes[torch.float16])
     for p in params:
         p.grad = None
@@ -119,7 +113,7 @@ def test_rwr_gradient_survives_half_precision(pipes, trajectory):
     """RWR's weighted denoising loss at SD1.4's sizes (a minibatch of 16, mean over 16,384 elements)."""
     cond, uncond, traj = trajectory
     x0 = traj.latents[:, -1]
-    weights = torch.tensor([1.3, 0.7]) * (2 * D_TEST) / (16 * D_SD14)
+    weights = torch.tensor([1.3, 0.7]) * (2 * D_TEST) / (SCRIPTS["rwr"].published_nt * D_SD14)
     args = rwr.Args(model="tiny", train_batch_size=2, guidance_scale=5.0)
 
     def backward(pipe):
@@ -148,16 +142,18 @@ def pixel_mean_reward(scale):
     return reward
 
 
-GRADIENT_SCRIPTS = {
-    "draft": (draft, dict(k=2), ()), "draft_lv": (draft_lv, dict(num_copies=2), ()),
-    "refl": (refl, dict(max_step=4), (2,)), "alignprop": (alignprop, dict(truncation="fixed", k=4), (4,)),
-}
+def gradient_script(name):
+    """The module, its registry `args` and `extra`, and whether its accumulate_gradient takes re-noising `noises`
+    (DRaFT-LV)."""
+    module = importlib.import_module(name)
+    takes_noises = "noises" in inspect.signature(module.accumulate_gradient).parameters
+    return module, SCRIPTS[name].args, SCRIPTS[name].extra, takes_noises
 
 
-@pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))
+@pytest.mark.parametrize("name", scripts("gradient"))
 def test_reward_gradient_survives_half_precision(name, pipes):
     """Backprop through the last steps and the VAE decoder at SD1.4's sizes: cosine ≥ 0.99 with float32's."""
-    module, flags, extra = GRADIENT_SCRIPTS[name]
+    module, flags, extra, takes_noises = gradient_script(name)
     args = module.Args(model="tiny", num_inference_steps=4, batch_size=2, **flags)
     reward_fn = pixel_mean_reward(PIXELS_TEST / PIXELS_SD14 * 2 / 4)
     prompts = ["a cat", "a dog"]
@@ -166,7 +162,7 @@ def test_reward_gradient_survives_half_precision(name, pipes):
 
     def backward(pipe):
         cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, [""])
-        more = (noises,) if name == "draft_lv" else ()
+        more = (noises,) if takes_noises else ()
         return lambda guard: module.accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, *more,
                                                         guard, args, *extra)
 
@@ -178,17 +174,17 @@ def test_reward_gradient_survives_half_precision(name, pipes):
         assert cosine(ours, reference) >= 0.99, (dtype, cosine(ours, reference))
 
 
-@pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))
+@pytest.mark.parametrize("name", scripts("gradient"))
 def test_micro_batches_and_vae_checkpointing_give_the_whole_batch_gradient(name, pipes):
     """--train-batch-size 1 (four backward passes) and the decoder's gradient checkpointing give the gradient of
     one backward pass over the batch of 4."""
-    module, flags, extra = GRADIENT_SCRIPTS[name]
+    module, flags, extra, takes_noises = gradient_script(name)
     pipe = pipes[torch.float32]
     prompts = ["a cat", "a dog", "a cow", "a fox"]
     cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, [""])
     latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(4))
     more = ([torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(5 + i)) for i in range(2)],) \
-        if name == "draft_lv" else ()
+        if takes_noises else ()
     reward_fn = pixel_mean_reward(1.0)
 
     def gradient(train_batch_size):
@@ -302,18 +298,18 @@ def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
 
 # --- the whole CLI in half precision -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("precision", ["fp16", "bf16"])
-@pytest.mark.parametrize("script,flags", [
-    ("ddpo_is.py", ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
-                    "--train-batch-size", "2", "--num-minibatches", "2", "--save-every", "2"]),
-    ("draft_lv.py", ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--train-batch-size", "1"]),
-])
-def test_cli_trains_in_half_precision(script, flags, precision, tmp_path):
+# fp16 (loss scaling) for every script; bf16 (no scaling, the same casts) for one of each kind: a run costs ~10 s of CPU
+HALF = [(s, "fp16") for s in scripts()] + [(scripts(kind)[0], "bf16") for kind in ("rl", "gradient")]
+
+
+@pytest.mark.parametrize("script,precision", HALF)
+def test_cli_trains_in_half_precision(script, precision, tmp_path):
+    """One update through the real command line with fp16 or bf16 base weights, in micro-batches of one image."""
     out = tmp_path / "run"
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--model", "tiny", "--steps", "1", "--num-inference-steps",
-                           "3", "--num-sample-images", "2", "--mixed-precision", precision, "--output-dir", str(out),
-                           *flags], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    cmd = script_cli(script, "--steps", "1", "--num-inference-steps", "3", "--num-sample-images", "2",
+                     "--train-batch-size", "1", "--mixed-precision", precision, "--output-dir", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     row = read_metrics(out)[0]
     assert math.isfinite(row["loss"]) and row["reward_queries"] > 0

@@ -1,17 +1,22 @@
 """The RL scripts' math (ddpo_sf, ddpo_is, rwr), each checked against an independent computation in this file."""
 
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import common
 import ddpo_is
 import ddpo_sf
 import rwr
-from conftest import randomize_lora, read_metrics
+from conftest import SCRIPTS, randomize_lora, read_metrics, script_args, scripts
 
+# the RL scripts that normalise rewards by DDPO's per-prompt running statistics (GRPO's groups: test_grpo.py)
+STAT_TRACKING = [importlib.import_module(n) for n in scripts("rl")
+                 if hasattr(importlib.import_module(n), "PerPromptStatTracker")]
 
 
 GUARD = common.UpdateGuard(max_bad_steps=1)  # no loss scaling: float32
@@ -154,7 +159,7 @@ def reference_advantages(history, prompts, r, buffer, min_count):
     return out
 
 
-@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+@pytest.mark.parametrize("module", STAT_TRACKING, ids=lambda m: m.__name__)
 def test_per_prompt_advantages(module):
     buffer, min_count = 5, 3
     args = module.Args(stat_buffer_size=buffer, stat_min_count=min_count, adv_clip_max=1e9)
@@ -175,7 +180,7 @@ def test_per_prompt_advantages(module):
     assert fallbacks > 0 and tracked > 0  # both the batch fallback and the per-prompt buffers were exercised
 
 
-@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+@pytest.mark.parametrize("module", STAT_TRACKING, ids=lambda m: m.__name__)
 def test_advantage_clip_and_batch_normalisation(module):
     r = np.array([0.0] * 49 + [100.0])
     prompts = ["p"] * 50
@@ -290,21 +295,18 @@ def test_rwr_regresses_a_fresh_sample_of_the_vae_posterior(tiny_pipe):
 # ------------------------------------------------------------------------------------- the loops, refusals
 
 
-def run_main(module, tmp_path, **kw):
-    out = tmp_path / "run"
-    base = dict(model="tiny", reward="jpeg_compressibility", steps=3, batch_size=4, num_minibatches=2,
-                train_batch_size=2, sample_batch_size=4, num_inference_steps=2, output_dir=str(out),
-                sample_every=100, num_sample_images=2, save_every=0)
-    module.main(module.Args(**(base | kw)))
-    return out, read_metrics(out)
-
-
-@pytest.mark.parametrize("module,extra", [(ddpo_is, {}), (rwr, {"num_epochs": 1, "images_per_prompt": 2})])
-def test_steps_count_optimizer_updates(module, extra, tmp_path):
-    """2 updates per sampled batch and --steps 3: exactly 3 updates, the second batch sampled for the third."""
-    out, rows = run_main(module, tmp_path, **extra)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["reward_queries"] for r in rows] == [4, 4, 8]
+@pytest.mark.parametrize("name", [n for n in scripts() if SCRIPTS[n].updates_per_batch > 1])
+def test_steps_count_optimizer_updates(name, tmp_path):
+    """Several updates per sampled batch and --steps one more than a batch gives: exactly that many updates, the
+    second batch sampled for the last one."""
+    module, u, out = importlib.import_module(name), SCRIPTS[name].updates_per_batch, tmp_path / "run"
+    args = tyro.cli(module.Args, args=script_args(name, "--steps", str(u + 1), "--num-inference-steps", "2",
+                                                  "--output-dir", str(out), "--sample-every", "100",
+                                                  "--num-sample-images", "2", "--save-every", "0"))
+    module.main(args)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, u + 2))
+    assert [r["reward_queries"] for r in rows] == [args.batch_size] * u + [2 * args.batch_size]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (out / common.LORA_FILE).is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", f"step_{u + 1:06d}.png"]
