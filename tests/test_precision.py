@@ -17,12 +17,13 @@ import subprocess
 
 import pytest
 import torch
+import tyro
 
 import common
 import ddpo_is
 import draft
 import rwr
-from conftest import SCRIPTS, randomize_lora, read_metrics, script_cli, scripts
+from conftest import SCRIPTS, randomize_lora, read_metrics, script_args, script_cli, scripts
 
 D_TEST, D_SD14 = 4 * 16 * 16, 4 * 64 * 64  # latent elements
 PIXELS_TEST, PIXELS_SD14 = 32 * 32, 512 * 512
@@ -298,23 +299,37 @@ def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
 
 # --- the whole CLI in half precision -------------------------------------------------------------------------------
 
-# fp16 (loss scaling) for every script; bf16 (no scaling, the same casts) for one of each kind: a run costs ~10 s of CPU
-HALF = [(s, "fp16") for s in scripts()] + [(scripts(kind)[0], "bf16") for kind in ("rl", "gradient")]
+HALF_FLAGS = ("--steps", "1", "--num-inference-steps", "3", "--num-sample-images", "2", "--train-batch-size", "1")
 
 
-@pytest.mark.parametrize("script,precision", HALF)
-def test_cli_trains_in_half_precision(script, precision, tmp_path):
-    """One update through the real command line with fp16 or bf16 base weights, in micro-batches of one image."""
-    out = tmp_path / "run"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = script_cli(script, "--steps", "1", "--num-inference-steps", "3", "--num-sample-images", "2",
-                     "--train-batch-size", "1", "--mixed-precision", precision, "--output-dir", str(out))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def check_half_precision_run(out, precision):
     row = read_metrics(out)[0]
     assert math.isfinite(row["loss"]) and row["reward_queries"] > 0
     assert ("loss_scale" in row) == (precision == "fp16")  # dynamic loss scaling in fp16 only
     assert (out / common.LORA_FILE).is_file()
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("script", [scripts(kind)[0] for kind in ("rl", "gradient")])
+def test_cli_trains_in_half_precision(script, precision, tmp_path):
+    """One update through the real command line with fp16 or bf16 base weights, in micro-batches of one image (one
+    script of each kind: a subprocess costs ~10 s of CPU, mostly imports; every script runs in-process below)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = script_cli(script, *HALF_FLAGS, "--mixed-precision", precision, "--output-dir", str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    check_half_precision_run(out, precision)
+
+
+@pytest.mark.parametrize("script", scripts())
+def test_every_script_trains_in_fp16(script, tmp_path):
+    """The same update for every script, in this process (its `main` with the real command-line parser), with fp16
+    base weights and loss scaling: every cast in the script's own loop meets half precision."""
+    module, out = importlib.import_module(script), tmp_path / "run"
+    module.main(tyro.cli(module.Args, args=script_args(script, *HALF_FLAGS, "--mixed-precision", "fp16",
+                                                        "--output-dir", str(out))))
+    check_half_precision_run(out, "fp16")
 
 
 # --- v-prediction ---------------------------------------------------------------------------------------------------
