@@ -79,7 +79,7 @@ class Args:
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
-    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    on the CPU), no (float32), fp16, bf16; LoRA weights and latents stay float32"""
     unet_checkpointing: bool = True
     """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
     makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
@@ -120,16 +120,16 @@ class Args:
 
 
 def sample_with_grad(pipe, cond, uncond, latents, args):
-    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last K steps only. Returns x_0."""
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last step only. Returns x_0."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
     for i, t in enumerate(timesteps):
-        # DRaFT-K: the first T − K steps are plain sampling; the stop-gradient is here.
+        # DRaFT-1: the first T − 1 steps are plain sampling; the stop-gradient is here.
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     return x
 
 
@@ -139,12 +139,13 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     t1 = pipe.scheduler.timesteps[-1]
     # DRaFT-LV: the stop-gradient is on x0: each copy's gradient reaches the weights through this one step only.
     x = common.add_noise(pipe.scheduler, x0.detach(), noise, t1)
-    eps = common.guided_eps(pipe, x, t1, cond, uncond, args.guidance_scale, use_checkpoint=args.unet_checkpointing)
-    return common.ddim_step(pipe.scheduler, eps, t1, x)
+    noise_pred = common.guided_noise_pred(pipe, x, t1, cond, uncond, args.guidance_scale,
+                                          use_checkpoint=args.unet_checkpointing)
+    return common.ddim_step(pipe.scheduler, noise_pred, t1, x)
 
 
 def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
-    """Decode x0, score it, and backpropagate this chunk's share of L = −mean r over the batch of `batch_size`.
+    """Decode x0, score it, and backpropagate this chunk's share of L's term −mean r over the batch of `batch_size`.
     Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
     loss = -reward.mean() * len(reward) / batch_size
@@ -153,9 +154,9 @@ def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
 
 
 def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, noises, guard, args):
-    """Backpropagate L = −mean r over the batch, train_batch_size images at a time: each chunk is backpropagated as
-    soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the whole batch's.
-    Returns the rewards (per image, per term) and L, detached."""
+    """Backpropagate L = −mean(r(x0) + Σ_i r(x0ⁱ)) over the batch, train_batch_size images at a time: each chunk is
+    backpropagated as soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the
+    whole batch's. Returns the rewards (per image, per term) and L, detached."""
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
@@ -215,7 +216,7 @@ def main(args: Args) -> None:
         latents = common.initial_latents(pipe, len(batch_prompts))
         noises = [common.randn(latents.shape, device=device) for _ in range(args.num_copies)]  # DRaFT-LV: ε per copy
 
-        # ALGO 2. Sample with gradient through the last K steps, decode, score: L = −mean r, backpropagated.
+        # ALGO 2. Sample with gradient through the last step, re-noise, decode, score: L = −mean(r(x0) + Σ_i r(x0ⁱ)).
         optimizer.zero_grad(set_to_none=True)
         reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, noises, guard, args)
         reward_queries += args.batch_size * (args.num_copies + 1)  # DRaFT-LV: every scored image counts

@@ -1,16 +1,17 @@
 """GRPO: group-relative policy optimisation (DanceGRPO, Flow-GRPO) on DDPO's denoising MDP, as a diff of DDPO-IS.
 
-Black, Janner, Du, Kostrikov & Levine, "Training Diffusion Models with Reinforcement Learning", ICLR 2024
-(arXiv:2305.13301).
+Xue et al., "DanceGRPO: Unleashing GRPO on Visual Generation" (arXiv:2505.07818) and Liu et al., "Flow-GRPO:
+Training Flow Matching Models via Online RL" (arXiv:2505.05470), on the MDP of Black, Janner, Du, Kostrikov &
+Levine, "Training Diffusion Models with Reinforcement Learning", ICLR 2024 (arXiv:2305.13301).
 
 Idea: treat denoising as a T-step MDP whose policy is the guided noise prediction. A DDIM step with η > 0
 is a Gaussian, so each sampled step x_t → x_{t−1} has a log-probability that is differentiable in the
 weights. The reward of the final image, normalised per prompt into an advantage A, weights these
 log-probabilities. The reward is never differentiated, so any scorer works (JPEG size, a VLM, a human).
 
-What differs from `ddpo_is.py` (marked `# GRPO:`), after Xue et al., "DanceGRPO" (arXiv:2505.07818; trains SD1.4)
-and Liu et al., "Flow-GRPO" (arXiv:2505.05470): a batch is batch_size / G prompts × G images (a group; optionally
-one initial noise per group), and each image's advantage is its reward against its own group's,
+What differs from `ddpo_is.py` (marked `# GRPO:`), after DanceGRPO (which trains SD1.4) and Flow-GRPO: a batch is
+batch_size / G prompts × G images (a group; optionally one initial noise per group), and each image's advantage is
+its reward against its own group's,
 A = (r − mean_group) / (std_group + ε), with no statistics kept across batches (DDPO's per-prompt tracker is gone).
 An optional KL to the base model, β·‖μ_θ − μ_ref‖² / (2σ_t²) per step, joins the loss. The clipped ratio
 (ε = 1e-4, as both), the advantage clip (5, as both), the minibatches and --timestep-fraction are DDPO-IS's.
@@ -179,10 +180,10 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             columns = timestep_idx[s : s + args.train_batch_size, j : j + args.timesteps_per_call]
             i, k = chunk.repeat(columns.shape[1]), columns.T.flatten()  # column after column
             t = traj.timesteps[k]
-            eps = common.guided_eps(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
-            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, eps, t, traj.latents[i, k], args.eta,
+            noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
+            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
-            yield i, k, log_prob, eps  # GRPO: and ε̂, for the KL
+            yield i, k, log_prob, noise_pred  # GRPO: and the guided ε̂, for the KL
 
 
 # DDPO-IS: the PPO-style clipped surrogate replaces −A·log p.
@@ -198,16 +199,16 @@ def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
 
 
 # GRPO: the KL of one DDIM step to the base model's; both are Gaussians with the same σ_t.
-def kl_to_base(pipe, latents, t, cond, uncond, eps, args):
+def kl_to_base(pipe, latents, t, cond, uncond, noise_pred, args):
     """KL(p_θ ‖ p_ref) = ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over C,H,W like the log-prob and over the chunk
     (Flow-GRPO's kl_loss, scripts/train_sd3.py); μ_ref from the same UNet with its LoRA disabled (diffusers'
     disable_adapters): one more forward, without gradient, and no second model in memory."""
     pipe.unet.disable_adapters()
     with torch.no_grad():
-        eps_ref = common.guided_eps(pipe, latents, t, cond, uncond, args.guidance_scale)
+        noise_pred_ref = common.guided_noise_pred(pipe, latents, t, cond, uncond, args.guidance_scale)
     pipe.unet.enable_adapters()
-    mean, std = common.ddim_mean_std(pipe.scheduler, eps, t, latents, args.eta)
-    mean_ref, _ = common.ddim_mean_std(pipe.scheduler, eps_ref, t, latents, args.eta)
+    mean, std = common.ddim_mean_std(pipe.scheduler, noise_pred, t, latents, args.eta)
+    mean_ref, _ = common.ddim_mean_std(pipe.scheduler, noise_pred_ref, t, latents, args.eta)
     return ((mean - mean_ref) ** 2 / (2 * std**2)).mean()
 
 
@@ -215,10 +216,10 @@ def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_
     """Backpropagate the loss averaged over one minibatch's (sample, timestep) pairs, chunk by chunk (gradients
     accumulate; the caller takes one optimizer step). Returns the loss and its diagnostics, averaged the same way."""
     stats = defaultdict(float)
-    for i, k, log_prob, eps in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+    for i, k, log_prob, noise_pred in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
         loss, diagnostics = clipped_surrogate(log_prob, traj.log_probs[i, k], advantages[i], args.clip_range)
         if args.kl_beta > 0:  # GRPO
-            kl = kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, eps, args)
+            kl = kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, noise_pred, args)
             loss, diagnostics["kl"] = loss + args.kl_beta * kl, kl.detach()
         weight = len(i) / len(samples) / timestep_idx.shape[1]  # this chunk's share of the minibatch's mean
         guard.backward(loss * weight)  # × the loss scale in fp16
@@ -286,7 +287,7 @@ def main(args: Args) -> None:
             with torch.no_grad():  # all ranks' rewards: the statistics are the global batch's
                 reward = common.gather(reward_fn(common.decode(pipe, traj.latents[:, -1]), batch_prompts).float()).cpu()
             reward_queries += args.batch_size
-            batch_ok = guard.ok(step, reward=reward)  # a non-finite reward must not reach the per-prompt statistics
+            batch_ok = guard.ok(step, reward=reward)  # a non-finite reward: the whole batch is skipped
             # ALGO 2. Rewards -> advantages (a skipped batch keeps NaN, for the log).
             advantages = torch.full((local_batch,), float("nan"), device=device)
             if batch_ok:

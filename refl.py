@@ -96,7 +96,7 @@ class Args:
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
-    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    on the CPU), no (float32), fp16, bf16; LoRA weights and latents stay float32"""
     unet_checkpointing: bool = True
     """recompute the activations of each UNet call with gradient in the backward pass instead of storing them (what
     makes backprop through 50 steps fit in memory; AlignProp's and trl's code do it); --no-unet-checkpointing keeps
@@ -147,11 +147,11 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
     for i, t in enumerate(timesteps):
         # ReFL: steps 0..m−1 are plain sampling (the stop-gradient is here); only the call at x_m has gradient.
         with torch.set_grad_enabled(i == m):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, args.guidance_scale,
-                                    use_checkpoint=args.unet_checkpointing)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
+                                                  use_checkpoint=args.unet_checkpointing)
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
-                return common.predict_x0(pipe.scheduler, eps, t, x)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+                return common.predict_x0(pipe.scheduler, noise_pred, t, x)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     raise ValueError(f"step index m = {m} is outside 0..{len(timesteps) - 1}")
 
 
@@ -172,9 +172,9 @@ def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
 
 
 def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, args, m):
-    """Backpropagate L = −mean r over the batch, train_batch_size images at a time: each chunk is backpropagated as
-    soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the whole batch's.
-    Returns the rewards (per image, per term) and L, detached."""
+    """Backpropagate L (`refl_loss`) over the batch, train_batch_size images at a time: each chunk is
+    backpropagated as soon as it is scored, so only one chunk's graph is in memory, and the gradients add up to the
+    whole batch's. Returns the rewards (per image) and L, detached."""
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))

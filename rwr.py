@@ -105,7 +105,7 @@ class Args:
     """run directory; default runs/{exp_name}__{reward}__{seed}__{time}"""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """dtype of the frozen base weights: auto (bf16 on GPUs that support it, else fp16 with loss scaling; float32
-    on the CPU), no (float32), fp16, bf16; LoRA weights, latents and log-probs stay float32"""
+    on the CPU), no (float32), fp16, bf16; LoRA weights and latents stay float32"""
     track: bool = False
     """also log to Weights & Biases"""
     sample_every: int = 160
@@ -169,9 +169,9 @@ def weighted_denoising_loss(pipe, x0, cond, uncond, weights, timesteps, noise, g
     """Σ_i w_i · mean_{CHW} ‖target_i − ε̂_guided(x_t, t_i, c_i)‖² / normaliser, x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε; the
     target is ε (v for a v-prediction model)."""
     x_t = common.add_noise(pipe.scheduler, x0, noise, timesteps)
-    eps = common.guided_eps(pipe, x_t, timesteps, cond, uncond, guidance_scale)
+    noise_pred = common.guided_noise_pred(pipe, x_t, timesteps, cond, uncond, guidance_scale)
     target = common.denoising_target(pipe.scheduler, x0, noise, timesteps)
-    per_sample = ((target - eps) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+    per_sample = ((target - noise_pred) ** 2).mean(dim=tuple(range(1, x0.ndim)))
     return (weights * per_sample).sum() / normaliser
 
 

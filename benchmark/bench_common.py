@@ -87,8 +87,8 @@ def memory_child(use_checkpoint: bool, batch_size: int, steps: int) -> dict:
         x = common.initial_latents(pipe, batch_size, torch.Generator().manual_seed(0))
         with torch.set_grad_enabled(grad):
             for t in pipe.scheduler.timesteps:
-                eps = common.guided_eps(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint)
-                x = common.ddim_step(pipe.scheduler, eps, t, x)
+                noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint)
+                x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
             loss = common.decode(pipe, x).mean()
         if grad:
             loss.backward()

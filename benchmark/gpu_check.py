@@ -312,7 +312,7 @@ class Worker:
                                         resolution=self.s["resolution"])
         cond, uncond = common.encode_prompts(pipe, ["a cat"] * 4), common.encode_prompts(pipe, [""])
         x = common.initial_latents(pipe, 4, torch.Generator().manual_seed(0))
-        common.guided_eps(pipe, x, pipe.scheduler.timesteps[0], cond, uncond, 5.0).mean().backward()
+        common.guided_noise_pred(pipe, x, pipe.scheduler.timesteps[0], cond, uncond, 5.0).mean().backward()
         with torch.no_grad():
             common.decode(pipe, x[:1])
 

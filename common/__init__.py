@@ -11,7 +11,7 @@ from .diffusion import (
     denoising_target,
     encode,
     encode_prompts,
-    guided_eps,
+    guided_noise_pred,
     initial_latents,
     predict_x0,
     sample_images,

@@ -399,8 +399,8 @@ class StopSignal:
         if self.signum and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this update (DDPO-IS, RWR: after the updates of this "
-              "sampled batch) with a checkpoint; Ctrl-C again aborts without one", file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name}: stopping after this update (DDPO-IS, GRPO, RWR: after the updates of "
+              "this sampled batch) with a checkpoint; Ctrl-C again aborts without one", file=sys.stderr, flush=True)
 
     def _gave_up(self) -> str:
         return self.guard.stop_reason if self.guard is not None else ""

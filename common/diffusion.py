@@ -51,7 +51,7 @@ def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0]
 
 
-def guided_eps(
+def guided_noise_pred(
     pipe,
     latents: torch.Tensor,
     t: torch.Tensor | int,
@@ -60,7 +60,8 @@ def guided_eps(
     guidance_scale: float,
     use_checkpoint: bool = False,
 ) -> torch.Tensor:
-    """The policy: ε̂ = ε(x,t,∅) + w·(ε(x,t,c) − ε(x,t,∅)), one UNet call on the doubled batch.
+    """The policy: ε̂ = ε(x,t,∅) + w·(ε(x,t,c) − ε(x,t,∅)), one UNet call on the doubled batch; diffusers' pipelines
+    call it `noise_pred` (for a v-prediction model it is the guided v̂, which the steps below convert).
 
     `uncond` is the empty-prompt embedding ([1, 77, D] or [B, 77, D]); `t` a scalar or a per-sample [B]
     tensor. With `use_checkpoint`, the UNet's activations are not stored but recomputed in the backward pass
@@ -82,8 +83,8 @@ def guided_eps(
         out = checkpoint(call, x, torch.cat([t, t]), emb, use_reentrant=False)
     else:
         out = call(x, torch.cat([t, t]), emb)
-    eps_uncond, eps_cond = _at_least_f32(out).chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    noise_pred_uncond, noise_pred_text = _at_least_f32(out).chunk(2)
+    return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
 
 def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
@@ -125,8 +126,8 @@ def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
 
 
 def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
-    """μ and σ of the stochastic DDIM step (ALGORITHMS.md §0), for terms between two policies' Gaussians at the same
-    step, such as GRPO's KL to the base model (grpo.py)."""
+    """μ and σ of the stochastic DDIM step (docs/ALGORITHMS.md §0), for terms between two policies' Gaussians at the
+    same step, such as GRPO's KL to the base model (grpo.py)."""
     return _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
 
 
@@ -137,7 +138,8 @@ def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
 
 
 def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
-    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t), as ALGORITHMS.md §0 specifies.
+    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t): the formulas of docs/ALGORITHMS.md §0, "DDIM step with
+    log-probability" (x̂0, σ_t, μ, x_prev and log p, in that order).
 
     Same arithmetic as diffusers' `DDIMScheduler.step` (ε- or v-prediction, no clipping), but `timestep` may
     be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
@@ -152,6 +154,7 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
     prev_sample = prev_sample.detach().to(mean.dtype)
     if eta == 0:
         return prev_sample, None
+    # log N(x_prev; μ, σ_t²) per element, averaged over C,H,W: "log p" of docs/ALGORITHMS.md §0
     log_prob = -((prev_sample - mean) ** 2) / (2 * std**2) - std.log() - 0.5 * math.log(2 * math.pi)
     return prev_sample, log_prob.mean(dim=tuple(range(1, mean.ndim)))
 
@@ -227,8 +230,8 @@ def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latent
     x = initial_latents(pipe, n, generator) if latents is None else latents.float()
     all_latents, log_probs = [x], []
     for t in scheduler.timesteps:
-        eps = guided_eps(pipe, x, t, cond, uncond, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, eps, t, x, eta, generator=generator)
+        noise_pred = guided_noise_pred(pipe, x, t, cond, uncond, guidance_scale)
+        x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x, eta, generator=generator)
         all_latents.append(x)
         log_probs.append(log_prob)
     lp = torch.stack(log_probs, 1) if eta > 0 else torch.zeros(x.shape[0], 0, device=x.device)

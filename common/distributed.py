@@ -6,7 +6,7 @@ The rule that makes N processes equivalent to one: every rank holds the same ran
 checkpoint) and draws every random number for the *global* batch (prompts, initial noise, DDIM noise), then
 keeps its contiguous share (`shard`). The ranks therefore sample exactly the images one process with the
 same `--batch-size` would sample, split N ways. Rewards are gathered where an algorithm needs statistics of
-the global batch (DDPO's per-prompt tracker, RWR's weights); LoRA gradients are averaged with one
+the global batch (DDPO's per-prompt tracker, GRPO's groups, RWR's weights); LoRA gradients are averaged with one
 all-reduce after the backward pass (`average_gradients`). That is DistributedDataParallel's arithmetic
 without wrapping the UNet: these scripts call the UNet T times or more per backward pass, under activation
 checkpointing and gradient accumulation, which DDP's per-forward hooks do not fit. Only rank 0 writes files.

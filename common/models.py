@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` models) with a trainable LoRA on the UNet."""
+"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` / `sd14-random` models) with a trainable LoRA
+on the UNet."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ SD14 = "CompVis/stable-diffusion-v1-4"
 # A path, not an import, so common/ needs nothing from shapes/; absent where only common/ and rewards/ were copied.
 TINY_SHAPES = Path(__file__).resolve().parents[1] / "shapes" / "tiny-shapes"
 
-# LoRA targets (ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
+# LoRA targets (docs/ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
 # feed-forward layers (the DRaFT paper found FF + cross-attention slightly better than attention alone).
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FEEDFORWARD_TARGETS = ("ff.net.0.proj", "ff.net.2")
@@ -261,8 +262,8 @@ def load_pipeline(
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
     random weights) or "tiny-shapes" (the folder TINY_SHAPES, pretrained on the shapes testbed). `dtype` is the
     frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU too, slowly, for tests); LoRA weights are
-    always float32. Only LoRA parameters require grad; the VAE and text encoder are frozen. The scheduler is DDIM
-    with SD1.4's schedule. `seed` only affects `tiny` and `sd14-random`.
+    always float32. Only LoRA parameters require grad; the VAE and text encoder are frozen. The scheduler is DDIM on
+    the model's own noise schedule (SD1.4's for the built-in models). `seed` only affects `tiny` and `sd14-random`.
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline

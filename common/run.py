@@ -33,7 +33,7 @@ def seed_everything(seed: int) -> None:
 
 def device_and_dtype(mixed_precision: str) -> tuple[torch.device, torch.dtype]:
     """CUDA when present, and the dtype of the frozen base weights (LoRA weights, stored latents and log-probs stay
-    float32 whatever it is; see ALGORITHMS.md "Precision").
+    float32 whatever it is; see docs/ALGORITHMS.md §0, "Precision").
 
     "auto": bf16 on a GPU that computes in bf16 natively (Ampere and newer; the DRaFT paper trained in bf16), fp16
     on older GPUs (with dynamic loss scaling: `UpdateGuard(loss_scaling=True)`), float32 on the CPU. fp16 and bf16

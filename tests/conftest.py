@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,69 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from benchmark.precision import randomize_lora  # noqa: E402,F401  (the tests' LoRA that changes the model)
+
+
+@dataclass(frozen=True)
+class Script:
+    """What the per-script tests know about one training script, `{name}.py`. Every per-script test reads SCRIPTS;
+    adding a script is one entry here (tests/README.md lists what else a new script needs)."""
+
+    kind: str
+    """"rl": the reward is a black box (any reward); "gradient": backpropagates through a differentiable reward"""
+    flags: tuple[str, ...]
+    """a small valid run on `--model tiny`: batch sizes and the algorithm's own knobs; the tests add --model, --reward,
+    --steps, --num-inference-steps (≥ 3) and the run's bookkeeping flags"""
+    updates_per_batch: int = 1
+    """optimizer updates per sampled batch under `flags` (checkpoints, and so --save-every, fall between batches)"""
+    args: dict = field(default_factory=dict)
+    """keyword arguments of `Args` for the in-process tests of `accumulate_gradient` (4 inference steps)"""
+    extra: tuple = ()
+    """gradient scripts: the positional arguments of `accumulate_gradient` after `args` (ReFL's m, AlignProp's K)"""
+    unet_calls_with_grad: int = 0
+    """gradient scripts: UNet calls with gradient per chunk under `args` (each one more forward when checkpointed)"""
+    published_nt: int = 0
+    """RL scripts: the images × timesteps one update averages its loss over under the published settings (DDPO: 64
+    images × 50 steps), which decides the size of the gradient half precision must keep (test_precision)"""
+
+    @property
+    def reward(self) -> str:
+        """A reward the tiny model moves and the script accepts: JPEG size, or its differentiable stand-in."""
+        return "jpeg_compressibility" if self.kind == "rl" else "jpeg_compressibility_diff"
+
+
+RL_FLAGS = ("--batch-size", "4", "--sample-batch-size", "4", "--train-batch-size", "2")
+SCRIPTS = {
+    "ddpo_sf": Script("rl", RL_FLAGS, published_nt=64 * 50),
+    "ddpo_is": Script("rl", (*RL_FLAGS, "--num-minibatches", "2"), updates_per_batch=2,
+                      published_nt=16 * 50),
+    "grpo": Script("rl", (*RL_FLAGS, "--num-minibatches", "2", "--group-size", "2", "--kl-beta", "0.04",
+                          "--shared-noise"), updates_per_batch=2, published_nt=16 * 50),
+    "rwr": Script("rl", (*RL_FLAGS, "--num-minibatches", "2", "--num-epochs", "1", "--images-per-prompt", "2"),
+                  updates_per_batch=2, published_nt=16),
+    "draft": Script("gradient", ("--batch-size", "2", "--k", "2"), args=dict(k=2), unet_calls_with_grad=2),
+    "draft_lv": Script("gradient", ("--batch-size", "2"), args=dict(num_copies=2), unet_calls_with_grad=3),
+    "refl": Script("gradient", ("--batch-size", "2", "--max-step", "3"), args=dict(max_step=4), extra=(2,),
+                   unet_calls_with_grad=1),
+    "alignprop": Script("gradient", ("--batch-size", "2"), args=dict(truncation="fixed", k=4), extra=(4,),
+                        unet_calls_with_grad=4),
+}
+
+
+def scripts(kind: str | None = None) -> list[str]:
+    """The registered scripts' names (of one kind), in registry order: the parameters of every per-script test."""
+    return [name for name, s in SCRIPTS.items() if kind in (None, s.kind)]
+
+
+def script_args(name: str, *flags: str) -> list[str]:
+    """The command-line arguments of a small run of `name` on tiny: `--model tiny --reward R {registry flags}
+    {flags}` (a flag given twice takes its last value)."""
+    s = SCRIPTS[name]
+    return ["--model", "tiny", "--reward", s.reward, *s.flags, *flags]
+
+
+def script_cli(name: str, *flags: str) -> list[str]:
+    """`python {name}.py` with `script_args(name, *flags)`, as a subprocess's argv."""
+    return [sys.executable, str(ROOT / f"{name}.py"), *script_args(name, *flags)]
 
 
 def read_metrics(run_dir):
@@ -73,7 +137,7 @@ def serve_in_thread():
 # (AMD EPYC) the errors measured are 20 to 1000 times below the bound: the margin for another CPU's kernels, which
 # round differently but not by that much more. An error in the code (a wrong step, weight, stop-gradient, pairing
 # or guidance weight) is far above it; a guidance weight off by 0.1% is, for one UNet call
-# (test_ddim_logprob's test_guided_eps_is_cfg_combination), though not through a whole sampling chain.
+# (test_ddim_logprob's test_guided_noise_pred_is_cfg_combination), though not through a whole sampling chain.
 
 U32 = 2.0**-24  # float32's unit roundoff: one rounding changes a value by at most this, relatively
 U64 = 2.0**-53  # float64's

@@ -2,12 +2,15 @@
 copies one script into another project): nothing in `common/` or `rewards/` imports `shapes/`, `benchmark/` or a
 script at import time, and asking for the testbed there is one clear error, not an ImportError."""
 
+import ast
 import os
 import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, read_metrics
+import pytest
+
+from conftest import ROOT, read_metrics, scripts
 
 
 def test_one_script_with_common_and_rewards_runs_alone(tmp_path):
@@ -29,3 +32,18 @@ def test_one_script_with_common_and_rewards_runs_alone(tmp_path):
                               timeout=300, cwd=tmp_path)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert message in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("script", scripts())
+def test_every_script_imports_only_common_rewards_and_libraries(script):
+    """What the run above shows for one script, every script shows statically: no import (at the top or inside a
+    function) of another script, of the testbed or of the benchmarks, so each one copies with common/ and rewards/
+    alone."""
+    tree = ast.parse((ROOT / f"{script}.py").read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert {"common", "rewards"} <= imported
+    local = {p.stem for p in ROOT.glob("*.py")} | {p.name for p in ROOT.iterdir() if (p / "__init__.py").is_file()}
+    assert imported & local <= {"common", "rewards"}, sorted(imported & local)

@@ -99,18 +99,18 @@ def test_reevaluating_trajectory_gives_ratio_one(tiny_pipe):
         idx = perm[:, j]
         t = traj.timesteps[idx]
         x, x_prev = traj.latents[rows[:, 0], idx], traj.latents[rows[:, 0], idx + 1]
-        eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, 5.0)
-        _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, eps, t, x, 1.0, prev_sample=x_prev)
+        noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, 5.0)
+        _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
         ratio = torch.exp(lp - traj.log_probs[rows[:, 0], idx])
         # Sampling and re-evaluation put each sample at another place in the UNet's batch: within float32's rounding
         # of ε̂ (conftest; guidance's gain 2w − 1), which bounds the log-prob's (log_prob_tolerance), about 1e-4
         # here. A sample paired with a neighbouring timestep is off by 2e-2 to 5e2.
-        bound = log_prob_tolerance(tiny_pipe.scheduler, eps, t, x, x_prev, 1.0,
+        bound = log_prob_tolerance(tiny_pipe.scheduler, noise_pred, t, x, x_prev, 1.0,
                                    rounding_tolerance(roundings(tiny_pipe.unet), gain=2 * 5.0 - 1))
         assert ((ratio - 1).abs() <= bound.exp() - 1).all(), (ratio - 1, bound)
 
 
-def test_guided_eps_is_cfg_combination(tiny_pipe):
+def test_guided_noise_pred_is_cfg_combination(tiny_pipe):
     randomize_lora(tiny_pipe)
     torch.manual_seed(0)
     x = torch.randn(2, 4, 16, 16)
@@ -121,7 +121,7 @@ def test_guided_eps_is_cfg_combination(tiny_pipe):
     with torch.no_grad():
         e_c = unet64(x.double(), t, encoder_hidden_states=cond.double()).sample
         e_u = unet64(x.double(), t, encoder_hidden_states=uncond.double().expand(2, -1, -1)).sample
-        ours = common.guided_eps(tiny_pipe, x, t, cond, uncond, 7.5)
+        ours = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, 7.5)
     # conftest's float32 bound for one UNet call, with guidance's gain 2w − 1
     tolerance = rounding_tolerance(roundings(tiny_pipe.unet), gain=2 * 7.5 - 1)
     assert_normwise_close(ours, e_u + 7.5 * (e_c - e_u), tolerance)

@@ -14,8 +14,9 @@ def chain_reward(pipe, weights, num_steps=5, window=3, use_checkpoint=False, dty
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(dtype)
     for i, t in enumerate(pipe.scheduler.timesteps):
         with torch.set_grad_enabled(i >= num_steps - window):
-            eps = common.guided_eps(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint).to(dtype)
-            x = common.ddim_step(pipe.scheduler, eps, t, x)
+            noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint)
+            noise_pred = noise_pred.to(dtype)
+            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
     images = common.decode(pipe, x.to(pipe.vae.dtype))
     return (images.to(weights.dtype) * weights).sum()
 

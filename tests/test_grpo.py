@@ -1,6 +1,7 @@
 """GRPO (grpo.py), each piece against an independent computation: group-relative advantages against a group-by-group
 recomputation, the first minibatch's gradient against DDPO-IS's, the KL to the base model against torch.distributions
-on a separately built base model, the shared initial noise, and the script through its command line on `tiny`."""
+on a separately built base model, the shared initial noise, and the refusal of a batch of partial groups. (The
+per-script tests run grpo.py through its command line with its KL and shared noise: conftest.SCRIPTS.)"""
 
 import math
 import os
@@ -130,8 +131,8 @@ def guided_unet(unet, x, t, cond, uncond, w):
 def test_kl_is_zero_while_the_lora_is_zero(tiny_pipe):
     x, t, cond, uncond = fixed_step(tiny_pipe)
     args = grpo.Args(guidance_scale=5.0, eta=1.0)
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
     assert kl.item() == 0.0  # B = 0: the adapted UNet is the base model exactly
     kl.backward()
     assert all((p.grad == 0).all() for p in common.lora_parameters(tiny_pipe))
@@ -148,8 +149,8 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
     tiny_pipe.scheduler = float64_scheduler(tiny_pipe.scheduler)
     x, t, cond, uncond = (v.double() if v.is_floating_point() else v for v in fixed_step(tiny_pipe))
     args = grpo.Args(guidance_scale=5.0, eta=0.8)
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
     assert ours.dtype == torch.float64
 
     base = common.load_pipeline("tiny", lora_rank=0)
@@ -157,9 +158,9 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
     scheduler = float64_scheduler(base.scheduler)
     scheduler.set_timesteps(5)
     with torch.no_grad():
-        eps_theta = guided_unet(tiny_pipe.unet, x, t, cond, uncond, args.guidance_scale)
-        eps_ref = guided_unet(base.unet, x, t, cond, uncond, args.guidance_scale)
-    assert (eps_theta - eps_ref).abs().max() > 1e-3  # the LoRA changes the model
+        noise_pred_theta = guided_unet(tiny_pipe.unet, x, t, cond, uncond, args.guidance_scale)
+        noise_pred_ref = guided_unet(base.unet, x, t, cond, uncond, args.guidance_scale)
+    assert (noise_pred_theta - noise_pred_ref).abs().max() > 1e-3  # the LoRA changes the model
     reference = []
     for b in range(2):
         def mean(e):
@@ -170,13 +171,14 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
         a_t = scheduler.alphas_cumprod[t[b]]
         a_prev = scheduler.alphas_cumprod[prev] if prev >= 0 else scheduler.final_alpha_cumprod
         sigma = args.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-        reference.append(kl_divergence(Normal(mean(eps_theta), sigma), Normal(mean(eps_ref), sigma)).mean())
+        p_theta, p_ref = Normal(mean(noise_pred_theta), sigma), Normal(mean(noise_pred_ref), sigma)
+        reference.append(kl_divergence(p_theta, p_ref).mean())
     assert ours.item() > 0
     # Four float64 UNet evaluations (θ and the base, ours and the reference's), each within t = conftest's bound of
     # its exact value (normwise over the batch), move each sample's difference of means by 4t·‖ε̂‖ at most, and its
     # KL, quadratic in it, by twice that relative to its ‖ε̂_θ − ε̂_base‖ (the step's coefficient scales both alike).
     t64 = rounding_tolerance(roundings(tiny_pipe.unet), gain=2 * args.guidance_scale - 1, u=U64)
-    rtol = 2 * 4 * t64 * float(eps_theta.norm() / (eps_theta - eps_ref).flatten(1).norm(dim=1).min())
+    rtol = 2 * 4 * t64 * float(noise_pred_theta.norm() / (noise_pred_theta - noise_pred_ref).flatten(1).norm(dim=1).min())
     torch.testing.assert_close(ours.detach(), torch.stack(reference).mean(), rtol=rtol, atol=0)
 
 
@@ -195,8 +197,8 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
                                                                                      5.0)).norm()
 
     before = distance()
-    eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args)
+    noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
     kl.backward()
     assert len(params) == len(common.lora_parameters(tiny_pipe)) and all(p.requires_grad for p in params)
     norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
@@ -206,8 +208,8 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
     after = distance()
     assert 0 < after < before, (before, after)
     with torch.no_grad():
-        eps = common.guided_eps(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, eps, args) < kl.detach()
+        noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
+        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args) < kl.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the script
@@ -216,7 +218,8 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
 @pytest.mark.parametrize("shared", [False, True])
 def test_groups_share_their_prompt_and_optionally_their_noise(shared, tmp_path, monkeypatch):
     """The sampler gets batch_size / G prompts each repeated G times; with --shared-noise, one x_T per group. With a
-    KL weight the KL is logged, exactly 0 on the first update (the LoRA starts at zero), and absent without one."""
+    KL weight the KL is logged, exactly 0 on the first update (the LoRA starts at zero) and positive once the LoRA
+    has moved; without one it is absent."""
     seen = []
     sample_trajectory = common.sample_trajectory
 
@@ -226,30 +229,20 @@ def test_groups_share_their_prompt_and_optionally_their_noise(shared, tmp_path, 
         return traj
 
     monkeypatch.setattr(common, "sample_trajectory", spy)
-    grpo.main(grpo.Args(model="tiny", reward="jpeg_compressibility", steps=1, batch_size=6, group_size=3,
+    grpo.main(grpo.Args(model="tiny", reward="jpeg_compressibility", steps=2, batch_size=6, group_size=3,
                         num_minibatches=1, train_batch_size=6, sample_batch_size=2, num_inference_steps=2,
                         shared_noise=shared, kl_beta=0.04 if shared else 0.0, output_dir=str(tmp_path / "run"),
                         sample_every=100, num_sample_images=2, save_every=0))
-    (cond, x_T), = seen
-    for group in (slice(0, 3), slice(3, 6)):
-        assert (cond[group] == cond[group][:1]).all()
-        assert (x_T[group] == x_T[group][:1]).all() == shared
-    assert (x_T[0] != x_T[3]).any()
-    row, = read_metrics(tmp_path / "run")
-    assert row["kl"] == 0.0 if shared else "kl" not in row
-
-
-def test_cli_on_tiny_files_resume_and_kl(tmp_path, monkeypatch):
-    """test_scripts' CLI check (metrics, grids, checkpoints, a LoRA diffusers loads, --resume) on grpo.py with the
-    KL and shared noise on; the KL is logged."""
-    import test_scripts
-
-    monkeypatch.setitem(test_scripts.SMOKE, "grpo.py", [
-        "--reward", "jpeg_compressibility", "--batch-size", "4", "--group-size", "2", "--sample-batch-size", "4",
-        "--train-batch-size", "2", "--num-minibatches", "2", "--kl-beta", "0.04", "--shared-noise"])
-    test_scripts.test_script_cli_on_tiny("grpo.py", tmp_path)
-    rows = read_metrics(tmp_path / "run")
-    assert all(math.isfinite(r["kl"]) and r["kl"] >= 0 for r in rows) and rows[-1]["kl"] > 0
+    for cond, x_T in seen:  # one sampled batch per update
+        for group in (slice(0, 3), slice(3, 6)):
+            assert (cond[group] == cond[group][:1]).all()
+            assert (x_T[group] == x_T[group][:1]).all() == shared
+        assert (x_T[0] != x_T[3]).any()
+    first, second = read_metrics(tmp_path / "run")
+    if shared:
+        assert first["kl"] == 0.0 and second["kl"] > 0
+    else:
+        assert "kl" not in first and "kl" not in second
 
 
 def test_cli_refuses_a_batch_of_partial_groups(tmp_path):

@@ -16,7 +16,7 @@ tests/test_learning.py -s); the margin is half the smallest gain:
     ddpo_sf      70.2   66.1   54.2   (before −1146.2)   margin  27
     ddpo_is      73.4   81.1   22.8                      margin  11
     ddpo_sf_server  71.2   21.7   26.4                   margin  10
-(ddpo_sf_server: DDPO-SF with the reward served by `rewards.serve` over HTTP, issue 13; the client sends 8-bit
+(ddpo_sf_server: DDPO-SF with the reward served by `rewards.serve` over HTTP; the client sends 8-bit
 PNGs, so its rewards are quantised and the trajectory departs from the in-process run's.)
 DDPO-IS runs with clip_range 1e-2 here, not the paper's 1e-4: the tiny runs use a learning rate 100× the
 paper's (3e-2), and with ε = 1e-4 every update after a batch's first is clipped (gains −23, 80, −11).
@@ -25,7 +25,13 @@ RWR is not here: on the random tiny model it does not raise the reward (gains �
 seeds 0–2; with β = 0, i.e. uniform weights, −3.2). RWR fits the denoising loss on the model's own samples,
 which only improves what the model generates when the model is a denoiser of its own distribution; the
 random tiny UNet is not. Its math is tested in test_rl_algorithms.py; a pretrained small model (the
-`tiny-shapes` issue) is where its learning can be shown.
+`tiny-shapes` testbed) is where its learning can be shown.
+
+GRPO is not here either: with DDPO-IS's configuration below (30 updates, 2 minibatches, clip range 1e-2) its gains
+over seeds 0–2 were 60.9, 4.6, 105.0 with groups of G = 4; 83.3, 4.4, 77.0 with 44 updates (55 s of CPU each);
+25.2, 1.7, 15.1 with G = 4 and --global-std; 16.1, −3.4, 34.9 with G = 8. Seed 1 never moves further than a run
+that does not learn drifts (RWR: −20.2 to −1.5), so no margin both holds for every seed and shows learning. Its
+advantages, KL and first-minibatch gradient are tested in test_grpo.py.
 """
 
 import os
@@ -42,13 +48,14 @@ import draft_lv
 import refl
 import rewards
 from common.models import tiny_components
+from conftest import scripts
 
 REWARD = "jpeg_compressibility_diff"
 RL = dict(batch_size=32, sample_batch_size=32, train_batch_size=32, num_inference_steps=2, learning_rate=3e-2)
 GRAD = dict(batch_size=4, num_inference_steps=6, learning_rate=1e-2)
 CONFIGS = {
     "ddpo_sf": (ddpo_sf, dict(RL, steps=15)),
-    "ddpo_sf_server": (ddpo_sf, dict(RL, steps=15)),  # the black-box reward through `rewards.serve` (issue 13)
+    "ddpo_sf_server": (ddpo_sf, dict(RL, steps=15)),  # the black-box reward through `rewards.serve`
     "ddpo_is": (ddpo_is, dict(RL, steps=30, num_minibatches=2, train_batch_size=16, clip_range=1e-2)),
     "draft": (draft, dict(GRAD, steps=15, k=1)),
     "draft_lv": (draft_lv, dict(GRAD, steps=15, num_copies=2)),
@@ -57,6 +64,7 @@ CONFIGS = {
 }
 MARGINS = dict(draft=140, draft_lv=145, refl=135, alignprop=90, ddpo_sf=27, ddpo_is=11,  # see the docstring
                ddpo_sf_server=10)
+NOT_HERE = {"rwr", "grpo"}  # no CI-sized run of theirs learns on `tiny`: see the docstring
 SEEDS = [int(s) for s in os.environ.get("LEARNING_SEEDS", "0").split(",")]
 EVAL_PROMPTS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird"] * 2
 
@@ -75,7 +83,7 @@ def evaluate(run_dir, num_steps, guidance_scale, eta):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("name", [n for n in scripts() if n not in NOT_HERE] + ["ddpo_sf_server"])
 def test_reward_rises(name, seed, tmp_path, serve_in_thread):
     module, config = CONFIGS[name]
     reward = REWARD

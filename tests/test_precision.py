@@ -291,7 +291,7 @@ def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
             x, prev = traj.latents[:, :-1].flatten(0, 1), traj.latents[:, 1:].flatten(0, 1)
             t = traj.timesteps.repeat(2)
             with torch.no_grad():
-                eps = common.guided_eps(pipe, x, t, cond.repeat_interleave(10, 0), uncond, 5.0)
+                eps = common.guided_noise_pred(pipe, x, t, cond.repeat_interleave(10, 0), uncond, 5.0)
             eps_tolerance = rounding_tolerance(roundings(pipe.unet), gain=2 * 5.0 - 1)
             bound = log_prob_tolerance(pipe.scheduler, eps, t, x, prev, 1.0, eps_tolerance).view(2, 10)
             assert (log_ratio <= bound).all(), (log_ratio, bound)

@@ -1,4 +1,4 @@
-"""Every bad input ends in one clear line, before any model loads, with nothing written (issue 12).
+"""Every bad input ends in one clear line, before any model loads, with nothing written.
 
 In-process: the real command-line parser (`tyro.cli(Args, args=[...])`) of every script must raise a user error
 (`common.UserError` or `rewards.RewardError`) whose message names the problem, in one line, without loading anything.
@@ -17,28 +17,12 @@ import tyro
 
 import common
 import rewards
-from conftest import ROOT
-
-SCRIPTS = ["ddpo_sf", "ddpo_is", "rwr", "draft", "draft_lv", "refl", "alignprop", "grpo"]
-RL = {"ddpo_sf", "ddpo_is", "rwr", "grpo"}
-VALID = {  # a valid small configuration of each script; each case below changes one thing
-    "ddpo_sf": ["--batch-size", "4", "--sample-batch-size", "4", "--train-batch-size", "2"],
-    "ddpo_is": ["--batch-size", "4", "--sample-batch-size", "4", "--train-batch-size", "2", "--num-minibatches", "2",
-                "--save-every", "2"],
-    "rwr": ["--batch-size", "4", "--images-per-prompt", "2", "--sample-batch-size", "4", "--train-batch-size", "2",
-            "--num-minibatches", "2", "--num-epochs", "1", "--save-every", "2"],
-    "grpo": ["--batch-size", "4", "--group-size", "2", "--sample-batch-size", "4", "--train-batch-size", "2",
-             "--num-minibatches", "2", "--save-every", "2"],
-    "draft": ["--batch-size", "2"],
-    "draft_lv": ["--batch-size", "2"],
-    "refl": ["--batch-size", "2", "--max-step", "3"],
-    "alignprop": ["--batch-size", "2"],
-}
+from conftest import ROOT, SCRIPTS, scripts
 
 
 def base(script):
-    reward = "jpeg_compressibility" if script in RL else "jpeg_compressibility_diff"
-    return ["--model", "tiny", "--reward", reward, "--num-inference-steps", "6", *VALID[script]]
+    """A valid small configuration of `script` (the registry's); each case below changes one thing."""
+    return ["--model", "tiny", "--reward", SCRIPTS[script].reward, "--num-inference-steps", "6", *SCRIPTS[script].flags]
 
 
 # (flags, part of the message); the same for every script
@@ -104,7 +88,7 @@ SCRIPT_CASES = {  # the algorithm's own flags
                   (["--loss-coeff", "0"], "--loss-coeff must be > 0"),
                   (["--reward", "jpeg_compressibility"], "AlignProp backpropagates through the reward")],
 }
-CASES = [(s, f, m) for s in SCRIPTS for f, m in COMMON_CASES + SCRIPT_CASES[s]]
+CASES = [(s, f, m) for s in scripts() for f, m in COMMON_CASES + SCRIPT_CASES[s]]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +122,7 @@ def test_bad_flag_is_refused_while_parsing(script, flags, message, files, tmp_pa
     assert not out.exists()
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts())
 def test_an_output_dir_that_is_a_file_is_refused_while_parsing(script, tmp_path):
     """--output-dir naming a file, or a path under one, is one line (it was a FileExistsError traceback once the
     model had loaded)."""
@@ -153,7 +137,7 @@ def test_an_output_dir_that_is_a_file_is_refused_while_parsing(script, tmp_path)
     assert file.read_text() == "not a run\n"
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", scripts())
 def test_the_valid_configuration_parses(script):
     """The baseline the cases change is itself accepted (so each case fails for its own reason)."""
     tyro.cli(importlib.import_module(script).Args, args=base(script))

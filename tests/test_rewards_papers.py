@@ -1,4 +1,4 @@
-"""The papers' own rewards (issue 13, part B): OWL-ViT detection / removal / counting (DRaFT §5.3, AlignProp), the
+"""The papers' own rewards: OWL-ViT detection / removal / counting (DRaFT §5.3, AlignProp), the
 ImageNet ResNet-50 target class (DRaFT §5.3) and ImageReward (ReFL), each on its real architecture built tiny from
 config with random weights, checked against the official processors and post-processing, or (ImageReward) against
 a forward pass written here directly from the official checkpoint's tensors. CPU only, no network."""

@@ -1,19 +1,24 @@
 """The RL scripts' math (ddpo_sf, ddpo_is, rwr), each checked against an independent computation in this file."""
 
 import dataclasses
+import importlib
 import math
 
 import numpy as np
 import pytest
 import torch
+import tyro
 
 import common
 import ddpo_is
 import ddpo_sf
 import rwr
-from conftest import (U32, assert_normwise_close, pair_tolerance, randomize_lora, read_metrics, rounding_tolerance,
-                      roundings)
+from conftest import (SCRIPTS, U32, assert_normwise_close, pair_tolerance, randomize_lora, read_metrics, rounding_tolerance,
+                      roundings, script_args, scripts)
 
+# the RL scripts that normalise rewards by DDPO's per-prompt running statistics (GRPO's groups: test_grpo.py)
+STAT_TRACKING = [importlib.import_module(n) for n in scripts("rl")
+                 if hasattr(importlib.import_module(n), "PerPromptStatTracker")]
 
 
 GUARD = common.UpdateGuard(max_bad_steps=1)  # no loss scaling: float32
@@ -107,9 +112,9 @@ def test_is_partial_minibatch_is_mean_over_its_pairs(tiny_pipe):
     for i, ks in [(3, [2, 0]), (0, [1, 3])]:
         for k in ks:
             x, t = traj.latents[i : i + 1, k], traj.timesteps[k]
-            eps = common.guided_eps(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
+            noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
             x_prev = traj.latents[i : i + 1, k + 1]
-            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, eps, t, x, 1.0, prev_sample=x_prev)
+            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
             loss = loss - advantages[i] * lp.sum() / 4
     loss.backward()
     # as in the test above: two float32 sums in other orders
@@ -182,7 +187,7 @@ def reference_advantages(history, prompts, r, buffer, min_count):
     return out
 
 
-@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+@pytest.mark.parametrize("module", STAT_TRACKING, ids=lambda m: m.__name__)
 def test_per_prompt_advantages(module):
     buffer, min_count = 5, 3
     args = module.Args(stat_buffer_size=buffer, stat_min_count=min_count, adv_clip_max=1e9)
@@ -203,7 +208,7 @@ def test_per_prompt_advantages(module):
     assert fallbacks > 0 and tracked > 0  # both the batch fallback and the per-prompt buffers were exercised
 
 
-@pytest.mark.parametrize("module", [ddpo_sf, ddpo_is])
+@pytest.mark.parametrize("module", STAT_TRACKING, ids=lambda m: m.__name__)
 def test_advantage_clip_and_batch_normalisation(module):
     r = np.array([0.0] * 49 + [100.0])
     prompts = ["p"] * 50
@@ -276,8 +281,8 @@ def test_rwr_loss_is_weighted_guided_denoising_mse(tiny_pipe):
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
     e_c = tiny_pipe.unet(x_t, t, encoder_hidden_states=cond).sample
     e_u = tiny_pipe.unet(x_t, t, encoder_hidden_states=uncond.expand(3, -1, -1)).sample
-    eps = e_u + 5.0 * (e_c - e_u)
-    reference = sum(w[i] * ((noise[i] - eps[i]) ** 2).mean() for i in range(3)) / 6
+    noise_pred = e_u + 5.0 * (e_c - e_u)
+    reference = sum(w[i] * ((noise[i] - noise_pred[i]) ** 2).mean() for i in range(3)) / 6
     reference.backward()
     loss, reference = loss.detach(), reference.detach()
     assert loss.dtype == torch.float64 and float(loss) == pytest.approx(float(reference), rel=1e-7)
@@ -317,21 +322,18 @@ def test_rwr_regresses_a_fresh_sample_of_the_vae_posterior(tiny_pipe):
 # ------------------------------------------------------------------------------------- the loops, refusals
 
 
-def run_main(module, tmp_path, **kw):
-    out = tmp_path / "run"
-    base = dict(model="tiny", reward="jpeg_compressibility", steps=3, batch_size=4, num_minibatches=2,
-                train_batch_size=2, sample_batch_size=4, num_inference_steps=2, output_dir=str(out),
-                sample_every=100, num_sample_images=2, save_every=0)
-    module.main(module.Args(**(base | kw)))
-    return out, read_metrics(out)
-
-
-@pytest.mark.parametrize("module,extra", [(ddpo_is, {}), (rwr, {"num_epochs": 1, "images_per_prompt": 2})])
-def test_steps_count_optimizer_updates(module, extra, tmp_path):
-    """2 updates per sampled batch and --steps 3: exactly 3 updates, the second batch sampled for the third."""
-    out, rows = run_main(module, tmp_path, **extra)
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert [r["reward_queries"] for r in rows] == [4, 4, 8]
+@pytest.mark.parametrize("name", [n for n in scripts() if SCRIPTS[n].updates_per_batch > 1])
+def test_steps_count_optimizer_updates(name, tmp_path):
+    """Several updates per sampled batch and --steps one more than a batch gives: exactly that many updates, the
+    second batch sampled for the last one."""
+    module, u, out = importlib.import_module(name), SCRIPTS[name].updates_per_batch, tmp_path / "run"
+    args = tyro.cli(module.Args, args=script_args(name, "--steps", str(u + 1), "--num-inference-steps", "2",
+                                                  "--output-dir", str(out), "--sample-every", "100",
+                                                  "--num-sample-images", "2", "--save-every", "0"))
+    module.main(args)
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, u + 2))
+    assert [r["reward_queries"] for r in rows] == [args.batch_size] * u + [2 * args.batch_size]
     assert all(math.isfinite(r["loss"]) for r in rows)
     assert (out / common.LORA_FILE).is_file()
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", "step_000003.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["step_000000.png", f"step_{u + 1:06d}.png"]

@@ -1,5 +1,7 @@
-"""Every script through its real command line on `--model tiny` for a few steps (subprocess)."""
+"""Every script through its real command line on `--model tiny` for a few steps (subprocess), and the registry of
+the scripts (conftest.SCRIPTS) that every per-script test reads."""
 
+import ast
 import math
 import os
 import subprocess
@@ -8,33 +10,33 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_metrics
+from conftest import ROOT, SCRIPTS, read_metrics, script_cli, scripts
 
-SMOKE = {
-    "ddpo_sf.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
-                   "--train-batch-size", "2"],
-    "ddpo_is.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--sample-batch-size", "4",
-                   "--train-batch-size", "2", "--num-minibatches", "2"],
-    "rwr.py": ["--reward", "jpeg_compressibility", "--batch-size", "4", "--images-per-prompt", "2",
-               "--sample-batch-size", "4", "--train-batch-size", "2", "--num-minibatches", "2", "--num-epochs", "1"],
-    "draft.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--k", "2"],
-    "draft_lv.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2"],
-    "refl.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--max-step", "3"],
-    "alignprop.py": ["--reward", "jpeg_compressibility_diff", "--batch-size", "2"],
-}
 STEPS = 3
 
 
-@pytest.mark.parametrize("script", sorted(SMOKE))
+def test_the_registry_lists_every_training_script():
+    """A top-level file with an `Args` class and a `main(args: Args)` is a training script: the per-script tests
+    cover it only once it is in conftest.SCRIPTS (see tests/README.md)."""
+    training = set()
+    for path in ROOT.glob("*.py"):
+        body = ast.parse(path.read_text()).body
+        names = {node.name for node in body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+        if {"Args", "main"} <= names:
+            training.add(path.stem)
+    assert training == set(SCRIPTS)
+    assert {s.kind for s in SCRIPTS.values()} == {"rl", "gradient"}
+
+
+@pytest.mark.parametrize("script", scripts())
 def test_script_cli_on_tiny(script, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     from common.models import tiny_components
 
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / script), "--model", "tiny", "--steps", str(STEPS), "--num-inference-steps", "6",
-           "--sample-every", "2", "--save-every", "2", "--num-sample-images", "4", "--output-dir", str(run_dir),
-           *SMOKE[script]]
+    cmd = script_cli(script, "--steps", str(STEPS), "--num-inference-steps", "6", "--sample-every", "2", "--save-every",
+                     "2", "--num-sample-images", "4", "--output-dir", str(run_dir))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -63,7 +65,7 @@ def test_script_cli_on_tiny(script, tmp_path):
 
     # --resume continues from the newest checkpoint (step 3, or step 2 where checkpoints fall between sampled
     # batches of two updates): no step twice, and a step trained again draws the same samples as the first time
-    res = subprocess.run([sys.executable, str(ROOT / script), "--resume", str(run_dir), "--steps", str(STEPS + 1)],
+    res = subprocess.run([sys.executable, str(ROOT / f"{script}.py"), "--resume", str(run_dir), "--steps", str(STEPS + 1)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     resumed = read_metrics(run_dir)

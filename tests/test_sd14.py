@@ -1,4 +1,4 @@
-"""`--model sd14-random`: SD1.4's real architecture from its shipped configs with random weights (issue 11, part 3).
+"""`--model sd14-random`: SD1.4's real architecture from its shipped configs with random weights.
 
 The expected facts come from outside the code under test: the published parameter counts, the original LDM
 config of SD1.x (CompVis/stable-diffusion configs/stable-diffusion/v1-inference.yaml, quoted below), and the
@@ -204,7 +204,8 @@ def test_load_pipeline_sd14_random_lora(tmp_path):
         plain.unload_lora_weights()
 
 
-RUNS = {  # one RL and one gradient script, one update each at 64 px (8×8 latents, SD1.4's smallest size)
+RUNS = {  # one RL and one gradient script (of conftest.SCRIPTS: at SD1.4's size a run takes about 40 s), one update
+    # each at 64 px (8×8 latents, SD1.4's smallest size)
     "ddpo_sf.py": (common.ATTENTION_TARGETS, ["--reward", "jpeg_compressibility", "--sample-batch-size", "2",
                                               "--train-batch-size", "2"]),
     "draft.py": (ATTENTION_FF, ["--reward", "jpeg_compressibility_diff"]),
@@ -229,7 +230,7 @@ def test_one_update_on_sd14_random(script, tmp_path):
 
 def test_bench_sd14_reads_runs_and_formats_its_table(tmp_path):
     """benchmark/bench_sd14.py on fake results (it is never run here): seconds from metrics.jsonl, peak from the
-    wrapper's file, the verdicts against issue 11's goals, and a table whose columns line up."""
+    wrapper's file, the verdicts against its memory goals (GOAL_GB), and a table whose columns line up."""
     from benchmark import bench_sd14
 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(dict(step=i + 1, step_seconds=s)) + "\n"

@@ -1,4 +1,4 @@
-"""The speed flags (issue 17) change how the work is split into UNet calls, never what is computed.
+"""The speed flags change how the work is split into UNet calls, never what is computed.
 
 - `--timesteps-per-call N` (DDPO-SF, DDPO-IS, GRPO): N timesteps of each sample in one UNet call of the training
   pass give the gradient and the diagnostics of one timestep per call (the default), up to float rounding; the flat
@@ -8,11 +8,14 @@
   them gives the same gradient, with one UNet forward less per step with gradient.
 """
 
+import dataclasses
+import importlib
+import inspect
+
 import pytest
 import torch
 import tyro
 
-import alignprop
 import common
 import ddpo_is
 import ddpo_sf
@@ -20,14 +23,15 @@ import draft
 import draft_lv
 import grpo
 import refl
-from conftest import (U64, assert_normwise_close, float64_scheduler, log_prob_tolerance, pair_tolerance, randomize_lora,
-                      read_metrics, rounding_tolerance, roundings)
+from conftest import (SCRIPTS, U64, assert_normwise_close, float64_scheduler, log_prob_tolerance, pair_tolerance, randomize_lora,
+                      read_metrics, rounding_tolerance, roundings, scripts)
 
-RL = {"ddpo_sf": (ddpo_sf, {}), "ddpo_is": (ddpo_is, {}), "grpo": (grpo, dict(group_size=2, kl_beta=0.5))}
-GRADIENT = {  # module, flags, extra positional arguments after `args`
-    "draft": (draft, dict(k=2), ()), "draft_lv": (draft_lv, dict(num_copies=2), ()),
-    "refl": (refl, dict(max_step=3), (1,)), "alignprop": (alignprop, dict(truncation="fixed", k=3), (3,)),
-}
+
+def has_flag(name, flag):
+    return flag in {f.name for f in dataclasses.fields(importlib.import_module(name).Args)}
+
+
+STACKING = [name for name in scripts("rl") if has_flag(name, "timesteps_per_call")]  # RWR: one timestep per sample
 
 
 def lora_grads(pipe):
@@ -59,9 +63,10 @@ def rl_batch(tiny_pipe):
                 samples=samples, timestep_idx=timestep_idx)
 
 
-@pytest.mark.parametrize("name", sorted(RL))
+@pytest.mark.parametrize("name", STACKING)
 def test_timesteps_per_call_gives_the_same_gradient(name, tiny_pipe, rl_batch):
-    module, flags = RL[name]
+    module = importlib.import_module(name)
+    flags = dict(SCRIPTS[name].args, **({"kl_beta": 0.5} if has_flag(name, "kl_beta") else {}))  # GRPO: and its KL
     b = rl_batch
     calls = count_unet_calls(tiny_pipe)
 
@@ -108,7 +113,7 @@ def test_stacked_pairs_are_the_trajectory_s(tiny_pipe, rl_batch):
             # the sampler's layout and this one's round ε̂ differently: log_prob_tolerance (about 3e-13) bounds the
             # effect; a sample paired with another's timestep is off by 2e-2 or more (test_ddim_logprob)
             x, t = b["traj"].latents[i, k], b["traj"].timesteps[k]
-            eps = common.guided_eps(tiny_pipe, x, t, b["cond"][i], b["uncond"], 5.0)
+            eps = common.guided_noise_pred(tiny_pipe, x, t, b["cond"][i], b["uncond"], 5.0)
             bound = log_prob_tolerance(tiny_pipe.scheduler, eps, t, x, b["traj"].latents[i, k + 1], 1.0, t64, U64)
             assert ((log_prob - b["traj"].log_probs[i, k]).abs() <= bound).all()
             seen[i, k] += 1
@@ -141,15 +146,15 @@ def test_timesteps_per_call_is_checked():
         tyro.cli(ddpo_sf.Args, args=["--model", "tiny", "--reward", "jpeg_compressibility", "--timesteps-per-call", "0"])
 
 
-@pytest.mark.parametrize("name", sorted(GRADIENT))
+@pytest.mark.parametrize("name", scripts("gradient"))
 def test_no_unet_checkpointing_gives_the_same_gradient(name, tiny_pipe):
-    module, flags, extra = GRADIENT[name]
+    module, flags, extra = importlib.import_module(name), SCRIPTS[name].args, SCRIPTS[name].extra
     randomize_lora(tiny_pipe, seed=5)
     prompts = ["a cat", "a dog"]
     cond, uncond = common.encode_prompts(tiny_pipe, prompts), common.encode_prompts(tiny_pipe, [""])
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     noises = ([torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3 + i)) for i in range(2)],) \
-        if name == "draft_lv" else ()
+        if "noises" in inspect.signature(module.accumulate_gradient).parameters else ()  # DRaFT-LV's copies
     weights = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1))
 
     def reward_fn(images, prompts):
@@ -169,5 +174,4 @@ def test_no_unet_checkpointing_gives_the_same_gradient(name, tiny_pipe):
     (checkpointed, n_checkpointed), (stored, n_stored) = gradient(True), gradient(False)
     assert checkpointed.abs().max() > 0
     assert torch.equal(stored, checkpointed)  # recomputed by the same operations in the same layout: to the last bit
-    with_grad = {"draft": 2, "draft_lv": 3, "refl": 1, "alignprop": 3}[name]  # UNet calls with gradient
-    assert n_checkpointed - n_stored == with_grad
+    assert n_checkpointed - n_stored == SCRIPTS[name].unet_calls_with_grad
