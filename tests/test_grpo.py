@@ -78,7 +78,7 @@ def test_first_minibatch_gradient_equals_ddpo_is(tiny_pipe):
     """One prompt per batch, G = the batch, no KL: the group statistics are the batch's, and the first minibatch's
     gradient is DDPO-IS's (batch-normalised advantages) for the same data."""
     randomize_lora(tiny_pipe)
-    n, num_steps = 4, 5
+    n, num_steps = 4, 3
     cond, uncond, traj = one_prompt_batch(tiny_pipe, n, num_steps)
     reward = np.array([12.0, -3.5, 7.25, 30.0])
     g_args = small_args(batch_size=n, group_size=n, guidance_scale=5.0, eta=1.0)

@@ -62,7 +62,7 @@ def test_is_first_minibatch_gradient_equals_sf_gradient(tiny_pipe):
     """At the weights that sampled the batch (ratio = 1) the clipped surrogate's gradient is −A·∇log p:
     DDPO-SF's."""
     randomize_lora(tiny_pipe)
-    n, num_steps = 4, 5
+    n, num_steps = 4, 3
     cond, uncond, traj = small_batch(tiny_pipe, n, num_steps)
     advantages = torch.tensor([1.3, -0.7, 0.2, -2.0])
     params = common.lora_parameters(tiny_pipe)
