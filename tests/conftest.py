@@ -217,3 +217,14 @@ def log_prob_tolerance(scheduler, eps, t, x, prev, eta, eps_tolerance, u=U32):
     distance = per_sample(prev - mean)
     terms = distance**2 / (2 * d * std**2) + std.log().abs() + 0.5 * math.log(2 * math.pi)
     return dmu * (distance + dmu) / (d * std**2) + 2 * math.sqrt(d + 8) * u * terms
+
+
+@pytest.fixture(autouse=True)
+def restore_signal_handlers():
+    """A script run in-process installs SIGINT/SIGTERM handlers (common.StopSignal); give pytest its own back."""
+    import signal
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)

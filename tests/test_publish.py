@@ -38,15 +38,6 @@ DRAFT = ["--model", "tiny", "--prompts", "shapes", "--reward", REWARD, "--batch-
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The scripts install SIGINT/SIGTERM handlers (common.StopSignal); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def run(script, argv):
     module = __import__(script)
     module.main(tyro.cli(module.Args, args=argv))

@@ -47,15 +47,6 @@ COMMON = ["--model", "tiny", "--num-inference-steps", "4", "--num-sample-images"
           "--sample-every", "100", "--lora-rank", "4"]  # 3 grid images: no batch size of FLAGS
 
 
-@pytest.fixture(autouse=True)
-def restore_signal_handlers():
-    """The scripts install SIGINT/SIGTERM handlers (common.StopSignal); give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, handler in saved.items():
-        signal.signal(s, handler)
-
-
 def run(script: str, *flags: str):
     """`python {script}.py {flags}`, in this process."""
     module = importlib.import_module(script)
