@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
 from .errors import UserError
 from .lora import KOHYA_FILE, LORA_FILE, read_lora, save_lora, write_kohya
 from .models import BUILT_IN_MODELS, SD14
+from .run import read_jsonl
 
 LICENSES = {SD14: "creativeml-openrail-m"}  # the default base model's card on the Hub, for when it is not cached
 
@@ -60,8 +60,7 @@ def _table(header: tuple[str, str], rows: dict) -> str:
 
 
 def _last_row(path: Path) -> dict:
-    lines = path.read_text().splitlines() if path.is_file() else []
-    return json.loads(lines[-1]) if lines else {}
+    return (read_jsonl(path) or [{}])[-1]  # the run's own log reader: a torn last line is dropped, not a crash
 
 
 def _example_prompt(config: dict) -> str:
