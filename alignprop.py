@@ -148,7 +148,7 @@ def sample_with_grad(pipe, cond, uncond, latents, args, k):
         with torch.set_grad_enabled(i >= len(timesteps) - k):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+            x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
 

@@ -200,7 +200,7 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             i, k = chunk.repeat(columns.shape[1]), columns.T.flatten()  # column after column
             t = traj.timesteps[k]
             noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
-            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
+            _, log_prob = common.step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
             yield i, k, log_prob
 

@@ -129,7 +129,7 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
         with torch.set_grad_enabled(i >= len(timesteps) - args.k):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+            x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
 

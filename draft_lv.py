@@ -129,7 +129,7 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
-            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+            x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
 
@@ -141,7 +141,7 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     x = common.add_noise(pipe.scheduler, x0.detach(), noise, t1)
     noise_pred = common.guided_noise_pred(pipe, x, t1, cond, uncond, args.guidance_scale,
                                           use_checkpoint=args.unet_checkpointing)
-    return common.ddim_step(pipe.scheduler, noise_pred, t1, x)
+    return common.step(pipe.scheduler, noise_pred, t1, x)
 
 
 def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):

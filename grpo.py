@@ -181,7 +181,7 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             i, k = chunk.repeat(columns.shape[1]), columns.T.flatten()  # column after column
             t = traj.timesteps[k]
             noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
-            _, log_prob = common.ddim_step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
+            _, log_prob = common.step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
             yield i, k, log_prob, noise_pred  # GRPO: and the guided ε̂, for the KL
 
@@ -203,12 +203,12 @@ def kl_to_base(pipe, latents, t, cond, uncond, noise_pred, args):
     """KL(p_θ ‖ p_ref) = ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over C,H,W like the log-prob and over the chunk
     (Flow-GRPO's kl_loss, scripts/train_sd3.py); μ_ref from the same UNet with its LoRA disabled (diffusers'
     disable_adapters): one more forward, without gradient, and no second model in memory."""
-    pipe.unet.disable_adapters()
+    common.denoiser(pipe).disable_adapters()
     with torch.no_grad():
         noise_pred_ref = common.guided_noise_pred(pipe, latents, t, cond, uncond, args.guidance_scale)
-    pipe.unet.enable_adapters()
-    mean, std = common.ddim_mean_std(pipe.scheduler, noise_pred, t, latents, args.eta)
-    mean_ref, _ = common.ddim_mean_std(pipe.scheduler, noise_pred_ref, t, latents, args.eta)
+    common.denoiser(pipe).enable_adapters()
+    mean, std = common.step_mean_std(pipe.scheduler, noise_pred, t, latents, args.eta)
+    mean_ref, _ = common.step_mean_std(pipe.scheduler, noise_pred_ref, t, latents, args.eta)
     return ((mean - mean_ref) ** 2 / (2 * std**2)).mean()
 
 

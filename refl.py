@@ -151,7 +151,7 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
                                                   use_checkpoint=args.unet_checkpointing)
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
                 return common.predict_x0(pipe.scheduler, noise_pred, t, x)
-            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+            x = common.step(pipe.scheduler, noise_pred, t, x)
     raise ValueError(f"step index m = {m} is outside 0..{len(timesteps) - 1}")
 
 

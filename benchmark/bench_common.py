@@ -88,7 +88,7 @@ def memory_child(use_checkpoint: bool, batch_size: int, steps: int) -> dict:
         with torch.set_grad_enabled(grad):
             for t in pipe.scheduler.timesteps:
                 noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint)
-                x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+                x = common.step(pipe.scheduler, noise_pred, t, x)
             loss = common.decode(pipe, x).mean()
         if grad:
             loss.backward()

@@ -1,8 +1,17 @@
-"""The sampling mechanics every algorithm shares: prompt encoding, the guided policy, the DDIM step with its
-log-probability, a no-grad trajectory sampler for the RL scripts, and differentiable decoding."""
+"""The sampling mechanics every algorithm shares: prompt encoding, the guided policy, the sampler's step with its
+log-probability, a no-grad trajectory sampler for the RL scripts, and differentiable decoding.
+
+The model family is read from the pipeline, never from a flag (DESIGN.md, "Model families"). What differs lives in
+one room (module) per family, and the functions here call the room of the pipeline or scheduler at hand:
+- how prompts become conditioning and how the denoiser is called: `family(pipe)` → common/sd.py (SD1.x/SD2.x), …
+- the step and its log-prob, x̂0, the forward process and the regression target: `sampler(scheduler)` →
+  common/ddim.py (DDIM on ᾱ, ε- or v-prediction), …
+The conditioning is one tensor [B, L, D] per prompt batch whatever the family, so the scripts index, shard and
+concatenate it as they always did."""
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 import weakref
@@ -13,10 +22,49 @@ from torch.utils.checkpoint import checkpoint
 
 from .distributed import randn  # draws on the generator's device; under torchrun, sharded from the global batch
 
+# pipeline class → the room (module of common/) with its conditioning and denoiser call
+FAMILIES = {"StableDiffusionPipeline": "sd"}
+# scheduler class → the room with its step, x̂0, forward process and regression target
+SAMPLERS = {"DDIMScheduler": "ddim"}
+
+
+def family(pipe):
+    """The room of this pipeline's model family (common/sd.py, …)."""
+    from .errors import UserError
+
+    name = FAMILIES.get(type(pipe).__name__)
+    if name is None:
+        raise UserError(f"{type(pipe).__name__} is not a model family these scripts train (supported pipelines: "
+                        f"{', '.join(FAMILIES)})")
+    return importlib.import_module(f".{name}", __package__)
+
+
+def sampler(scheduler):
+    """The room of this scheduler's sampler (common/ddim.py, …)."""
+    from .errors import UserError
+
+    name = SAMPLERS.get(type(scheduler).__name__)
+    if name is None:
+        raise UserError(f"{type(scheduler).__name__} is not a sampler these scripts differentiate (supported: "
+                        f"{', '.join(SAMPLERS)})")
+    return importlib.import_module(f".{name}", __package__)
+
+
+def denoiser(pipe) -> torch.nn.Module:
+    """The network the LoRA trains: SD's UNet (`pipe.unet`), or a flow model's transformer."""
+    return family(pipe).denoiser(pipe)
+
 
 def _at_least_f32(x: torch.Tensor) -> torch.Tensor:
     # half-precision UNet/VAE outputs are promoted to float32; float64 (the gradient tests) is kept
     return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _promoted(model_output: torch.Tensor, sample: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # both in the wider dtype, at least float32: a float64 UNet's step from float32 initial noise takes ᾱ in float64,
+    # as re-evaluating the stored (then float64) latent does
+    dtype = torch.promote_types(_at_least_f32(sample).dtype, _at_least_f32(model_output).dtype)
+    return model_output.to(dtype), sample.to(dtype)
 
 
 _WARNED_LONG_PROMPT: "weakref.WeakSet" = weakref.WeakSet()  # the pipelines (one per run) that warned already
@@ -43,12 +91,10 @@ def _warn_if_truncated(pipe, prompts: list[str]) -> None:
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """CLIP text embeddings [B, 77, D] as SD1.4 computes them (padded to 77 tokens, last hidden state); longer
-    prompts are truncated, with a warning the first time in a run."""
-    tok = pipe.tokenizer
+    """The conditioning of `prompts` as the family's pipeline computes it, one tensor [B, L, D] (SD1.4: CLIP's last
+    hidden state over 77 tokens, [B, 77, 768]); longer prompts are truncated, with a warning the first time in a run."""
     _warn_if_truncated(pipe, prompts)
-    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-    return pipe.text_encoder(ids.input_ids.to(pipe.text_encoder.device))[0]
+    return family(pipe).encode_prompts(pipe, prompts)
 
 
 def guided_noise_pred(
@@ -68,16 +114,18 @@ def guided_noise_pred(
     (only the inputs are kept): this is what makes backprop through 50 steps fit in memory.
     Returns float32 for a half-precision UNet (float64 stays float64).
     """
-    unet = pipe.unet
+    room = family(pipe)
     b = latents.shape[0]
     t = torch.as_tensor(t, device=latents.device)
     t = t.expand(b) if t.ndim == 0 else t
-    dtype = unet.conv_in.weight.dtype  # the base weights' dtype; `unet.dtype` walks every module, per call
+    # the base weights' dtype (the first parameter is a base weight, never a LoRA factor); `module.dtype` walks every
+    # module, per call
+    dtype = next(room.denoiser(pipe).parameters()).dtype
     x = torch.cat([latents, latents]).to(dtype)
     emb = torch.cat([uncond.expand(b, -1, -1), cond]).to(dtype)
 
     def call(x, t, emb):
-        return unet(x, t, encoder_hidden_states=emb).sample
+        return room.predict(pipe, x, t, emb)
 
     if use_checkpoint and torch.is_grad_enabled():
         out = checkpoint(call, x, torch.cat([t, t]), emb, use_reentrant=False)
@@ -87,68 +135,31 @@ def guided_noise_pred(
     return noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
 
 
-def _abar(scheduler, timestep, like: torch.Tensor) -> torch.Tensor:
-    """ᾱ_t shaped to broadcast against `like` [B, ...]; t scalar or per-sample [B]; t < 0 (the step after the
-    last) is the scheduler's final ᾱ (SD1.4: set_alpha_to_one=False, so ᾱ_0)."""
-    t = torch.as_tensor(timestep, device=like.device).long()
-    t = t.expand(like.shape[0]) if t.ndim == 0 else t
-    alphas = scheduler.alphas_cumprod.to(like.device, torch.promote_types(like.dtype, torch.float32))
-    abar = torch.where(t >= 0, alphas[t.clamp(min=0)], scheduler.final_alpha_cumprod.to(alphas))
-    return abar.view(-1, *([1] * (like.ndim - 1)))
+def step_mean_std(scheduler, model_output, timestep, sample, eta):
+    """μ and σ of the sampler's stochastic step x_t → x_{t−1} (DDIM: docs/ALGORITHMS.md §0), for terms between two
+    policies' Gaussians at the same step, such as the KL to the base model (grpo.py)."""
+    model_output, sample = _promoted(model_output, sample)
+    return sampler(scheduler).mean_std(scheduler, model_output, timestep, sample, eta)
 
 
-def _x0_and_eps(scheduler, model_output, timestep, sample):
-    """x̂0 and ε̂ from the model's output, for ε-prediction (SD1.x) or v-prediction (SD2.x, Salimans & Ho 2022:
-    v = √ᾱ·ε − √(1−ᾱ)·x0, so x0 = √ᾱ·x_t − √(1−ᾱ)·v and ε = √ᾱ·v + √(1−ᾱ)·x_t), as diffusers' DDIM step does.
-    `check_scheduler` refuses every other prediction type before training."""
-    alpha_t = _abar(scheduler, timestep, sample)
-    if scheduler.config.prediction_type == "v_prediction":
-        return alpha_t.sqrt() * sample - (1 - alpha_t).sqrt() * model_output, \
-            alpha_t.sqrt() * model_output + (1 - alpha_t).sqrt() * sample
-    return (sample - (1 - alpha_t).sqrt() * model_output) / alpha_t.sqrt(), model_output
-
-
-def _ddim_mean_std(scheduler, model_output, timestep, sample, eta):
-    """μ and σ of the DDIM step x_t → x_{t−1} (Song et al. 2021, eq. 12), t scalar or per-sample [B]."""
-    # both in the wider dtype: a float64 UNet's step from float32 initial noise takes ᾱ in float64, as re-evaluating
-    # the stored (then float64) latent does
-    dtype = torch.promote_types(_at_least_f32(sample).dtype, _at_least_f32(model_output).dtype)
-    sample, model_output = sample.to(dtype), model_output.to(dtype)
-    t = torch.as_tensor(timestep, device=sample.device).long()
-    step = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alpha_t, alpha_prev = _abar(scheduler, t, sample), _abar(scheduler, t - step, sample)
-
-    x0, eps = _x0_and_eps(scheduler, model_output, t, sample)
-    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
-    std = eta * variance.sqrt()
-    mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).sqrt() * eps
-    return mean, std
-
-
-def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
-    """μ and σ of the stochastic DDIM step (docs/ALGORITHMS.md §0), for terms between two policies' Gaussians at the
-    same step, such as GRPO's KL to the base model (grpo.py)."""
-    return _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
-
-
-def ddim_step(scheduler, model_output, timestep, sample) -> torch.Tensor:
-    """Deterministic DDIM (η = 0), differentiable w.r.t. the noise prediction and the sample: the step the
+def step(scheduler, model_output, timestep, sample) -> torch.Tensor:
+    """The deterministic step (DDIM η = 0), differentiable w.r.t. the model's output and the sample: the step the
     gradient-based algorithms backpropagate through."""
-    return _ddim_mean_std(scheduler, model_output, timestep, sample, 0.0)[0]
+    return step_mean_std(scheduler, model_output, timestep, sample, 0.0)[0]
 
 
-def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
-    """One DDIM step x_t → x_{t−1} and log p(x_{t−1} | x_t): the formulas of docs/ALGORITHMS.md §0, "DDIM step with
-    log-probability" (x̂0, σ_t, μ, x_prev and log p, in that order).
+def step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_sample=None, generator=None):
+    """One sampler step x_t → x_{t−1} and log p(x_{t−1} | x_t): for DDIM the formulas of docs/ALGORITHMS.md §0,
+    "DDIM step with log-probability" (x̂0, σ_t, μ, x_prev and log p, in that order).
 
     Same arithmetic as diffusers' `DDIMScheduler.step` (ε- or v-prediction, no clipping), but `timestep` may
     be a per-sample [B] tensor and the Gaussian's log-density is returned: averaged over C,H,W (not summed;
     DDPO's clip range ε = 1e-4 is calibrated to the mean). With `prev_sample` given (re-evaluating a stored
     trajectory) it is used instead of drawing one. `prev_sample` is returned detached: a constant, as the RL
     algorithms need; the log-prob is differentiable w.r.t. the model through μ. η = 0 is deterministic and
-    has no density: log_prob is None (use `ddim_step` to backpropagate through a deterministic step).
+    has no density: log_prob is None (use `step` to backpropagate through a deterministic step).
     """
-    mean, std = _ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+    mean, std = step_mean_std(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         prev_sample = mean if eta == 0 else mean + std * randn(mean.shape, generator, mean.device)
     prev_sample = prev_sample.detach().to(mean.dtype)
@@ -160,48 +171,31 @@ def ddim_step_with_logprob(scheduler, model_output, timestep, sample, eta, prev_
 
 
 def predict_x0(scheduler, model_output, timestep, sample) -> torch.Tensor:
-    """The one-step prediction x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t (or its v-prediction form)."""
-    return _x0_and_eps(scheduler, _at_least_f32(model_output), timestep, _at_least_f32(sample))[0]
+    """The one-step prediction x̂0 from the model's output at x_t (DDIM: (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t)."""
+    model_output, sample = _promoted(model_output, sample)
+    return sampler(scheduler).predict_x0(scheduler, model_output, timestep, sample)
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
-    """The forward process q(x_t | x0): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (t scalar or per-sample)."""
-    alpha_t = _abar(scheduler, timestep, x0)
-    return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * noise
+    """The forward process q(x_t | x0) at t (scalar or per-sample) (DDIM: √ᾱ_t·x0 + √(1−ᾱ_t)·ε)."""
+    return sampler(scheduler).add_noise(scheduler, x0, noise, timestep)
 
 
 def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
-    """What the UNet is trained to output at x_t = add_noise(x0, ε, t): ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·x0 for a
-    v-prediction model (diffusers' `get_velocity`)."""
-    if scheduler.config.prediction_type == "v_prediction":
-        alpha_t = _abar(scheduler, timestep, x0)
-        return alpha_t.sqrt() * noise - (1 - alpha_t).sqrt() * x0
-    return noise
+    """What the denoiser is trained to output at x_t = add_noise(x0, ε, t) (DDIM: ε, or v for v-prediction)."""
+    return sampler(scheduler).denoising_target(scheduler, x0, noise, timestep)
 
 
 def check_scheduler(scheduler) -> None:
-    """Refuse a scheduler configuration whose DDIM step differs from the one `ddim_step_with_logprob` computes:
-    only ε- and v-prediction, without clipping or dynamic thresholding of x̂0 (both would change μ and the
-    log-prob). The noise schedule itself (betas, ᾱ, spacing) is read from the scheduler, so any is fine."""
-    from .errors import UserError
-
-    cfg = scheduler.config
-    problems = []
-    if cfg.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
-        problems.append(f"prediction_type={cfg.prediction_type!r} (supported: epsilon, v_prediction)")
-    if cfg.get("clip_sample", False):
-        problems.append("clip_sample=True (x̂0 clipping)")
-    if cfg.get("thresholding", False):
-        problems.append("thresholding=True (dynamic thresholding of x̂0)")
-    if problems:
-        raise UserError(f"this model's scheduler config changes the DDIM step the algorithms differentiate: "
-                        f"{'; '.join(problems)}")
+    """Refuse (UserError) a scheduler whose step differs from the one the algorithms differentiate."""
+    sampler(scheduler).check_scheduler(scheduler)
 
 
 def initial_latents(pipe, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """x_T ~ N(0, I) in float32, shaped for this pipeline's UNet."""
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    return randn((batch_size, c, s, s), generator, pipe.unet.device)
+    """x_T ~ N(0, I) in float32, shaped for this pipeline's denoiser (UNet or transformer)."""
+    net = denoiser(pipe)
+    c, s = net.config.in_channels, net.config.sample_size
+    return randn((batch_size, c, s, s), generator, net.device)
 
 
 @dataclass
@@ -231,7 +225,7 @@ def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latent
     all_latents, log_probs = [x], []
     for t in scheduler.timesteps:
         noise_pred = guided_noise_pred(pipe, x, t, cond, uncond, guidance_scale)
-        x, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, x, eta, generator=generator)
+        x, log_prob = step_with_logprob(scheduler, noise_pred, t, x, eta, generator=generator)
         all_latents.append(x)
         log_probs.append(log_prob)
     lp = torch.stack(log_probs, 1) if eta > 0 else torch.zeros(x.shape[0], 0, device=x.device)

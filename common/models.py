@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .diffusion import check_scheduler
+from .diffusion import check_scheduler, denoiser
 from .errors import UserError
 
 SD14 = "CompVis/stable-diffusion-v1-4"
@@ -224,7 +224,22 @@ def _from_pretrained(model: str, dtype: torch.dtype):
         ) from e
 
 
-BUILT_IN_MODELS = ("tiny", "tiny-shapes", "sd14-random")
+def _sd_pipeline(components: dict):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+# The --model names built offline: name → builder(seed, dtype) → pipeline (random weights, nothing downloaded). Each
+# model family adds its `tiny-*` (CI) and `*-random` (its real architecture, for memory figures) here. `tiny-shapes` is
+# a folder (TINY_SHAPES), loaded like any local model.
+BUILT_IN_MODELS = {
+    "tiny": lambda seed, dtype: _sd_pipeline(tiny_components(seed, dtype)),
+    "tiny-shapes": None,
+    # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download
+    "sd14-random": lambda seed, dtype: _sd_pipeline(sd14_random_components(seed, dtype)),
+}
 
 
 def check_model_name(model: str) -> None:
@@ -266,7 +281,7 @@ def load_pipeline(
     the model's own noise schedule (SD1.4's for the built-in models). `seed` only affects `tiny` and `sd14-random`.
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from peft import LoraConfig
 
     device = torch.device(device)
@@ -276,16 +291,8 @@ def load_pipeline(
             raise UserError(f"--model tiny-shapes is the testbed's folder {TINY_SHAPES}, which is not here (a script "
                             "copied with common/ and rewards/ only?); pass --model with the path of a copy of it")
         model = str(TINY_SHAPES)
-    if model == "tiny":
-        pipe = StableDiffusionPipeline(
-            **tiny_components(seed, dtype), safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    elif model == "sd14-random":
-        # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download
-        pipe = StableDiffusionPipeline(
-            **sd14_random_components(seed, dtype), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+    if BUILT_IN_MODELS.get(model) is not None:
+        pipe = BUILT_IN_MODELS[model](seed, dtype)
     else:
         pipe = _from_pretrained(model, dtype)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -293,22 +300,23 @@ def load_pipeline(
         check_scheduler(pipe.scheduler)
     pipe.set_progress_bar_config(disable=True)
     set_resolution(pipe, resolution)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.requires_grad_(False)
-        module.eval()
+    for module in pipe.components.values():  # the denoiser, the VAE and every text encoder
+        if isinstance(module, torch.nn.Module):
+            module.requires_grad_(False)
+            module.eval()
     if lora_rank > 0:
         # B is zero-initialised ("gaussian" inits A only), so the adapted UNet starts exactly at the base model;
         # alpha = rank makes the LoRA scale 1, the convention of diffusers' LoRA training scripts.
         config = LoraConfig(
             r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=list(lora_targets)
         )
-        pipe.unet.add_adapter(config)
-        for p in pipe.unet.parameters():
+        denoiser(pipe).add_adapter(config)
+        for p in denoiser(pipe).parameters():
             if p.requires_grad:
                 p.data = p.data.float()
     return pipe.to(device)
 
 
 def lora_parameters(pipe) -> list[torch.nn.Parameter]:
-    """The trainable (LoRA) parameters of the UNet."""
-    return [p for p in pipe.unet.parameters() if p.requires_grad]
+    """The trainable (LoRA) parameters of the denoiser (UNet or transformer)."""
+    return [p for p in denoiser(pipe).parameters() if p.requires_grad]

@@ -201,7 +201,7 @@ def float64_copy(pipe):
 
 
 def log_prob_tolerance(scheduler, eps, t, x, prev, eta, eps_tolerance, u=U32):
-    """Per sample, a bound on how far apart two evaluations (unit roundoff u) of `ddim_step_with_logprob`'s
+    """Per sample, a bound on how far apart two evaluations (unit roundoff u) of `step_with_logprob`'s
     log p(prev | x) can be when each one's ε̂ is within eps_tolerance (normwise, over the batch) of the exact ε̂.
     μ = a·x + c·ε̂ is linear in ε̂, so ‖δμ‖ ≤ |c|·2·eps_tolerance·‖ε̂‖; log p = −‖prev − μ‖²/(2Dσ²) − log σ − ½·log 2π
     moves by at most ‖δμ‖·(‖prev − μ‖ + ‖δμ‖)/(Dσ²) (Cauchy–Schwarz); and each evaluation rounds its mean of D terms
@@ -209,8 +209,8 @@ def log_prob_tolerance(scheduler, eps, t, x, prev, eta, eps_tolerance, u=U32):
     import common
 
     eps, x, prev = eps.double(), x.double(), prev.double()
-    mean, std = common.ddim_mean_std(scheduler, eps, t, x, eta)
-    c_eps = mean - common.ddim_mean_std(scheduler, torch.zeros_like(eps), t, x, eta)[0]  # c·ε̂
+    mean, std = common.step_mean_std(scheduler, eps, t, x, eta)
+    c_eps = mean - common.step_mean_std(scheduler, torch.zeros_like(eps), t, x, eta)[0]  # c·ε̂
     per_sample = lambda v: v.flatten(1).norm(dim=1)  # noqa: E731
     d, std = prev[0].numel(), std.flatten()
     dmu = per_sample(c_eps) / per_sample(eps) * 2 * eps_tolerance * eps.norm()

@@ -1,4 +1,4 @@
-"""ddim_step_with_logprob against torch.distributions and diffusers' DDIMScheduler."""
+"""step_with_logprob against torch.distributions and diffusers' DDIMScheduler."""
 
 import math
 
@@ -37,7 +37,7 @@ def reference_mean_std(t, x, eps, eta):
 def test_logprob_matches_torch_normal(scheduler, t, eta):
     torch.manual_seed(t)
     x, eps, z = torch.randn(3, 3, 4, 8, 8).unbind(0)
-    prev, log_prob = common.ddim_step_with_logprob(scheduler, eps, t, x, eta, prev_sample=None)
+    prev, log_prob = common.step_with_logprob(scheduler, eps, t, x, eta, prev_sample=None)
     mu, sigma = reference_mean_std(t, x, eps, eta)
     expected = torch.distributions.Normal(mu, sigma).log_prob(prev.double()).mean(dim=(1, 2, 3))
     assert log_prob.shape == (3,)
@@ -50,11 +50,11 @@ def test_prev_sample_matches_diffusers_step(scheduler, t):
     x, eps, z = torch.randn(3, 2, 4, 8, 8).unbind(0)
     # the same noise z in both: our step draws it from g1, the test draws it from an identical g2
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    ours, _ = common.ddim_step_with_logprob(scheduler, eps, t, x, eta=1.0, generator=g1)
+    ours, _ = common.step_with_logprob(scheduler, eps, t, x, eta=1.0, generator=g1)
     z = torch.randn(x.shape, generator=g2)
     ref = scheduler.step(eps, t, x, eta=1.0, variance_noise=z).prev_sample
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    ours0, lp0 = common.ddim_step_with_logprob(scheduler, eps, t, x, eta=0.0)
+    ours0, lp0 = common.step_with_logprob(scheduler, eps, t, x, eta=0.0)
     torch.testing.assert_close(ours0, scheduler.step(eps, t, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
     assert lp0 is None  # η = 0: deterministic, no density
 
@@ -64,9 +64,9 @@ def test_per_sample_timesteps(scheduler):
     ts = torch.tensor([981, 501, 21, 1])
     x, eps = torch.randn(2, 4, 4, 8, 8).unbind(0)
     prev = torch.randn(4, 4, 8, 8)
-    _, lp = common.ddim_step_with_logprob(scheduler, eps, ts, x, 1.0, prev_sample=prev)
+    _, lp = common.step_with_logprob(scheduler, eps, ts, x, 1.0, prev_sample=prev)
     for i, t in enumerate(ts.tolist()):
-        _, lp_i = common.ddim_step_with_logprob(scheduler, eps[i : i + 1], t, x[i : i + 1], 1.0,
+        _, lp_i = common.step_with_logprob(scheduler, eps[i : i + 1], t, x[i : i + 1], 1.0,
                                                 prev_sample=prev[i : i + 1])
         torch.testing.assert_close(lp[i : i + 1], lp_i)
         mu, sigma = reference_mean_std(t, x[i], eps[i], 1.0)
@@ -78,7 +78,7 @@ def test_logprob_gradient_flows_through_mean_only(scheduler):
     x = torch.randn(2, 4, 8, 8)
     eps = torch.randn(2, 4, 8, 8, requires_grad=True)
     prev = torch.randn(2, 4, 8, 8, requires_grad=True)
-    out, lp = common.ddim_step_with_logprob(scheduler, eps, 501, x, 1.0, prev_sample=prev)
+    out, lp = common.step_with_logprob(scheduler, eps, 501, x, 1.0, prev_sample=prev)
     lp.sum().backward()
     assert eps.grad is not None and eps.grad.abs().sum() > 0
     assert prev.grad is None  # the sample is a constant
@@ -100,7 +100,7 @@ def test_reevaluating_trajectory_gives_ratio_one(tiny_pipe):
         t = traj.timesteps[idx]
         x, x_prev = traj.latents[rows[:, 0], idx], traj.latents[rows[:, 0], idx + 1]
         noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, 5.0)
-        _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
+        _, lp = common.step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
         ratio = torch.exp(lp - traj.log_probs[rows[:, 0], idx])
         # Sampling and re-evaluation put each sample at another place in the UNet's batch: within float32's rounding
         # of ε̂ (conftest; guidance's gain 2w − 1), which bounds the log-prob's (log_prob_tolerance), about 1e-4

@@ -16,7 +16,7 @@ def chain_reward(pipe, weights, num_steps=5, window=3, use_checkpoint=False, dty
         with torch.set_grad_enabled(i >= num_steps - window):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, 7.5, use_checkpoint=use_checkpoint)
             noise_pred = noise_pred.to(dtype)
-            x = common.ddim_step(pipe.scheduler, noise_pred, t, x)
+            x = common.step(pipe.scheduler, noise_pred, t, x)
     images = common.decode(pipe, x.to(pipe.vae.dtype))
     return (images.to(weights.dtype) * weights).sum()
 
@@ -25,7 +25,7 @@ def lora_grads(pipe):
     return [p.grad.clone() for p in common.lora_parameters(pipe)]
 
 
-def test_ddim_step_is_diffusers_step_and_differentiable():
+def test_step_is_diffusers_step_and_differentiable():
     from diffusers import DDIMScheduler
 
     from common.models import SD14_SCHEDULER
@@ -35,7 +35,7 @@ def test_ddim_step_is_diffusers_step_and_differentiable():
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     eps = torch.randn(2, 4, 8, 8, requires_grad=True)
     for t in s.timesteps:
-        ours = common.ddim_step(s, eps, t, x)
+        ours = common.step(s, eps, t, x)
         torch.testing.assert_close(ours, s.step(eps, t, x, eta=0.0).prev_sample)
     ours.sum().backward()
     assert x.grad.abs().sum() > 0 and eps.grad.abs().sum() > 0

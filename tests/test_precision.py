@@ -329,10 +329,10 @@ def test_v_prediction_step_log_prob_and_x0_match_diffusers():
     x, v, z = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
     t = scheduler.timesteps[3]
     ref = scheduler.step(v, t, x, eta=1.0, variance_noise=z)
-    ours, log_prob = common.ddim_step_with_logprob(scheduler, v, t, x, 1.0, generator=None,
+    ours, log_prob = common.step_with_logprob(scheduler, v, t, x, 1.0, generator=None,
                                                    prev_sample=ref.prev_sample)
     torch.testing.assert_close(common.predict_x0(scheduler, v, t, x), ref.pred_original_sample)
-    torch.testing.assert_close(common.ddim_step(scheduler, v, t, x), scheduler.step(v, t, x, eta=0.0).prev_sample)
+    torch.testing.assert_close(common.step(scheduler, v, t, x), scheduler.step(v, t, x, eta=0.0).prev_sample)
     # the log-density of the sample diffusers drew: its mean is prev_sample − σ·z
     abar_t, abar_prev = scheduler.alphas_cumprod[t], scheduler.alphas_cumprod[t - 100]
     sigma = ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()

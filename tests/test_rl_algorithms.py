@@ -114,7 +114,7 @@ def test_is_partial_minibatch_is_mean_over_its_pairs(tiny_pipe):
             x, t = traj.latents[i : i + 1, k], traj.timesteps[k]
             noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond[i : i + 1], uncond, 5.0)
             x_prev = traj.latents[i : i + 1, k + 1]
-            _, lp = common.ddim_step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
+            _, lp = common.step_with_logprob(tiny_pipe.scheduler, noise_pred, t, x, 1.0, prev_sample=x_prev)
             loss = loss - advantages[i] * lp.sum() / 4
     loss.backward()
     # as in the test above: two float32 sums in other orders
