@@ -3,7 +3,8 @@ log-probability, a no-grad trajectory sampler for the RL scripts, and differenti
 
 The model family is read from the pipeline, never from a flag (DESIGN.md, "Model families"). What differs lives in
 one room (module) per family, and the functions here call the room of the pipeline or scheduler at hand:
-- how prompts become conditioning and how the denoiser is called: `family(pipe)` → common/sd.py (SD1.x/SD2.x), …
+- how prompts become conditioning and how the denoiser is called: `family(pipe)` → common/sd.py (SD1.x/SD2.x),
+  common/sdxl.py (SDXL), …
 - the step and its log-prob, x̂0, the forward process and the regression target: `sampler(scheduler)` →
   common/ddim.py (DDIM on ᾱ, ε- or v-prediction), …
 The conditioning is one tensor [B, L, D] per prompt batch whatever the family, so the scripts index, shard and
@@ -23,18 +24,23 @@ from torch.utils.checkpoint import checkpoint
 from .distributed import randn  # draws on the generator's device; under torchrun, sharded from the global batch
 
 # pipeline class → the room (module of common/) with its conditioning and denoiser call
-FAMILIES = {"StableDiffusionPipeline": "sd"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 # scheduler class → the room with its step, x̂0, forward process and regression target
 SAMPLERS = {"DDIMScheduler": "ddim"}
 
 
 def family(pipe):
-    """The room of this pipeline's model family (common/sd.py, …)."""
+    """The room of this pipeline's model family (common/sd.py, common/sdxl.py, …)."""
+    return family_of(type(pipe).__name__)
+
+
+def family_of(pipeline_class: str):
+    """The room of a pipeline class named `pipeline_class` (a model folder's model_index.json `_class_name`)."""
     from .errors import UserError
 
-    name = FAMILIES.get(type(pipe).__name__)
+    name = FAMILIES.get(pipeline_class)
     if name is None:
-        raise UserError(f"{type(pipe).__name__} is not a model family these scripts train (supported pipelines: "
+        raise UserError(f"{pipeline_class} is not a model family these scripts train (supported pipelines: "
                         f"{', '.join(FAMILIES)})")
     return importlib.import_module(f".{name}", __package__)
 
@@ -232,9 +238,20 @@ def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latent
     return Trajectory(torch.stack(all_latents, 1), lp, scheduler.timesteps.clone())
 
 
+def _vae(pipe):
+    """The VAE, moved to float32 for good (once) where the family's pipeline would decode in float32: fp16 weights and
+    a config that says `force_upcast` (SDXL's VAE overflows in fp16; StableDiffusionXLPipeline upcasts it for the
+    decode, then casts it back, which a differentiable decode cannot do per call). Its 84 M parameters cost 0.2 GB more
+    in float32."""
+    vae = pipe.vae
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False) and family(pipe).HONOURS_FORCE_UPCAST:
+        vae.to(torch.float32)
+    return vae
+
+
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Differentiable VAE decoding to images in [0, 1], [B, 3, H, W], float32 (or float64)."""
-    vae = pipe.vae
+    vae = _vae(pipe)
     images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
     return (_at_least_f32(images) / 2 + 0.5).clamp(0, 1)
 
@@ -243,7 +260,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 def encode(pipe, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior N(μ, σ²) of images [B, 3, H, W] in [0, 1], in the UNet's latent scale (× scaling_factor),
     float32: what a latent diffusion model is trained on (x0 = μ + σ·z)."""
-    vae = pipe.vae
+    vae = _vae(pipe)
     posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
     return _at_least_f32(posterior.mean) * scale, _at_least_f32(posterior.std) * scale

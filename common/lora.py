@@ -153,15 +153,20 @@ def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: 
     return Path(directory) / LORA_FILE
 
 
-def to_kohya(layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def to_kohya(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], pipe) -> dict[str, torch.Tensor]:
     """The kohya-ss key format (`lora_unet_<module with _>.lora_down/lora_up.weight` and `.alpha`) through diffusers'
-    own converter, whose docstring names AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI as its readers. It sets
-    alpha = rank per module, i.e. scale 1: right, since our factors carry their scale in B."""
+    own converter, whose docstring names AUTOMATIC1111, ComfyUI, SD.Next and InvokeAI as its readers, on the module
+    names those tools use for this model family (`kohya_modules` of its room: SD1/SD2 diffusers', SDXL the original
+    UNet's input_blocks/…). It sets alpha = rank per module, i.e. scale 1: right, since our factors carry their scale
+    in B."""
     from diffusers.utils import convert_state_dict_to_kohya
 
+    from .diffusion import family
+
+    names = family(pipe).kohya_modules(pipe, layers)
     peft = {}
     for m, (a, b) in layers.items():
-        peft[f"unet.{m}.lora_A.weight"], peft[f"unet.{m}.lora_B.weight"] = a.contiguous(), b.contiguous()
+        peft[f"unet.{names[m]}.lora_A.weight"], peft[f"unet.{names[m]}.lora_B.weight"] = a.contiguous(), b.contiguous()
     # kohya's sd-scripts store each alpha as a float scalar; the converter makes an integer one
     return {k: v.float() if k.endswith(".alpha") else v for k, v in convert_state_dict_to_kohya(peft).items()}
 
@@ -171,29 +176,24 @@ def kohya_metadata(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], pipe, t
     """The safetensors header the web UIs read, with the key names and values of kohya's sd-scripts (train_network.py,
     library/sai_model_spec.py): `ss_*` (AUTOMATIC1111 sorts LoRAs by `ss_base_model_version` / `ss_v2`) and the
     Stability AI ModelSpec (`modelspec.*`, SwarmUI). Rank and alpha are one number when every module has the same
-    rank, else "Dynamic" (sd-scripts' word for per-module ranks). SD2 is told from SD1 by the text embedding width
-    (1024 vs 768); the CPU test models are SD1.4-shaped and called SD1."""
+    rank, else "Dynamic" (sd-scripts' word for per-module ranks). The base model's version, architecture and module
+    naming are the family room's (`kohya_metadata`)."""
     import datetime
+
+    from .diffusion import family
 
     ranks = {a.shape[0] for a, _ in layers.values()}
     dim = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
-    v2 = pipe.unet.config.cross_attention_dim == 1024
     v_pred = pipe.scheduler.config.prediction_type == "v_prediction"
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    architecture = "stable-diffusion-v1"
-    if v2:
-        architecture = "stable-diffusion-v2-768-v" if v_pred else "stable-diffusion-v2-512"
     metadata = {
         "format": "pt",
         "ss_network_module": "networks.lora",
         "ss_network_dim": dim,
         "ss_network_alpha": dim if dim == "Dynamic" else str(float(dim)),  # alpha = rank (scale 1), "8.0" as sd-scripts
-        "ss_base_model_version": ("sd_v2" if v2 else "sd_v1") + ("_v" if v_pred else ""),
-        "ss_v2": str(v2),
+        **family(pipe).kohya_metadata(pipe),
         "ss_output_name": title,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture + "/lora",  # sd-scripts' spelling (the spec's examples use "-lora")
-        "modelspec.implementation": "diffusers",  # sd-scripts' value for an SD1/SD2 LoRA: diffusers' module names
         "modelspec.title": title,
         "modelspec.resolution": f"{side}x{side}",
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
@@ -211,5 +211,5 @@ def write_kohya(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_kohya(layers), str(path), metadata=kohya_metadata(layers, pipe, title, base_model))
+    save_file(to_kohya(layers, pipe), str(path), metadata=kohya_metadata(layers, pipe, title, base_model))
     return path

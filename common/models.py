@@ -1,10 +1,13 @@
-"""Loading Stable Diffusion 1.4 (or the offline `tiny` / `tiny-shapes` / `sd14-random` models) with a trainable LoRA
-on the UNet."""
+"""Loading a diffusers pipeline of a supported family (Stable Diffusion 1.x/2.x, SDXL; common.diffusion.FAMILIES) or
+one of the offline models (`tiny`, `tiny-shapes`, `sd14-random`, `tiny-sdxl`, `sdxl-random`) with a trainable LoRA on
+its denoiser."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
+import json
 import os
 from pathlib import Path
 
@@ -201,15 +204,26 @@ def sd14_random_components(seed: int = 0, dtype: torch.dtype = torch.float32) ->
     return components
 
 
+def _pipeline_class(model: str) -> str:
+    """The pipeline class a diffusers folder or hub repo declares (model_index.json's `_class_name`)."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.load_config(model)["_class_name"]
+
+
 def _from_pretrained(model: str, dtype: torch.dtype):
-    from diffusers import StableDiffusionPipeline
+    """The pipeline of the class the model declares, if it is a family these scripts train (else a UserError naming
+    the supported ones), with that family's loading arguments."""
+    import diffusers
+
+    from .diffusion import family_of
 
     local = os.path.isdir(model)
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, EnvironmentError) as e:
+        name = _pipeline_class(model)
+        room = family_of(name)  # an unsupported family is refused before any weights load
+        return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **room.PRETRAINED_KWARGS)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
         where = (
             f"the local folder {model!r} is not a diffusers Stable Diffusion folder"
             if local
@@ -218,9 +232,10 @@ def _from_pretrained(model: str, dtype: torch.dtype):
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
             f"could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {reason}). "
-            f"On a machine with network: `hf download {SD14 if local else model}` (about 5 GB; the cache "
-            "is reused offline), or pass --model /path/to/folder with unet/, vae/, text_encoder/, tokenizer/ "
-            "and scheduler/ in diffusers' format. For a CPU run without weights use --model tiny or tiny-shapes."
+            f"On a machine with network: `hf download {SD14 if local else model}` (about 5 GB for SD1.4, 7 GB for "
+            "SDXL; the cache is reused offline), or pass --model /path/to/folder with model_index.json, unet/, vae/, "
+            "the text encoders and tokenizers and scheduler/ in diffusers' format. For a CPU run without weights use "
+            "--model tiny, tiny-sdxl or tiny-shapes."
         ) from e
 
 
@@ -231,6 +246,84 @@ def _sd_pipeline(components: dict):
                                    requires_safety_checker=False)
 
 
+# --- SDXL ------------------------------------------------------------------------------------------------------------
+
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl"
+
+
+def sdxl_tokenizer_2():
+    """SDXL-base's `tokenizer_2`: the same CLIP BPE as `tokenizer`, padding with "!" (id 0) instead of <|endoftext|>
+    (its special_tokens_map.json, shipped in common/configs/sdxl/tokenizer_2/). The padding changes text_encoder_2's
+    hidden states at the padded positions, so the conditioning."""
+    tok = copy.deepcopy(clip_tokenizer())
+    special = json.loads((SDXL_CONFIGS / "tokenizer_2" / "special_tokens_map.json").read_text())
+    tok.pad_token = special["pad_token"]
+    return tok
+
+
+def _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
+    """`StableDiffusionXLPipeline` with the real CLIP tokenizers, DDIM from SDXL-base's scheduler config and its
+    `force_zeros_for_empty_prompt` (model_index.json)."""
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    index = json.loads((SDXL_CONFIGS / "model_index.json").read_text())
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(SDXL_CONFIGS / "scheduler"))
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=clip_tokenizer(), tokenizer_2=sdxl_tokenizer_2(), unet=unet,
+                                     scheduler=scheduler, add_watermarker=False,
+                                     force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"])
+
+
+def tiny_sdxl_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple:
+    """SDXL's classes and conditioning small enough for a CPU (random weights, deterministic from `seed`): a UNet of
+    two blocks (cross-attention with 1 and 2 transformer layers in the second, linear projections, the "text_time"
+    added condition: 6 time ids × 8 + the pooled 32), two 2-layer CLIP text encoders of width 32 (the second with a
+    projection, as OpenCLIP bigG's), concatenated to the UNet's context width 64, and `tiny`'s VAE with SDXL's
+    scaling factor and `force_upcast`. Returns (unet, vae, text_encoder, text_encoder_2)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+        cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=16,
+    )
+    torch.manual_seed(seed + 1)
+    vae = tiny_vae(scaling_factor=0.13025)
+    config = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config, hidden_act="quick_gelu"))
+    torch.manual_seed(seed + 3)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config, hidden_act="gelu", projection_dim=32))
+    modules = (unet, vae, text_encoder, text_encoder_2)
+    return modules if dtype == torch.float32 else tuple(m.to(dtype) for m in modules)
+
+
+def sdxl_random_components(seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple:
+    """SDXL-base's real architecture with random weights (`random_weights_`), from the configs of
+    `stabilityai/stable-diffusion-xl-base-1.0` shipped in common/configs/sdxl/ (their sources: its README.md): UNet
+    2,567 M parameters, VAE 83.7 M, CLIP ViT-L 123.1 M, OpenCLIP bigG 694.7 M; 13.9 GB in float32, so build it in
+    bf16 on a machine of 24 GB. Returns (unet, vae, text_encoder, text_encoder_2)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    with init_empty_weights(include_buffers=False):
+        modules = (
+            UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(SDXL_CONFIGS / "unet")),
+            AutoencoderKL.from_config(AutoencoderKL.load_config(SDXL_CONFIGS / "vae")),
+            CLIPTextModel(CLIPTextConfig.from_json_file(SDXL_CONFIGS / "text_encoder" / "config.json")),
+            CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(SDXL_CONFIGS / "text_encoder_2" /
+                                                                      "config.json")),
+        )
+    return tuple(random_weights_(m, seed + i, dtype) for i, m in enumerate(modules))
+
+
 # The --model names built offline: name → builder(seed, dtype) → pipeline (random weights, nothing downloaded). Each
 # model family adds its `tiny-*` (CI) and `*-random` (its real architecture, for memory figures) here. `tiny-shapes` is
 # a folder (TINY_SHAPES), loaded like any local model.
@@ -239,6 +332,9 @@ BUILT_IN_MODELS = {
     "tiny-shapes": None,
     # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download
     "sd14-random": lambda seed, dtype: _sd_pipeline(sd14_random_components(seed, dtype)),
+    "tiny-sdxl": lambda seed, dtype: _sdxl_pipeline(*tiny_sdxl_components(seed, dtype)),
+    # SDXL-base's architecture from its shipped configs (common/configs/sdxl/), random weights
+    "sdxl-random": lambda seed, dtype: _sdxl_pipeline(*sdxl_random_components(seed, dtype)),
 }
 
 
@@ -247,7 +343,7 @@ def check_model_name(model: str) -> None:
     anything loads."""
     if model not in BUILT_IN_MODELS and not os.path.isdir(model) and model.count("/") != 1:
         raise UserError(f"unknown model {model!r}: expected one of {', '.join(BUILT_IN_MODELS)}, a hub id such as "
-                        f"{SD14!r}, or a local folder")
+                        f"{SD14!r} or {SDXL!r}, or a local folder")
 
 
 def set_resolution(pipe, resolution: int | None) -> None:
@@ -272,13 +368,16 @@ def load_pipeline(
     seed: int = 0,
     resolution: int | None = None,
 ):
-    """A `StableDiffusionPipeline` whose UNet carries a trainable peft LoRA adapter named "default".
+    """A pipeline of a supported family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) whose denoiser carries
+    a trainable peft LoRA adapter named "default".
 
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
-    random weights) or "tiny-shapes" (the folder TINY_SHAPES, pretrained on the shapes testbed). `dtype` is the
+    random weights), "tiny-sdxl" / "sdxl-random" (the same for SDXL) or "tiny-shapes" (the folder TINY_SHAPES,
+    pretrained on the shapes testbed). `dtype` is the
     frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU too, slowly, for tests); LoRA weights are
-    always float32. Only LoRA parameters require grad; the VAE and text encoder are frozen. The scheduler is DDIM on
-    the model's own noise schedule (SD1.4's for the built-in models). `seed` only affects `tiny` and `sd14-random`.
+    always float32. Only LoRA parameters require grad; the VAE and text encoders are frozen. The scheduler is DDIM on
+    the model's own noise schedule (timestep_spacing included; SD1.4's or SDXL's for the built-in models). `seed`
+    only affects the built-in random models.
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler
