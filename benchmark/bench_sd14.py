@@ -1,4 +1,5 @@
-"""Seconds per update and peak memory of the eight scripts on SD1.4's real architecture (`--model sd14-random`).
+"""Seconds per update and peak memory of the eight scripts on SD1.4's real architecture (`--model sd14-random`), or on
+SDXL-base's (`--model sdxl-random`, issue 23).
 
 Issue 11, part 5 (GRPO added). Each run is one script through its real command line (tyro parses the same flags) in
 a fresh subprocess: a small wrapper in this file runs the script's `main(args)` in that process and afterwards reads
@@ -17,11 +18,13 @@ gradient scripts run in four variants: one backward for the whole batch or micro
 (`--train-batch-size`), each with and without gradient checkpointing of the VAE decoder (`--vae-checkpointing`).
 
 Goals (issue 11, on one GPU at 512 px and the published defaults): DDPO-SF and DDPO-IS ≤ 10 GB (ddpo-pytorch's
-claim), every gradient script ≤ 24 GB; RWR has none. On the CPU the table says what fits in 24 GB.
+claim), every gradient script ≤ 24 GB; RWR has none. SDXL (issue 23, at 1024 px): DDPO ≤ 40 GB, every script ≤ 80 GB.
+On the CPU the table says what fits in 24 GB.
 
     python benchmark/bench_sd14.py                               # GPU: 512 px, T = 50, published batches
     python benchmark/bench_sd14.py --resolution 128 --num-inference-steps 2 --scripts draft.py,ddpo_sf.py
     python benchmark/bench_sd14.py --markdown                    # the table as in docs/gpu.md
+    python benchmark/bench_sd14.py --model sdxl-random --mixed-precision bf16 --resolution 256 --rl-batch-size 2
 """
 
 from __future__ import annotations
@@ -42,7 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RL_SCRIPTS = ("ddpo_sf.py", "ddpo_is.py", "rwr.py", "grpo.py")
 GRADIENT_SCRIPTS = ("draft.py", "draft_lv.py", "refl.py", "alignprop.py")
-GOAL_GB = {"ddpo_sf.py": 10, "ddpo_is.py": 10, **{s: 24 for s in GRADIENT_SCRIPTS}}  # issue 11
+GOAL_GB = {"ddpo_sf.py": 10, "ddpo_is.py": 10, **{s: 24 for s in GRADIENT_SCRIPTS}}  # issue 11 (SD1.4)
+# issue 23 (SDXL): every script within 80 GB, DDPO within 40 GB
+GOALS_GB = {"sd14-random": GOAL_GB, "sdxl-random": {s: 40 if s.startswith("ddpo") else 80
+                                                    for s in RL_SCRIPTS + GRADIENT_SCRIPTS}}
+NATIVE_RESOLUTION = {"sd14-random": 512, "sdxl-random": 1024}
 CPU_LIMIT_GB = 24  # what "fits" means on the CPU: this project's machines have 24 GB
 # the gradient scripts' variants: (name, --train-batch-size (None: the whole batch), --vae-checkpointing)
 VARIANTS = {"plain": (None, False), "vae-ckpt": (None, True), "micro-1": (1, False), "micro-1+vae-ckpt": (1, True)}
@@ -77,6 +84,9 @@ def script_flags(script: str, variant: str, opts) -> list[str]:
     flags = ["--reward", opts.reward or ("jpeg_compressibility" if rl else "jpeg_compressibility_diff")]
     if rl and opts.rl_batch_size:
         flags += ["--batch-size", str(opts.rl_batch_size)]
+        for field in ("sample_batch_size", "train_batch_size"):  # a batch below them (SDXL on the CPU) sets them
+            if opts.rl_batch_size < script_default(script, field):
+                flags += [f"--{field.replace('_', '-')}", str(opts.rl_batch_size)]
         if script != "ddpo_sf.py":  # minibatches must hold whole train batches
             minibatches = script_default(script, "num_minibatches")
             train_batch = script_default(script, "train_batch_size")
@@ -89,7 +99,10 @@ def script_flags(script: str, variant: str, opts) -> list[str]:
         flags += ["--max-step", str(opts.num_inference_steps)]  # m is drawn from the last max_step steps
     if not rl:
         train_batch, vae_ckpt = VARIANTS[variant]
-        flags += ["--train-batch-size", str(train_batch or script_default(script, "batch_size"))]
+        batch = getattr(opts, "gradient_batch_size", None) or script_default(script, "batch_size")
+        if batch != script_default(script, "batch_size"):
+            flags += ["--batch-size", str(batch)]
+        flags += ["--train-batch-size", str(train_batch or batch)]
         flags += ["--vae-checkpointing" if vae_ckpt else "--no-vae-checkpointing"]
     return flags
 
@@ -105,7 +118,7 @@ def read_run(run_dir: Path, result_file: Path) -> dict:
 
 def run_one(script: str, variant: str, opts) -> dict:
     flags = script_flags(script, variant, opts)
-    row = dict(script=script, variant=variant, flags=" ".join(flags))
+    row = dict(script=script, variant=variant, flags=" ".join(flags), model=getattr(opts, "model", "sd14-random"))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cmd = [sys.executable, __file__, "--child", str(tmp / "result.json"), script, *shared_flags(opts), *flags,
@@ -125,7 +138,7 @@ def verdict(row: dict) -> str:
         return "failed"
     if row["device"] == "cpu":
         return "fits 24 GB" if row["peak_gb"] <= CPU_LIMIT_GB else "over 24 GB"
-    goal = GOAL_GB.get(row["script"])
+    goal = GOALS_GB[row.get("model", "sd14-random")].get(row["script"])
     if goal is None:
         return "no goal"
     return f"{'≤' if row['peak_gb'] <= goal else '>'} {goal} GB goal"
@@ -160,12 +173,17 @@ def parse_args(argv=None):
                    help="comma-separated scripts to run (default: all eight)")
     p.add_argument("--variants", default=",".join(VARIANTS),
                    help=f"comma-separated variants of the gradient scripts, of {', '.join(VARIANTS)}")
-    p.add_argument("--resolution", type=int, default=512 if cuda else 128,
-                   help="image size in pixels, a multiple of 64 (default: 512 on a GPU, SD1.4's; 128 on the CPU)")
+    p.add_argument("--model", default="sd14-random", choices=sorted(GOALS_GB),
+                   help="the architecture, with random weights (default: %(default)s)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size in pixels, a multiple of 64 (default: the model's on a GPU, SD1.4's 512 or "
+                        "SDXL's 1024; 128 on the CPU)")
     p.add_argument("--num-inference-steps", type=int, default=50 if cuda else 2,
                    help="DDIM steps T (default: 50 on a GPU, the published value; 2 on the CPU)")
     p.add_argument("--rl-batch-size", type=int, default=None if cuda else 16,
                    help="--batch-size of the RL scripts (default: theirs, 64, on a GPU; 16 on the CPU)")
+    p.add_argument("--gradient-batch-size", type=int, default=None,
+                   help="--batch-size of the gradient scripts (default: theirs, 4)")
     p.add_argument("--reward", default=None,
                    help="reward of every run (default: jpeg_compressibility for the RL scripts, "
                         "jpeg_compressibility_diff for the gradient scripts; no weights needed)")
@@ -173,7 +191,10 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=1, help="updates per run (default 1)")
     p.add_argument("--num-sample-images", type=int, default=1, help="images in the runs' sample grids (default 1)")
     p.add_argument("--markdown", action="store_true", help="print the table in markdown")
-    return p.parse_args(argv)
+    opts = p.parse_args(argv)
+    if opts.resolution is None:
+        opts.resolution = NATIVE_RESOLUTION[opts.model] if cuda else 128
+    return opts
 
 
 def main():
