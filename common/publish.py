@@ -104,9 +104,10 @@ def write_model_card(run_dir: str | Path, args) -> Path:
                   f"`{grid}`: fixed prompts and seeds, sampled with the LoRA; `samples/step_000000.png` is the same "
                   "grid from the base model.", ""]
     if _is_hub_id(model) or Path(model).is_dir():
-        load = [f"pipe = StableDiffusionPipeline.from_pretrained({model!r}, torch_dtype=torch.float16).to('cuda')",
+        # DiffusionPipeline picks the model's own class (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)
+        load = [f"pipe = DiffusionPipeline.from_pretrained({model!r}, torch_dtype=torch.float16).to('cuda')",
                 "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was trained with"]
-        imports = ["import torch", "from diffusers import DDIMScheduler, StableDiffusionPipeline"]
+        imports = ["import torch", "from diffusers import DDIMScheduler, DiffusionPipeline"]
     else:  # the built-in test models exist only in this project's common/
         load = [f"pipe = common.load_pipeline({model!r}, lora_rank=0)  # DDIM, as in training"]
         imports = ["import common  # this project's common/"]
