@@ -8,7 +8,12 @@ one room (module) per family, and the functions here call the room of the pipeli
 - the step and its log-prob, x̂0, the forward process and the regression target: `sampler(scheduler)` →
   common/ddim.py (DDIM on ᾱ, ε- or v-prediction), …
 The conditioning is one tensor [B, L, D] per prompt batch whatever the family, so the scripts index, shard and
-concatenate it as they always did."""
+concatenate it as they always did.
+
+A family's room defines `denoiser(pipe)`, `encode_prompts(pipe, prompts)`, `predict(pipe, x, t, emb)`, and for the
+LoRA's kohya copy `kohya_modules(pipe, modules)` and `kohya_metadata(pipe)`; optionally `PRETRAINED_KWARGS` (extra
+`from_pretrained` arguments, default none) and `HONOURS_FORCE_UPCAST` (whether its pipeline decodes an fp16 VAE in
+float32 when the VAE's config says `force_upcast`, default no)."""
 
 from __future__ import annotations
 
@@ -240,11 +245,12 @@ def sample_trajectory(pipe, cond, uncond, num_steps, guidance_scale, eta, latent
 
 def _vae(pipe):
     """The VAE, moved to float32 for good (once) where the family's pipeline would decode in float32: fp16 weights and
-    a config that says `force_upcast` (SDXL's VAE overflows in fp16; StableDiffusionXLPipeline upcasts it for the
-    decode, then casts it back, which a differentiable decode cannot do per call). Its 84 M parameters cost 0.2 GB more
-    in float32."""
+    a config that says `force_upcast` (SDXL's VAE overflows in fp16). StableDiffusionXLPipeline upcasts it for each
+    decode and casts it back; here a cast back would copy the VAE twice per call and make a checkpointed decoder
+    recompute in fp16. Its 84 M parameters cost 0.2 GB more in float32."""
     vae = pipe.vae
-    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False) and family(pipe).HONOURS_FORCE_UPCAST:
+    if vae.dtype == torch.float16 and vae.config.get("force_upcast", False) \
+            and getattr(family(pipe), "HONOURS_FORCE_UPCAST", False):
         vae.to(torch.float32)
     return vae
 

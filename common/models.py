@@ -222,7 +222,7 @@ def _from_pretrained(model: str, dtype: torch.dtype):
     try:
         name = _pipeline_class(model)
         room = family_of(name)  # an unsupported family is refused before any weights load
-        return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **room.PRETRAINED_KWARGS)
+        return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **getattr(room, "PRETRAINED_KWARGS", {}))
     except (OSError, ValueError, KeyError, EnvironmentError) as e:
         where = (
             f"the local folder {model!r} is not a diffusers Stable Diffusion folder"
