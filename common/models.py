@@ -232,8 +232,8 @@ def _from_pretrained(model: str, dtype: torch.dtype):
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UserError(
             f"could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {reason}). "
-            f"On a machine with network: `hf download {SD14 if local else model}` (about 5 GB for SD1.4, 7 GB for "
-            "SDXL; the cache is reused offline), or pass --model /path/to/folder with model_index.json, unet/, vae/, "
+            f"On a machine with network: `hf download {SD14 if local else model}` (SD1.4: about 5 GB; the cache is "
+            "reused offline), or pass --model /path/to/folder with model_index.json, unet/, vae/, "
             "the text encoders and tokenizers and scheduler/ in diffusers' format. For a CPU run without weights use "
             "--model tiny, tiny-sdxl or tiny-shapes."
         ) from e
