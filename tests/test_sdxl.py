@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import common
 from common.models import SDXL_CONFIGS, _sdxl_pipeline, tiny_sdxl_components
-from conftest import (ROOT, SCRIPTS, U64, assert_normwise_close, float64_scheduler, randomize_lora, read_metrics,
+from conftest import (ROOT, SCRIPTS, assert_normwise_close, float64_scheduler, randomize_lora, read_metrics,
                       rounding_tolerance, roundings, script_args, script_cli, scripts)
 
 TINY = ["--model", "tiny-sdxl"]
