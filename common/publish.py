@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .lora import KOHYA_FILE, LORA_FILE, read_lora, save_lora, write_kohya
+from .lora import KOHYA_FILE, LORA_FILE, denoiser_name, read_lora, save_lora, write_kohya
 from .models import BUILT_IN_MODELS, SD14
 from .run import read_jsonl
 
@@ -18,10 +18,13 @@ LICENSES = {SD14: "creativeml-openrail-m"}  # the default base model's card on t
 def finish_run(pipe, run_dir: str | Path, args) -> None:
     """Rank 0, after the last update: the LoRA in diffusers' format (`save_lora`), the same LoRA in kohya's format
     (`lora_kohya.safetensors`: ComfyUI does not load diffusers' key names for an attention-only LoRA, and
-    AUTOMATIC1111 reads the kohya metadata), and the model card (`write_model_card`)."""
+    AUTOMATIC1111 reads the kohya metadata), and the model card (`write_model_card`). The kohya copy is for UNet LoRAs
+    (SD1.x/SD2.x): kohya's format of an SD3 transformer LoRA has no converter in diffusers, and ComfyUI reads
+    diffusers' SD3 LoRA files (its "transformer." keys) as they are."""
     run_dir = Path(run_dir)
     layers = read_lora(save_lora(pipe, run_dir))
-    write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)
+    if denoiser_name(pipe) == "unet":
+        write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)
     write_model_card(run_dir, args)
 
 
