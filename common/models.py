@@ -288,8 +288,8 @@ SD35M_CONFIGS = Path(__file__).parent / "configs" / "sd35m"
 
 def sd35m_random(seed: int = 0, dtype: torch.dtype = torch.float32):
     """SD3.5-Medium's real architecture with random weights, without T5 (`NO_T5`: its 4.7 B parameters would not fit
-    this project's 24 GB machine in float32 beside the rest): the MMDiT (2.47 B parameters), the 16-channel VAE (83.8 M)
-    and CLIP-L/CLIP-G with projections (123.7 M, 694.7 M) from the configs shipped in common/configs/sd35m/ (sources:
+    this project's 24 GB machine in float32 beside the rest): the MMDiT (2.24 B parameters and a 0.23 B positional
+    embedding buffer), the 16-channel VAE (83.8 M) and CLIP-L/CLIP-G with projections (123.7 M, 694.7 M) from the configs shipped in common/configs/sd35m/ (sources:
     its README.md), the real CLIP tokenizer, FlowMatchEuler from the shipped scheduler config (shift 3)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
