@@ -22,7 +22,7 @@ def randomize_lora(pipe, std=0.05, seed=0):
     """Give the zero-initialised LoRA B matrices non-zero values so that the adapter changes the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in pipe.unet.parameters():
+        for p in common.lora_parameters(pipe):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
