@@ -272,3 +272,51 @@ def test_flow_gradients_checkpointed_equal_plain_and_finite_differences(monkeypa
     assert abs(analytic) > 1e-3
     # central differences: O(h²) truncation and float64 rounding of f / h (f ~ 1e2: 1e-14 / 1e-6), far below 1e-5
     assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), (analytic, numeric)
+
+
+def test_lora_tools_on_an_sd3_lora(tmp_path, capsys):
+    """scale / mix / grid / export (peft) on a transformer LoRA, each output loaded by diffusers' SD3 loader; kohya
+    export refused in one line."""
+    import lora_tools
+
+    pipe = common.load_pipeline("tiny-sd3", lora_rank=2)
+    randomize_lora(pipe, std=0.05)
+    common.save_lora(pipe, tmp_path / "a")
+    x, t = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(10)), torch.tensor([500.0])
+    emb = common.encode_prompts(pipe, ["a cat"])
+
+    def out(pipe):
+        with torch.no_grad():
+            return pipe.transformer(x, emb[:, :-1], emb[:, -1, :48], t).sample
+
+    base = tiny_sd3(0)
+    before = out(base)
+    base.load_lora_weights(str(tmp_path / "a"), adapter_name="a")
+    base.set_adapters(["a"], [0.5])  # diffusers' own scaling of the original LoRA: the reference
+    half = out(base)
+    assert (half - before).abs().max() > 0
+
+    lora_tools.main(["scale", str(tmp_path / "a"), "--scale", "0.5", "--model", "tiny-sd3",
+                     "--output", str(tmp_path / "half")])
+    lora_tools.main(["mix", f"{tmp_path / 'a'}:0.25", f"{tmp_path / 'a'}:0.25", "--model", "tiny-sd3",
+                     "--output", str(tmp_path / "mix")])
+    for name in ("half", "mix"):
+        other = tiny_sd3(0)
+        other.load_lora_weights(str(tmp_path / name))
+        # B·A scaled by 0.5 (exact in binary) or [0.25·B, 0.25·B]·[A; A]: rounding of the rank-2 or rank-4 products
+        torch.testing.assert_close(out(other), half, rtol=1e-5, atol=1e-6)
+
+    lora_tools.main(["export", str(tmp_path / "a"), "--format", "peft", "--model", "tiny-sd3",
+                     "--output", str(tmp_path / "peft")])
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+    lora_tools.main(["grid", str(tmp_path / "a"), "--model", "tiny-sd3", "--scales", "0,1", "--seeds", "0",
+                     "--num-prompts", "1", "--num-inference-steps", "2", "--output", str(tmp_path / "grid.png")])
+    assert (tmp_path / "grid.png").is_file()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        lora_tools.main(["export", str(tmp_path / "a"), "--format", "kohya", "--model", "tiny-sd3",
+                         "--output", str(tmp_path / "k.safetensors")])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and "kohya" in err and "Traceback" not in err
+    assert not (tmp_path / "k.safetensors").exists()
