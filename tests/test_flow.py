@@ -320,3 +320,15 @@ def test_lora_tools_on_an_sd3_lora(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1 and "kohya" in err and "Traceback" not in err
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_model_card_of_an_sd3_run(tmp_path):
+    from common.publish import write_model_card
+
+    common.save_lora(common.load_pipeline("tiny-sd3", lora_rank=2), tmp_path)
+    card = write_model_card(tmp_path, dict(model=common.models.SD35M + ":no-t5", reward="pickscore", steps=1,
+                                           num_inference_steps=40, guidance_scale=4.5, eta=0.7)).read_text()
+    assert "base_model: stabilityai/stable-diffusion-3.5-medium\n" in card
+    assert ("StableDiffusion3Pipeline.from_pretrained('stabilityai/stable-diffusion-3.5-medium', text_encoder_3=None, "
+            "tokenizer_3=None") in card
+    assert "A LoRA on the transformer" in card and "eta=" not in card and "DDIMScheduler" not in card
