@@ -241,7 +241,10 @@ def sd3_pipeline(transformer, vae, text_encoders, scheduler, dtype: torch.dtype 
     """A `StableDiffusion3Pipeline` of these modules in `dtype`: CLIP-L, CLIP-G and T5 (or None) with their tokenizers."""
     from diffusers import StableDiffusion3Pipeline
 
-    cast = (lambda m: m) if dtype == torch.float32 else (lambda m: None if m is None else m.to(dtype))
+    # in eval mode, as from_pretrained returns modules (T5's dropout would make the conditioning random)
+    def cast(m):  # (ModelMixin.to warns on any dtype cast, even to the dtype it has)
+        return None if m is None else (m if dtype == torch.float32 else m.to(dtype)).eval()
+
     clip_l, clip_g, t5 = (cast(m) for m in text_encoders)
     return StableDiffusion3Pipeline(
         transformer=cast(transformer), vae=cast(vae), scheduler=scheduler,

@@ -332,3 +332,14 @@ def test_model_card_of_an_sd3_run(tmp_path):
     assert ("StableDiffusion3Pipeline.from_pretrained('stabilityai/stable-diffusion-3.5-medium', text_encoder_3=None, "
             "tokenizer_3=None") in card
     assert "A LoRA on the transformer" in card and "eta=" not in card and "DDIMScheduler" not in card
+
+
+def test_a_local_sd3_folder_loads_with_its_flow_scheduler(tmp_path):
+    """A diffusers SD3 folder is loaded by the class its model_index.json names, keeping its FlowMatchEuler scheduler
+    (shift from its config); ":no-t5" leaves T5 out; the conditioning is the built pipeline's."""
+    tiny_sd3(0).save_pretrained(tmp_path / "sd3")
+    pipe = common.load_pipeline(str(tmp_path / "sd3"), lora_rank=2)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline"
+    assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 3.0
+    assert torch.equal(common.encode_prompts(pipe, PROMPTS), common.encode_prompts(tiny_sd3(0), PROMPTS))
+    assert common.load_pipeline(str(tmp_path / "sd3") + ":no-t5", lora_rank=0).text_encoder_3 is None
