@@ -343,3 +343,18 @@ def test_a_local_sd3_folder_loads_with_its_flow_scheduler(tmp_path):
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler" and pipe.scheduler.config.shift == 3.0
     assert torch.equal(common.encode_prompts(pipe, PROMPTS), common.encode_prompts(tiny_sd3(0), PROMPTS))
     assert common.load_pipeline(str(tmp_path / "sd3") + ":no-t5", lora_rank=0).text_encoder_3 is None
+
+
+def test_reevaluating_a_stored_trajectory_gives_its_log_probs(sd3):
+    """The RL scripts' ratio is 1 before the first update: each stored step re-evaluated at per-sample timesteps (in
+    shuffled order) gives the stored log-prob, the same operations on the same values."""
+    cond, uncond = common.encode_prompts(sd3, PROMPTS), common.encode_prompts(sd3, [""])
+    traj = common.sample_trajectory(sd3, cond, uncond, 4, 4.5, 0.7, generator=torch.Generator().manual_seed(11))
+    assert traj.log_probs.shape == (2, 4) and torch.isfinite(traj.log_probs).all()
+    for k in (3, 0, 2, 1):
+        t = traj.timesteps[[k, k]]
+        with torch.no_grad():
+            v = common.guided_noise_pred(sd3, traj.latents[:, k], t, cond, uncond, 4.5)
+        prev, log_prob = common.step_with_logprob(sd3.scheduler, v, t, traj.latents[:, k], 0.7,
+                                                  prev_sample=traj.latents[:, k + 1])
+        assert torch.equal(log_prob, traj.log_probs[:, k]), k
