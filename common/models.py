@@ -163,7 +163,8 @@ def random_weights_(module: torch.nn.Module, seed: int, dtype: torch.dtype = tor
     """
     generator = torch.Generator().manual_seed(seed)
     for sub in module.modules():
-        is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        # (diffusers' RMSNorm, SD3's q/k norm, is no torch norm class)
+        is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or type(sub).__name__ == "RMSNorm"
         for name, p in list(sub._parameters.items()):
             if p is None:
                 continue
@@ -292,8 +293,9 @@ SD35M_CONFIGS = Path(__file__).parent / "configs" / "sd35m"
 def sd35m_random(seed: int = 0, dtype: torch.dtype = torch.float32):
     """SD3.5-Medium's real architecture with random weights, without T5 (`NO_T5`: its 4.7 B parameters would not fit
     this project's 24 GB machine in float32 beside the rest): the MMDiT (2.24 B parameters and a 0.23 B positional
-    embedding buffer), the 16-channel VAE (83.8 M) and CLIP-L/CLIP-G with projections (123.7 M, 694.7 M) from the configs shipped in common/configs/sd35m/ (sources:
-    its README.md), the real CLIP tokenizer, FlowMatchEuler from the shipped scheduler config (shift 3)."""
+    embedding buffer), the 16-channel VAE (83.8 M) and CLIP-L/CLIP-G with projections (123.7 M, 694.7 M) from the
+    configs shipped in common/configs/sd35m/ (sources: its README.md), the real CLIP tokenizer, FlowMatchEuler from
+    the shipped scheduler config (shift 3)."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection

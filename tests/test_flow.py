@@ -358,3 +358,23 @@ def test_reevaluating_a_stored_trajectory_gives_its_log_probs(sd3):
         prev, log_prob = common.step_with_logprob(sd3.scheduler, v, t, traj.latents[:, k], 0.7,
                                                   prev_sample=traj.latents[:, k + 1])
         assert torch.equal(log_prob, traj.log_probs[:, k]), k
+
+
+def test_random_weights_give_rms_norm_scales_of_one():
+    """sd35m-random's initialiser (common.models.random_weights_) on SD3.5's layers: the RMS q/k norms' scales are 1,
+    as every norm's (0 would silence attention), the linear layers uniform in ±1/√fan_in."""
+    from accelerate import init_empty_weights
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.normalization import RMSNorm
+
+    from common.models import random_weights_
+
+    with init_empty_weights(include_buffers=False):
+        net = SD3Transformer2DModel(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                    joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16,
+                                    pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+    random_weights_(net, 0)
+    norms = [m for m in net.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+    q = net.transformer_blocks[0].attn.to_q.weight
+    assert q.abs().max() <= q.shape[1] ** -0.5 and q.std() > 0
