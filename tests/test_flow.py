@@ -378,3 +378,11 @@ def test_random_weights_give_rms_norm_scales_of_one():
     assert norms and all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
     q = net.transformer_blocks[0].attn.to_q.weight
     assert q.abs().max() <= q.shape[1] ** -0.5 and q.std() > 0
+
+
+def test_resolution_counts_the_transformers_patch_size():
+    pipe = common.load_pipeline("tiny-sd3", lora_rank=0, resolution=48)  # VAE factor 2 × patch 2: multiples of 4 px
+    assert common.initial_latents(pipe, 1).shape == (1, 16, 24, 24)
+    assert common.sample_images(pipe, ["a cat"], 0, 2, 4.5).shape == (1, 3, 48, 48)
+    with pytest.raises(common.UserError, match="multiple of 4 px"):
+        common.load_pipeline("tiny-sd3", lora_rank=0, resolution=42)
