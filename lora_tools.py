@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 import common
-from common.lora import KOHYA_FILE, LORA_FILE, lora_file, read_lora, write_kohya, write_lora
+from common.lora import KOHYA_FILE, LORA_FILE, denoiser_name, lora_file, read_lora, write_kohya, write_lora
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A [r, in], B [out, r])}, ΔW = B·A
 PEFT_FILE = "adapter_model.safetensors"
@@ -96,14 +96,15 @@ def load_base(model: str, device="cpu", dtype=torch.float32):
         raise common.UserError(str(e)) from e
 
 
-def check_fits(layers: Layers, unet, source: str, model: str) -> None:
-    """Every adapted module must exist in the base UNet with the LoRA's input and output sizes."""
-    modules = dict(unet.named_modules())
+def check_fits(layers: Layers, net, source: str, model: str) -> None:
+    """Every adapted module must exist in the base model's denoiser (UNet or transformer) with the LoRA's input and
+    output sizes."""
+    modules = dict(net.named_modules())
     for name, (a, b) in layers.items():
         layer = modules.get(name)
         if layer is None or not hasattr(layer, "in_features"):
             raise common.UserError(f"{source} does not fit --model {model}: it adapts {name!r}, which that model's "
-                                   "UNet has no linear layer of (a LoRA of another base model?)")
+                                   "denoiser has no linear layer of (a LoRA of another base model?)")
         if (a.shape[1], b.shape[0]) != (layer.in_features, layer.out_features):
             raise common.UserError(f"{source} does not fit --model {model}: {name} maps {a.shape[1]} -> {b.shape[0]} "
                                    f"features there, {layer.in_features} -> {layer.out_features} in the model "
@@ -148,29 +149,30 @@ def check_output(path: Path, overwrite: bool, suffix: str | None = None, file: s
         raise common.UserError(f"--output {target} already exists; choose another --output, or pass --overwrite")
 
 
-def read_checked(runs: list[str], model: str) -> list[Layers]:
-    """Read every LoRA first (cheap errors before the model loads), then check each against the base model."""
+def read_checked(runs: list[str], model: str) -> tuple[list[Layers], str]:
+    """Read every LoRA first (cheap errors before the model loads), then check each against the base model. Returns
+    the LoRAs and the base model's denoiser ("unet", "transformer"), the prefix of the file to write."""
     loras = [read_lora(run) for run in runs]
-    unet = load_base(model).unet
+    pipe = load_base(model)
     for run, layers in zip(runs, loras):
-        check_fits(layers, unet, run, model)
-    return loras
+        check_fits(layers, common.denoiser(pipe), run, model)
+    return loras, denoiser_name(pipe)
 
 
 def cmd_scale(args) -> None:
     if not math.isfinite(args.scale):
         raise common.UserError(f"--scale {args.scale}: expected a finite number")
     check_output(Path(args.output), args.overwrite)
-    (layers,) = read_checked([args.run], args.model)
-    path = write_lora(scale_lora(layers, args.scale), args.output)
+    (layers,), prefix = read_checked([args.run], args.model)
+    path = write_lora(scale_lora(layers, args.scale), args.output, prefix)
     print(f"{args.run} × {args.scale:g} -> {path}")
 
 
 def cmd_mix(args) -> None:
     specs = [parse_weighted(s) for s in args.runs]
     check_output(Path(args.output), args.overwrite)
-    loras = read_checked([run for run, _ in specs], args.model)
-    path = write_lora(mix_loras([(layers, w) for layers, (_, w) in zip(loras, specs)]), args.output)
+    loras, prefix = read_checked([run for run, _ in specs], args.model)
+    path = write_lora(mix_loras([(layers, w) for layers, (_, w) in zip(loras, specs)]), args.output, prefix)
     print(" + ".join(f"{w:g}·{run}" for run, w in specs) + f" -> {path}")
 
 
@@ -182,7 +184,11 @@ def cmd_export(args) -> None:
         check_output(output, args.overwrite, file=PEFT_FILE)
     layers = read_lora(args.run)
     pipe = load_base(args.model)
-    check_fits(layers, pipe.unet, args.run, args.model)
+    check_fits(layers, common.denoiser(pipe), args.run, args.model)
+    if args.format == "kohya" and denoiser_name(pipe) != "unet":
+        raise common.UserError(f"--format kohya is for SD1.x/SD2.x UNet LoRAs: kohya's key format has no standard for "
+                               f"an SD3 transformer LoRA; {lora_file(args.run)} (diffusers' format) is what SD3 tools "
+                               "load (diffusers, ComfyUI), or use --format peft")
     if args.format == "kohya":
         write_kohya(layers, output, pipe, title=output.stem, base_model=args.model)
     else:
@@ -254,7 +260,7 @@ def cmd_grid(args) -> None:
     diffusers_logging.set_verbosity_error()  # not "no LoRA keys for the text encoder" for every UNet-only LoRA
     names = []
     for i, run in enumerate(args.runs):
-        check_fits(read_lora(run), pipe.unet, run, args.model)
+        check_fits(read_lora(run), common.denoiser(pipe), run, args.model)
         file = lora_file(run)
         names.append(f"lora{i}")
         with warnings.catch_warnings():  # peft warns that a second adapter is a second adapter
@@ -271,7 +277,7 @@ def cmd_grid(args) -> None:
     images = torch.stack([cells[col, seed][p] for p in range(len(prompts)) for seed in seeds
                           for col in range(len(columns))])
     rows = [f"{p} (seed {seed})" for p in prompts for seed in seeds]
-    header = (f"{' + '.join(args.runs)} on {args.model} · DDIM T = {args.num_inference_steps}, "
+    header = (f"{' + '.join(args.runs)} on {args.model} · T = {args.num_inference_steps}, "
               f"w = {args.guidance_scale:g}, eta = {args.eta:g}")  # Pillow's default font has no Greek
     common.save_grid(images, output, len(columns), rows, labels * len(rows), header)
     print(f"{len(rows)} rows × {len(columns)} columns -> {output}")

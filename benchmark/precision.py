@@ -22,7 +22,7 @@ def randomize_lora(pipe, std=0.05, seed=0):
     """Give the zero-initialised LoRA B matrices non-zero values so that the adapter changes the model."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in pipe.unet.parameters():
+        for p in common.lora_parameters(pipe):
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device) * std)
 
@@ -51,7 +51,7 @@ def lora_gradient(pipe, backward, loss_scaling: bool | None = None) -> torch.Ten
     for p in params:
         p.grad = None
     if loss_scaling is None:
-        loss_scaling = pipe.unet.conv_in.weight.dtype == torch.float16
+        loss_scaling = next(common.denoiser(pipe).parameters()).dtype == torch.float16
     guard = common.UpdateGuard(1, loss_scaling=loss_scaling)
     backward(guard)
     guard.clip_grad_norm_(torch.optim.SGD(params), 0.0)  # the optimizer only names the gradients to unscale
@@ -67,8 +67,8 @@ def half_precision_cosines(pipes: dict, backward_for) -> tuple[torch.Tensor, dic
 
 
 def latent_elements(pipe) -> int:
-    s = pipe.unet.config.sample_size
-    return pipe.unet.config.in_channels * s * s
+    net = common.denoiser(pipe)
+    return net.config.in_channels * net.config.sample_size**2
 
 
 def policy_gradient_backward(module, pipe, traj, cond, uncond, j: int, n_t: int, args, advantages=(1.0, -0.7)):
@@ -95,8 +95,9 @@ def pixel_mean_reward(scale: float, size: int = 32):
 
 def gradient_inputs(pipe, n: int = 2, copies: int = 2):
     """The prompts, initial latents and DRaFT-LV's noises of one update of a gradient script, seeded."""
-    c, s = pipe.unet.config.in_channels, pipe.unet.config.sample_size
-    device = pipe.unet.device
+    net = common.denoiser(pipe)
+    c, s = net.config.in_channels, net.config.sample_size
+    device = net.device
     latents = torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(2)).to(device)
     noises = [torch.randn(n, c, s, s, generator=torch.Generator().manual_seed(3 + i)).to(device)
               for i in range(copies)]
@@ -107,7 +108,7 @@ def reward_gradient_backward(module, pipe, prompts, latents, noises, args, extra
     """`backward(guard)` of a gradient script's update (`module.accumulate_gradient`: backprop through the last steps
     and the VAE decoder) under `pixel_mean_reward`, scaled from this model's pixels and this batch to SD1.4's 512²
     pixels and the published batch. `noises` are DRaFT-LV's (ignored by the others)."""
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = common.denoiser(pipe).config.sample_size * pipe.vae_scale_factor
     reward_fn = pixel_mean_reward(size * size / PIXELS_SD14 * len(prompts) / published_batch, size)
     cond, uncond = common.encode_prompts(pipe, prompts), common.encode_prompts(pipe, [""])
     more = (noises,) if module.__name__ == "draft_lv" else ()

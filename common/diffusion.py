@@ -4,9 +4,9 @@ log-probability, a no-grad trajectory sampler for the RL scripts, and differenti
 The model family is read from the pipeline, never from a flag (DESIGN.md, "Model families"). What differs lives in
 one room (module) per family, and the functions here call the room of the pipeline or scheduler at hand:
 - how prompts become conditioning and how the denoiser is called: `family(pipe)` → common/sd.py (SD1.x/SD2.x),
-  common/sdxl.py (SDXL), …
+  common/sdxl.py (SDXL), common/sd3.py (SD3.x), …
 - the step and its log-prob, x̂0, the forward process and the regression target: `sampler(scheduler)` →
-  common/ddim.py (DDIM on ᾱ, ε- or v-prediction), …
+  common/ddim.py (DDIM on ᾱ, ε- or v-prediction), common/flow.py (rectified flow, Flow-GRPO's SDE), …
 The conditioning is one tensor [B, L, D] per prompt batch whatever the family, so the scripts index, shard and
 concatenate it as they always did.
 
@@ -29,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from .distributed import randn  # draws on the generator's device; under torchrun, sharded from the global batch
 
 # pipeline class → the room (module of common/) with its conditioning and denoiser call
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 # scheduler class → the room with its step, x̂0, forward process and regression target
-SAMPLERS = {"DDIMScheduler": "ddim"}
+SAMPLERS = {"DDIMScheduler": "ddim", "FlowMatchEulerDiscreteScheduler": "flow"}
 
 
 def family(pipe):
@@ -253,23 +253,26 @@ def _vae(pipe):
             and getattr(family(pipe), "HONOURS_FORCE_UPCAST", False):
         vae.to(torch.float32)
     return vae
+def _vae_shift(vae) -> float:
+    # SD3's VAE latents are (z − shift_factor)·scaling_factor; SD1.x/SDXL have no shift (None in their configs)
+    return vae.config.get("shift_factor") or 0.0
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Differentiable VAE decoding to images in [0, 1], [B, 3, H, W], float32 (or float64)."""
     vae = _vae(pipe)
-    images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+    images = vae.decode((latents / vae.config.scaling_factor + _vae_shift(vae)).to(vae.dtype)).sample
     return (_at_least_f32(images) / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
 def encode(pipe, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior N(μ, σ²) of images [B, 3, H, W] in [0, 1], in the UNet's latent scale (× scaling_factor),
-    float32: what a latent diffusion model is trained on (x0 = μ + σ·z)."""
+    """The VAE posterior N(μ, σ²) of images [B, 3, H, W] in [0, 1], in the denoiser's latent scale ((z − shift_factor)
+    × scaling_factor), float32: what a latent diffusion model is trained on (x0 = μ + σ·z)."""
     vae = _vae(pipe)
     posterior = vae.encode((images * 2 - 1).to(vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
-    return _at_least_f32(posterior.mean) * scale, _at_least_f32(posterior.std) * scale
+    return (_at_least_f32(posterior.mean) - _vae_shift(vae)) * scale, _at_least_f32(posterior.std) * scale
 
 
 @torch.no_grad()

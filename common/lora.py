@@ -18,14 +18,32 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 
 
-def save_lora(pipe, directory: str | Path) -> Path:
-    """Write the UNet's LoRA so that `StableDiffusionPipeline.load_lora_weights(directory)` loads it as is."""
-    from diffusers import StableDiffusionPipeline
+def denoiser_name(pipe) -> str:
+    """The pipeline's component the LoRA adapts ("unet", "transformer"): its keys' prefix in diffusers' LoRA files."""
+    from .diffusion import denoiser
+
+    net = denoiser(pipe)
+    return next(name for name, module in pipe.components.items() if module is net)
+
+
+def _to_file_format(prefix: str, state: dict) -> dict:
+    # diffusers' UNet LoRA files name the factors lora.down/lora.up; its transformer files keep peft's lora_A/lora_B
+    # (diffusers' train_dreambooth_lora_sd3.py saves get_peft_model_state_dict as is)
     from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(state) if prefix == "unet" else state
+
+
+def save_lora(pipe, directory: str | Path) -> Path:
+    """Write the denoiser's LoRA so that the pipeline class's `load_lora_weights(directory)` loads it as is
+    (`StableDiffusionPipeline`: "unet." keys; `StableDiffusion3Pipeline`: "transformer." keys)."""
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
+    from .diffusion import denoiser
+
+    prefix = denoiser_name(pipe)
+    state = _to_file_format(prefix, get_peft_model_state_dict(denoiser(pipe)))
+    type(pipe).save_lora_weights(directory, **{f"{prefix}_lora_layers": state}, safe_serialization=True)
     return Path(directory) / LORA_FILE
 
 
@@ -39,25 +57,30 @@ def load_lora(pipe, directory: str | Path) -> None:
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    from .diffusion import denoiser
+
     path = Path(directory) / LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"No LoRA at {path}")
-    state = {k.removeprefix("unet."): v for k, v in load_file(path).items() if k.startswith("unet.")}
+    prefix, net = denoiser_name(pipe) + ".", denoiser(pipe)
+    state = {k.removeprefix(prefix): v for k, v in load_file(path).items() if k.startswith(prefix)}
     state = convert_unet_state_dict_to_peft(state)
-    own = {k.replace(".default", ""): p for k, p in pipe.unet.named_parameters() if p.requires_grad}
+    own = {k.replace(".default", ""): p for k, p in net.named_parameters() if p.requires_grad}
     mismatched = sorted(set(state) ^ set(own)) + [k for k in state if k in own and state[k].shape != own[k].shape]
     if mismatched:
         raise ValueError(
             f"{path} does not match this model's LoRA adapter (rank or target modules differ): "
             f"{len(state)} tensors in the file, {len(own)} in the adapter; first mismatches: {mismatched[:3]}"
         )
-    set_peft_model_state_dict(pipe.unet, state)
+    set_peft_model_state_dict(net, state)
 
 
 @torch.no_grad()
 def set_lora_scale(pipe, scale: float) -> None:
     """Interpolate toward the base model: 0 is the base model, 1 the trained LoRA."""
-    pipe.unet.set_adapters(["default"], weights=[scale])
+    from .diffusion import denoiser
+
+    denoiser(pipe).set_adapters(["default"], weights=[scale])
 
 
 # --- LoRA files as plain factors, for tools that edit a LoRA outside a model (lora_tools.py) ---------------------
@@ -87,8 +110,26 @@ def _matches(pattern: str, module: str) -> bool:
     return re.fullmatch(rf"(.*\.)?({pattern})", module) is not None
 
 
+def _prefix(state: dict) -> str:
+    # the denoiser of a diffusers LoRA file: "transformer." keys (SD3) if the file has any, else "unet."
+    return "transformer." if any(k.startswith("transformer.") for k in state) else "unet."
+
+
+def lora_prefix(path: str | Path) -> str:
+    """"unet" or "transformer": the denoiser a diffusers-format LoRA file (`lora_file(path)`) adapts."""
+    from safetensors import SafetensorError, safe_open
+
+    file = lora_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return _prefix(dict.fromkeys(f.keys()))[:-1]
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{file} is not a readable safetensors file ({e})") from e
+
+
 def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The UNet LoRA of a diffusers-format file (`lora_file(path)`) as {module: (A, B)} with ΔW = B·A.
+    """The denoiser LoRA of a diffusers-format file (`lora_file(path)`) as {module: (A, B)} with ΔW = B·A (a UNet's, or
+    an SD3 transformer's: `lora_prefix` tells which).
 
     diffusers writes the factors as `unet.<module>.lora.down.weight` (A) and `.lora.up.weight` (B), or with peft's
     `lora_A` / `lora_B` names; alpha is stored only as peft-config metadata (`lora_adapter_metadata` in the
@@ -105,13 +146,15 @@ def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{file} is not a readable safetensors file ({e})") from e
-    foreign = [k for k in state if not k.startswith("unet.")]
+    prefix = _prefix(state)
+    foreign = [k for k in state if not k.startswith(prefix)]
     if foreign or not state:
-        raise UserError(f"{file} is not a diffusers-format UNet LoRA (key {foreign[0] if foreign else None!r}); "
-                        "kohya/A1111 files and text-encoder LoRAs are not supported here")
-    state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
-    config = {k.removeprefix("unet."): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
-              if k.startswith("unet.")}
+        raise UserError(f"{file} is not a diffusers-format UNet or transformer LoRA (key "
+                        f"{foreign[0] if foreign else None!r}); kohya/A1111 files and text-encoder LoRAs are not "
+                        "supported here")
+    state = convert_unet_state_dict_to_peft({k.removeprefix(prefix): v for k, v in state.items()})
+    config = {k.removeprefix(prefix): v for k, v in json.loads(header.get("lora_adapter_metadata", "{}")).items()
+              if k.startswith(prefix)}
     unsupported = [k for k in state if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
     if unsupported:
         raise UserError(f"{file} holds {unsupported[0]!r}: only plain LoRA factors (lora_A/lora_B weights) are "
@@ -131,14 +174,15 @@ def read_lora(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return layers
 
 
-def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: str | Path) -> Path:
-    """Write {module: (A, B)} in the format of `save_lora`, so that `load_lora_weights(directory)` applies ΔW = B·A.
+def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: str | Path,
+               prefix: str = "unet") -> Path:
+    """Write {module: (A, B)} in the format of `save_lora`, so that `load_lora_weights(directory)` applies ΔW = B·A
+    (`prefix`: the denoiser, "unet" for StableDiffusionPipeline, "transformer" for StableDiffusion3Pipeline).
 
     Modules may have different ranks (e.g. a mix of a rank-2 and a rank-4 LoRA). diffusers' loader then builds a
     peft config with the most common rank and a rank pattern for the rest; the alpha it assumes for those has
     varied between versions, so the file states it: peft-config metadata with alpha = rank for every module."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 
     state, ranks = {}, {}
     for module, (down, up) in layers.items():
@@ -148,8 +192,9 @@ def write_lora(layers: dict[str, tuple[torch.Tensor, torch.Tensor]], directory: 
     rank = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {m: r for m, r in ranks.items() if r != rank}
     metadata = dict(r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern, target_modules=sorted(ranks))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=convert_state_dict_to_diffusers(state),
-                                              unet_lora_adapter_metadata=metadata, safe_serialization=True)
+    pipeline = StableDiffusionPipeline if prefix == "unet" else StableDiffusion3Pipeline
+    pipeline.save_lora_weights(directory, **{f"{prefix}_lora_layers": _to_file_format(prefix, state),
+                                             f"{prefix}_lora_adapter_metadata": metadata}, safe_serialization=True)
     return Path(directory) / LORA_FILE
 
 

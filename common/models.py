@@ -1,6 +1,6 @@
-"""Loading a diffusers pipeline of a supported family (Stable Diffusion 1.x/2.x, SDXL; common.diffusion.FAMILIES) or
-one of the offline models (`tiny`, `tiny-shapes`, `sd14-random`, `tiny-sdxl`, `sdxl-random`) with a trainable LoRA on
-its denoiser."""
+"""Loading a diffusers pipeline of a supported family (Stable Diffusion 1.x/2.x, SDXL, SD3.x; common.diffusion.FAMILIES)
+or one of the offline models (`tiny`, `tiny-shapes`, `sd14-random`, `tiny-sdxl`, `sdxl-random`, `tiny-sd3`,
+`sd35m-random`) with a trainable LoRA on its denoiser (UNet or transformer)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .diffusion import check_scheduler, denoiser
+from .diffusion import FAMILIES, SAMPLERS, check_scheduler, denoiser, family
 from .errors import UserError
 
 SD14 = "CompVis/stable-diffusion-v1-4"
+SD35M = "stabilityai/stable-diffusion-3.5-medium"
+# `--model NAME:no-t5`: an SD3 model without its T5-XXL text encoder (4.7 B parameters: 19 GB in float32, 9.5 GB in
+# bf16), which the pipeline replaces by zeros (SD3 was trained with T5 dropped at random, SD3 paper §5.3.3)
+NO_T5 = ":no-t5"
 # `--model tiny-shapes` is this diffusers folder: the CPU testbed's model (written by `python -m shapes.pretrain`).
 # A path, not an import, so common/ needs nothing from shapes/; absent where only common/ and rewards/ were copied.
 TINY_SHAPES = Path(__file__).resolve().parents[1] / "shapes" / "tiny-shapes"
@@ -162,7 +166,8 @@ def random_weights_(module: torch.nn.Module, seed: int, dtype: torch.dtype = tor
     """
     generator = torch.Generator().manual_seed(seed)
     for sub in module.modules():
-        is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+        # (diffusers' RMSNorm, SD3's q/k norm, is no torch norm class)
+        is_norm = isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm)) or type(sub).__name__ == "RMSNorm"
         for name, p in list(sub._parameters.items()):
             if p is None:
                 continue
@@ -204,6 +209,101 @@ def sd14_random_components(seed: int = 0, dtype: torch.dtype = torch.float32) ->
     return components
 
 
+@functools.lru_cache(maxsize=1)
+def t5_tokenizer():
+    """`tiny-sd3`'s T5 tokenizer: T5's format (a SentencePiece unigram model behind `T5TokenizerFast`: <pad> 0, </s> 1
+    appended, <unk> 2, "▁" word starts) over one piece per printable ASCII character, with and without "▁". T5's real
+    32k vocabulary ships with no installed package (sentencepiece is not installed either), so this one is built in
+    code: prompts tokenize the way T5's do, character by character."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + string.punctuation
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0)
+
+
+def sd3_pipeline(transformer, vae, text_encoders, scheduler, dtype: torch.dtype = torch.float32):
+    """A `StableDiffusion3Pipeline` of these modules in `dtype`: CLIP-L, CLIP-G and T5 (or None) with their tokenizers."""
+    from diffusers import StableDiffusion3Pipeline
+
+    # in eval mode, as from_pretrained returns modules (T5's dropout would make the conditioning random)
+    def cast(m):  # (ModelMixin.to warns on any dtype cast, even to the dtype it has)
+        return None if m is None else (m if dtype == torch.float32 else m.to(dtype)).eval()
+
+    clip_l, clip_g, t5 = (cast(m) for m in text_encoders)
+    return StableDiffusion3Pipeline(
+        transformer=cast(transformer), vae=cast(vae), scheduler=scheduler,
+        text_encoder=clip_l, tokenizer=clip_tokenizer(), text_encoder_2=clip_g, tokenizer_2=clip_g_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=None if t5 is None else t5_tokenizer())
+
+
+def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """An SD3-shaped pipeline small enough for a CPU (a few million parameters): SD3's classes, random weights.
+
+    A 2-layer MMDiT (`SD3Transformer2DModel`, SD3.5's dual attention and RMS q/k norm in its first layer) on
+    16×16×16 latents in 2×2 patches; a 2-block VAE with 16 latent channels and SD3's scaling and shift factors
+    (32×32 images); two 2-layer CLIP text encoders with projections (widths 16 and 32, so a swapped order shows) over
+    the real CLIP vocabulary and a 2-layer T5 encoder of width 64 (`t5_tokenizer`); FlowMatchEuler with SD3's shift 3.
+    Deterministic from `seed`; nothing is downloaded."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    def clip(width):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=width, bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=49407))
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=16, norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
+        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    torch.manual_seed(seed + 2)
+    encoders = (clip(16), clip(32), T5EncoderModel(T5Config(
+        vocab_size=len(t5_tokenizer()), d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)))
+    return sd3_pipeline(transformer, vae, encoders, FlowMatchEulerDiscreteScheduler(shift=3.0), dtype)
+
+
+SD35M_CONFIGS = Path(__file__).parent / "configs" / "sd35m"
+
+
+def sd35m_random(seed: int = 0, dtype: torch.dtype = torch.float32):
+    """SD3.5-Medium's real architecture with random weights, without T5 (`NO_T5`: its 4.7 B parameters would not fit
+    this project's 24 GB machine in float32 beside the rest): the MMDiT (2.24 B parameters and a 0.23 B positional
+    embedding buffer), the 16-channel VAE (83.8 M) and CLIP-L/CLIP-G with projections (123.7 M, 694.7 M) from the
+    configs shipped in common/configs/sd35m/ (sources: its README.md), the real CLIP tokenizer, FlowMatchEuler from
+    the shipped scheduler config (shift 3)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with init_empty_weights(include_buffers=False):
+        transformer = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(SD35M_CONFIGS / "transformer"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(SD35M_CONFIGS / "vae"))
+        clips = [CLIPTextModelWithProjection(CLIPTextConfig.from_json_file(SD35M_CONFIGS / name / "config.json"))
+                 for name in ("text_encoder", "text_encoder_2")]
+    modules = [random_weights_(m, seed + i, dtype) for i, m in enumerate((transformer, vae, *clips))]
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+        FlowMatchEulerDiscreteScheduler.load_config(SD35M_CONFIGS / "scheduler"))
+    return sd3_pipeline(modules[0], modules[1], (*modules[2:], None), scheduler, dtype)
+
+
 def _pipeline_class(model: str) -> str:
     """The pipeline class a diffusers folder or hub repo declares (model_index.json's `_class_name`)."""
     from diffusers import DiffusionPipeline
@@ -211,7 +311,7 @@ def _pipeline_class(model: str) -> str:
     return DiffusionPipeline.load_config(model)["_class_name"]
 
 
-def _from_pretrained(model: str, dtype: torch.dtype):
+def _from_pretrained(model: str, dtype: torch.dtype, no_t5: bool = False):
     """The pipeline of the class the model declares, if it is a family these scripts train (else a UserError naming
     the supported ones), with that family's loading arguments."""
     import diffusers
@@ -222,7 +322,10 @@ def _from_pretrained(model: str, dtype: torch.dtype):
     try:
         name = _pipeline_class(model)
         room = family_of(name)  # an unsupported family is refused before any weights load
-        return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **getattr(room, "PRETRAINED_KWARGS", {}))
+        extra = dict(getattr(room, "PRETRAINED_KWARGS", {}))
+        if no_t5:  # SD3 without its T5 encoder (NO_T5)
+            extra.update(text_encoder_3=None, tokenizer_3=None)
+        return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **extra)
     except (OSError, ValueError, KeyError, EnvironmentError) as e:
         where = (
             f"the local folder {model!r} is not a diffusers Stable Diffusion folder"
@@ -233,9 +336,9 @@ def _from_pretrained(model: str, dtype: torch.dtype):
         raise UserError(
             f"could not load the Stable Diffusion pipeline: {where} ({type(e).__name__}: {reason}). "
             f"On a machine with network: `hf download {SD14 if local else model}` (SD1.4: about 5 GB; the cache is "
-            "reused offline), or pass --model /path/to/folder with model_index.json, unet/, vae/, "
-            "the text encoders and tokenizers and scheduler/ in diffusers' format. For a CPU run without weights use "
-            "--model tiny, tiny-sdxl or tiny-shapes."
+            "reused offline), or pass --model /path/to/folder with model_index.json and its components (unet/ or "
+            "transformer/, vae/, the text encoders and tokenizers, scheduler/) in diffusers' format. For a CPU run "
+            "without weights use --model tiny, tiny-shapes, tiny-sdxl or tiny-sd3."
         ) from e
 
 
@@ -252,7 +355,7 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_CONFIGS = Path(__file__).parent / "configs" / "sdxl"
 
 
-def sdxl_tokenizer_2():
+def clip_g_tokenizer():
     """SDXL-base's `tokenizer_2`: the same CLIP BPE as `tokenizer`, padding with "!" (id 0) instead of <|endoftext|>
     (its special_tokens_map.json, shipped in common/configs/sdxl/tokenizer_2/). The padding changes text_encoder_2's
     hidden states at the padded positions, so the conditioning."""
@@ -270,7 +373,7 @@ def _sdxl_pipeline(unet, vae, text_encoder, text_encoder_2):
     index = json.loads((SDXL_CONFIGS / "model_index.json").read_text())
     scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(SDXL_CONFIGS / "scheduler"))
     return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=clip_tokenizer(), tokenizer_2=sdxl_tokenizer_2(), unet=unet,
+                                     tokenizer=clip_tokenizer(), tokenizer_2=clip_g_tokenizer(), unet=unet,
                                      scheduler=scheduler, add_watermarker=False,
                                      force_zeros_for_empty_prompt=index["force_zeros_for_empty_prompt"])
 
@@ -335,28 +438,35 @@ BUILT_IN_MODELS = {
     "tiny-sdxl": lambda seed, dtype: _sdxl_pipeline(*tiny_sdxl_components(seed, dtype)),
     # SDXL-base's architecture from its shipped configs (common/configs/sdxl/), random weights
     "sdxl-random": lambda seed, dtype: _sdxl_pipeline(*sdxl_random_components(seed, dtype)),
+    "tiny-sd3": tiny_sd3,
+    # SD3.5-Medium's architecture from its shipped configs (common/configs/sd35m/), random weights, no T5
+    "sd35m-random": sd35m_random,
 }
 
 
 def check_model_name(model: str) -> None:
     """Refuse (UserError) a --model that is neither built in, a local folder, nor shaped like a hub id, before
     anything loads."""
+    model = model.removesuffix(NO_T5)
     if model not in BUILT_IN_MODELS and not os.path.isdir(model) and model.count("/") != 1:
         raise UserError(f"unknown model {model!r}: expected one of {', '.join(BUILT_IN_MODELS)}, a hub id such as "
                         f"{SD14!r} or {SDXL!r}, or a local folder")
 
 
 def set_resolution(pipe, resolution: int | None) -> None:
-    """Sample at `resolution` pixels (None: the model's native size, `unet.config.sample_size` × the VAE's factor).
-    The latent side must be divisible by the UNet's total downsampling (SD1.4: 8, so multiples of 64 px)."""
+    """Sample at `resolution` pixels (None: the model's native size, the denoiser's `sample_size` × the VAE's factor).
+    The latent side must be divisible by the UNet's total downsampling (SD1.4: 8, so multiples of 64 px) or the
+    transformer's patch size (SD3: 2, so multiples of 16 px)."""
     if resolution is None:
         return
-    factor = pipe.vae_scale_factor
-    down = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    factor, net = pipe.vae_scale_factor, denoiser(pipe)
+    down = net.config.get("patch_size") or 2 ** (len(net.config.down_block_types) - 1)
     if resolution % (factor * down):
         raise UserError(f"--resolution {resolution} does not fit this model: it must be a multiple of "
-                        f"{factor * down} px (VAE factor {factor} × UNet downsampling {down})")
-    pipe.unet.register_to_config(sample_size=resolution // factor)  # what diffusers' pipelines read as the default
+                        f"{factor * down} px (VAE factor {factor} × the denoiser's downsampling {down})")
+    net.register_to_config(sample_size=resolution // factor)  # what diffusers' pipelines read as the default
+    if hasattr(pipe, "default_sample_size"):  # SD3's pipeline copies it at construction
+        pipe.default_sample_size = resolution // factor
 
 
 def load_pipeline(
@@ -368,16 +478,20 @@ def load_pipeline(
     seed: int = 0,
     resolution: int | None = None,
 ):
-    """A pipeline of a supported family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`) whose denoiser carries
-    a trainable peft LoRA adapter named "default".
+    """A pipeline of a supported family (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`,
+    `StableDiffusion3Pipeline`, by the model's model_index.json) whose denoiser carries a trainable peft LoRA adapter
+    named "default".
 
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
-    random weights), "tiny-sdxl" / "sdxl-random" (the same for SDXL) or "tiny-shapes" (the folder TINY_SHAPES,
-    pretrained on the shapes testbed). `dtype` is the
+    random weights), "tiny-shapes" (the folder TINY_SHAPES, pretrained on the shapes testbed), "tiny-sdxl" /
+    "sdxl-random" (the same for SDXL-base), "tiny-sd3" or "sd35m-random" (SD3.5-Medium's architecture with random
+    weights); an SD3 model with the suffix ":no-t5" loads without its T5 text encoder (`NO_T5`). `dtype` is the
     frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU too, slowly, for tests); LoRA weights are
-    always float32. Only LoRA parameters require grad; the VAE and text encoders are frozen. The scheduler is DDIM on
-    the model's own noise schedule (timestep_spacing included; SD1.4's or SDXL's for the built-in models). `seed`
-    only affects the built-in random models.
+    always float32. Only LoRA parameters require grad; the VAE and text encoders are frozen. The scheduler is the
+    model's own if a sampler room differentiates it (SD3's FlowMatchEuler), else DDIM on the model's noise schedule
+    (timestep_spacing included; SD1.4's or SDXL's for the built-in models). `seed` only affects the built-in random
+    models. `lora_targets` are SD1.x's layer names, which each family maps to its own denoiser's (`lora_targets` in
+    its room).
     `resolution`: sample at this many pixels instead of the model's native size (see `set_resolution`).
     """
     from diffusers import DDIMScheduler
@@ -385,6 +499,7 @@ def load_pipeline(
 
     device = torch.device(device)
     check_model_name(model)
+    model, no_t5 = model.removesuffix(NO_T5), model.endswith(NO_T5)
     if model == "tiny-shapes":
         if not TINY_SHAPES.is_dir():
             raise UserError(f"--model tiny-shapes is the testbed's folder {TINY_SHAPES}, which is not here (a script "
@@ -393,10 +508,15 @@ def load_pipeline(
     if BUILT_IN_MODELS.get(model) is not None:
         pipe = BUILT_IN_MODELS[model](seed, dtype)
     else:
-        pipe = _from_pretrained(model, dtype)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        pipe = _from_pretrained(model, dtype, no_t5)
+        if type(pipe.scheduler).__name__ not in SAMPLERS:  # SD1.4 ships PNDM: DDIM on the same schedule
+            pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         # a schedule other than SD1.4's is read from the config; a step the log-prob does not describe is refused
         check_scheduler(pipe.scheduler)
+    if no_t5:
+        if not hasattr(pipe, "text_encoder_3"):
+            raise UserError(f"--model {model}{NO_T5}: only SD3 models have a T5 text encoder to leave out")
+        pipe.register_modules(text_encoder_3=None, tokenizer_3=None)
     pipe.set_progress_bar_config(disable=True)
     set_resolution(pipe, resolution)
     for module in pipe.components.values():  # the denoiser, the VAE and every text encoder
@@ -407,7 +527,8 @@ def load_pipeline(
         # B is zero-initialised ("gaussian" inits A only), so the adapted UNet starts exactly at the base model;
         # alpha = rank makes the LoRA scale 1, the convention of diffusers' LoRA training scripts.
         config = LoraConfig(
-            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=list(lora_targets)
+            r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian",
+            target_modules=list(family(pipe).lora_targets(lora_targets))
         )
         denoiser(pipe).add_adapter(config)
         for p in denoiser(pipe).parameters():

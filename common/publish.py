@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .lora import KOHYA_FILE, LORA_FILE, read_lora, save_lora, write_kohya
-from .models import BUILT_IN_MODELS, SD14
+from .lora import KOHYA_FILE, LORA_FILE, denoiser_name, lora_prefix, read_lora, save_lora, write_kohya
+from .models import BUILT_IN_MODELS, NO_T5, SD14
 from .run import read_jsonl
 
 LICENSES = {SD14: "creativeml-openrail-m"}  # the default base model's card on the Hub, for when it is not cached
@@ -18,10 +18,13 @@ LICENSES = {SD14: "creativeml-openrail-m"}  # the default base model's card on t
 def finish_run(pipe, run_dir: str | Path, args) -> None:
     """Rank 0, after the last update: the LoRA in diffusers' format (`save_lora`), the same LoRA in kohya's format
     (`lora_kohya.safetensors`: ComfyUI does not load diffusers' key names for an attention-only LoRA, and
-    AUTOMATIC1111 reads the kohya metadata), and the model card (`write_model_card`)."""
+    AUTOMATIC1111 reads the kohya metadata), and the model card (`write_model_card`). The kohya copy is for UNet LoRAs
+    (SD1.x/SD2.x): kohya's format of an SD3 transformer LoRA has no converter in diffusers, and ComfyUI reads
+    diffusers' SD3 LoRA files (its "transformer." keys) as they are."""
     run_dir = Path(run_dir)
     layers = read_lora(save_lora(pipe, run_dir))
-    write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)
+    if denoiser_name(pipe) == "unet":
+        write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)
     write_model_card(run_dir, args)
 
 
@@ -85,17 +88,20 @@ def write_model_card(run_dir: str | Path, args) -> Path:
     script = Path(module.__file__).stem if getattr(module, "__file__", None) else config.get("exp_name", "unknown")
     paper = (module.__doc__ or "").strip().split("\n")[0].rstrip(".") if module is not None else ""
     model, reward = config["model"], config["reward"]
+    model, no_t5 = model.removesuffix(NO_T5), model.endswith(NO_T5)
     license = base_license(model)
     metrics, evaluation = _last_row(run_dir / "metrics.jsonl"), _last_row(run_dir / "eval.jsonl")
     evaluation.pop("scores", None)  # per image: the grid shows them
     grids = sorted(run_dir.glob("samples/step_*.png"))
+    # an SD3 run's LoRA adapts the transformer ("transformer." keys): its pipeline, sampler and files differ
+    sd3 = (run_dir / LORA_FILE).is_file() and lora_prefix(run_dir) == "transformer"
 
     data = ModelCardData(base_model=model if _is_hub_id(model) else None, library_name="diffusers", license=license,
                          tags=["text-to-image", "stable-diffusion", "diffusers", "lora", "reward-fine-tuning",
                                script.replace("_", "-")])
     base = f"[`{model}`](https://huggingface.co/{model})" if _is_hub_id(model) else f"`{model}`"
     lines = [f"# {run_dir.name}", "",
-             f"A LoRA on the UNet of {base}, fine-tuned by `{script}.py`{f' ({paper})' if paper else ''} to raise "
+             f"A LoRA on the {'transformer' if sd3 else 'UNet'} of {base}, fine-tuned by `{script}.py`{f' ({paper})' if paper else ''} to raise "
              f"the reward `{reward}`: {metrics.get('step', 0)} of {config.get('steps')} optimizer updates, "
              f"{metrics.get('reward_queries', 0):g} reward queries.", ""]
     if grids:
@@ -103,20 +109,27 @@ def write_model_card(run_dir: str | Path, args) -> Path:
         lines += [f"![The sample grid after {evaluation.get('step', '?')} updates]({grid})", "",
                   f"`{grid}`: fixed prompts and seeds, sampled with the LoRA; `samples/step_000000.png` is the same "
                   "grid from the base model.", ""]
-    if _is_hub_id(model) or Path(model).is_dir():
+    if sd3 and (_is_hub_id(model) or Path(model).is_dir()):
+        without_t5 = ", text_encoder_3=None, tokenizer_3=None" if no_t5 else ""  # trained without T5
+        load = [f"pipe = StableDiffusion3Pipeline.from_pretrained({model!r}{without_t5}, "
+                "torch_dtype=torch.bfloat16).to('cuda')"]
+        imports = ["import torch", "from diffusers import StableDiffusion3Pipeline"]
+    elif _is_hub_id(model) or Path(model).is_dir():
         # DiffusionPipeline picks the model's own class (StableDiffusionPipeline, StableDiffusionXLPipeline, ...)
         load = [f"pipe = DiffusionPipeline.from_pretrained({model!r}, torch_dtype=torch.float16).to('cuda')",
                 "pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # the sampler it was trained with"]
         imports = ["import torch", "from diffusers import DDIMScheduler, DiffusionPipeline"]
     else:  # the built-in test models exist only in this project's common/
-        load = [f"pipe = common.load_pipeline({model!r}, lora_rank=0)  # DDIM, as in training"]
+        load = [f"pipe = common.load_pipeline({config['model']!r}, lora_rank=0)  # the sampler it was trained with"]
         imports = ["import common  # this project's common/"]
     size = f", height={config['resolution']}, width={config['resolution']}" if config.get("resolution") else ""
+    eta = "" if sd3 else f", eta={config.get('eta', 0.0)}"  # SD3's pipeline samples the ODE (no eta)
     call = (f"image = pipe({_example_prompt(config)!r}, num_inference_steps={config.get('num_inference_steps', 50)}, "
-            f"guidance_scale={config.get('guidance_scale', 7.5)}, eta={config.get('eta', 0.0)}{size}).images[0]")
+            f"guidance_scale={config.get('guidance_scale', 7.5)}{eta}{size}).images[0]")
     lines += ["## Use it", "", "```python", *imports, "", *load,
               f"pipe.load_lora_weights({str(run_dir)!r})  # this folder, or the Hub repo it was pushed to", call,
               "```", "",
+              f"ComfyUI reads `{LORA_FILE}` (diffusers' SD3 format) as it is." if sd3 else
               f"AUTOMATIC1111, ComfyUI and the other web UIs: `{KOHYA_FILE}`, the same LoRA in kohya's format "
               f"(`{LORA_FILE}` is diffusers' format).", ""]
     lines += ["## Final metrics", "", f"Training batch at update {metrics.get('step', '?')} (`metrics.jsonl`):", "",

@@ -11,6 +11,11 @@ def denoiser(pipe) -> torch.nn.Module:
     return pipe.unet
 
 
+def lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """The scripts' LoRA targets (common.ATTENTION_TARGETS, FEEDFORWARD_TARGETS) are the UNet's own layer names."""
+    return targets
+
+
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """CLIP's last hidden state over 77 tokens, [B, 77, D], as `StableDiffusionPipeline.encode_prompt` computes it."""
     tok = pipe.tokenizer

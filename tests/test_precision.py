@@ -45,6 +45,8 @@ def pipes():
 
 
 def layers(module) -> int:
+    if module is None:  # SD3's VAE has no post_quant_conv
+        return 0
     return sum(isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)) for m in module.modules())
 
 
@@ -60,7 +62,7 @@ def cosine_floor(dtype, pipe, unet_calls, backward_calls, decodes=0, guidance_sc
     gradient that survives from one that does not; measured here 0.993 (AlignProp) to 0.9997."""
     if dtype == torch.bfloat16:
         return 0.9
-    unet, vae = layers(pipe.unet), layers(pipe.vae.post_quant_conv) + layers(pipe.vae.decoder)
+    unet, vae = layers(common.denoiser(pipe)), layers(pipe.vae.post_quant_conv) + layers(pipe.vae.decoder)
     n = 3 * (unet_calls * unet + decodes * vae) + 6 * (backward_calls * unet + decodes * vae)
     delta = rounding_tolerance(n, gain=2 * guidance_scale - 1, u=2.0**-11)
     assert delta < 1
@@ -139,6 +141,41 @@ GRADIENT_SCRIPTS = {
 }
 # UNet calls of one image's gradient over 4 sampling steps (forward, backward) and VAE decodes, for cosine_floor
 GRADIENT_CALLS = {"draft": (4, 2, 1), "draft_lv": (6, 3, 3), "refl": (3, 1, 1), "alignprop": (4, 4, 1)}
+
+
+@pytest.fixture(scope="module")
+def flow_pipes():
+    """`tiny-sd3` (a flow-matching transformer) with float32, fp16 and bf16 base weights and one LoRA."""
+    return precision_pipes("tiny-sd3")
+
+
+@pytest.mark.parametrize("name", ["ddpo_sf", "draft"])
+def test_flow_gradients_survive_half_precision(name, flow_pipes):
+    """The flow path (Flow-GRPO's SDE log-prob at σ ≈ 0.6; backprop through Euler ODE steps and the VAE) keeps its
+    gradient in fp16 (loss-scaled) and bf16: cosine with float32's above `cosine_floor`, as for SD1.x above."""
+    pipe32 = flow_pipes[torch.float32]
+    if name == "ddpo_sf":
+        cond, uncond = common.encode_prompts(pipe32, ["a cat", "a dog"]), common.encode_prompts(pipe32, [""])
+        traj = common.sample_trajectory(pipe32, cond, uncond, 4, 4.5, 0.7, generator=torch.Generator().manual_seed(0))
+        args = ddpo_sf.Args(model="tiny-sd3", train_batch_size=2, guidance_scale=4.5, eta=0.7, num_inference_steps=4)
+        calls = (1, 1, 0)
+
+        def backward(pipe):
+            return policy_gradient_backward(ddpo_sf, pipe, traj, cond, uncond, 2, 64 * 10, args)
+    else:
+        args = draft.Args(model="tiny-sd3", num_inference_steps=4, batch_size=2, k=2, guidance_scale=4.5)
+        prompts, latents, noises = gradient_inputs(pipe32, n=2)
+        calls = GRADIENT_CALLS["draft"]
+
+        def backward(pipe):
+            return reward_gradient_backward(draft, pipe, prompts, latents, noises, args)
+
+    reference, cosines = half_precision_cosines(flow_pipes, backward)
+    assert reference.abs().max() > 0
+    for dtype, c in cosines.items():
+        print(f"cosine {name} tiny-sd3 {dtype}: {c:.4f}")
+        floor = cosine_floor(dtype, flow_pipes[dtype], *calls, guidance_scale=4.5)
+        assert c >= floor, (dtype, c, floor)
 
 
 @pytest.mark.parametrize("name", sorted(GRADIENT_SCRIPTS))
