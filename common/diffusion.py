@@ -10,8 +10,9 @@ one room (module) per family, and the functions here call the room of the pipeli
 The conditioning is one tensor [B, L, D] per prompt batch whatever the family, so the scripts index, shard and
 concatenate it as they always did.
 
-A family's room defines `denoiser(pipe)`, `encode_prompts(pipe, prompts)`, `predict(pipe, x, t, emb)`, and for the
-LoRA's kohya copy `kohya_modules(pipe, modules)` and `kohya_metadata(pipe)`; optionally `PRETRAINED_KWARGS` (extra
+A family's room defines `denoiser(pipe)`, `lora_targets(targets)` (the scripts' SD1.x layer names → its denoiser's),
+`encode_prompts(pipe, prompts)`, `predict(pipe, x, t, emb)`, where a kohya format exists for it (SD1.x, SDXL; not
+SD3) `kohya_modules(pipe, modules)` and `kohya_metadata(pipe)`; optionally `PRETRAINED_KWARGS` (extra
 `from_pretrained` arguments, default none) and `HONOURS_FORCE_UPCAST` (whether its pipeline decodes an fp16 VAE in
 float32 when the VAE's config says `force_upcast`, default no)."""
 

@@ -27,6 +27,11 @@ def denoiser(pipe) -> torch.nn.Module:
     return pipe.unet
 
 
+def lora_targets(targets: tuple[str, ...]) -> tuple[str, ...]:
+    """SDXL's UNet has SD1.x's layer names (common.ATTENTION_TARGETS, FEEDFORWARD_TARGETS)."""
+    return targets
+
+
 def _hidden_and_pooled(tokenizer, text_encoder, prompts: list[str]):
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
