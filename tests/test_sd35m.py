@@ -60,7 +60,7 @@ def test_sd35m_transformer_has_flow_grpos_lora_targets_in_every_joint_block():
 def test_one_update_on_sd35m_random(script, flags, tmp_path):
     """One update in bf16 at 256 px (32×32 latents, 256 image tokens), 2 steps, batch 2 (DRaFT: 1): prints seconds
     per update and the child's peak RSS. Measured (2 threads, a shared 2-core machine): ddpo_sf 254 s/update, peak
-    RSS 14.3 GiB."""
+    RSS 14.3 GiB; draft 158 s/update, 12.3 GiB."""
     run_dir = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / f"{script}.py"), "--model", "sd35m-random", "--resolution", "256",
            "--mixed-precision", "bf16", "--steps", "1", "--num-inference-steps", "2", "--batch-size", "2",
