@@ -73,6 +73,14 @@ class Args:
     own reward's scale)"""
     grad_scale: float = 1e-3
     """ReFL: factor of the relu loss (ImageReward: 1e-3; AdamW is nearly invariant to it)"""
+    pretrain_data: Optional[str] = None
+    """ReFL + pre-training loss: a folder of images with captions (same-name .txt files, or a metadata.jsonl with
+    file_name and text, as diffusers' imagefolder); each update adds w·L_pre, the denoising loss on batch_size of its
+    pairs (the ImageReward paper regularises ReFL with the pre-training loss, §4.2; its released ReFL.py has none;
+    its issue #95 reports ReFL degrading without it). `python -m shapes.data --write-pretrain DIR` writes one"""
+    pretrain_weight: float = 1.0
+    """ReFL + pre-training loss: w (ImageReward's paper adds the pre-training loss unweighted to its ReFL loss,
+    relu(λ − r)·1e-3: --loss relu)"""
     lora_rank: int = 8
     """LoRA rank (paper, small scale: 8; large scale: 32)"""
     lora_ff: bool = True
@@ -115,6 +123,10 @@ class Args:
     eval_rewards: tuple[str, ...] = ()
     """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
     (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
+    ema_decay: float = 0.0
+    """decay d of an exponential moving average of the LoRA weights, updated after every optimizer update, in [0, 1)
+    (0: off, as the papers; flow_grpo trains with d = 0.9 applied every 8 updates, about 0.987 per update, with a
+    warm-up: config/grpo.py, scripts/train_sd3.py); the sample grid shows the average, saved as lora_ema.safetensors"""
     save_every: int = 500
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
     keep_checkpoints: int = 2
@@ -135,7 +147,9 @@ class Args:
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.require(1 <= self.max_step <= self.num_inference_steps, f"--max-step {self.max_step} must be between "
                        f"1 and --num-inference-steps ({self.num_inference_steps})")  # ReFL
-        common.check_flags(self, positive=("grad_scale",))
+        common.check_flags(self, positive=("grad_scale",), non_negative=("pretrain_weight",))
+        if self.pretrain_data is not None:  # ReFL + pre-training loss: a missing or empty folder ends here
+            common.load_image_captions(self.pretrain_data)
 
 
 def sample_with_grad(pipe, cond, uncond, latents, args, m):
@@ -203,12 +217,15 @@ def main(args: Args) -> None:
     eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = common.LoraEMA(params, args.ema_decay)  # --ema-decay: the LoRA's moving average (nothing at 0)
+    pretrain = common.PretrainData(args.pretrain_data, pipe) if args.pretrain_data else None  # ReFL + pre-training
 
     # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
     guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
+    ema.load_state_dict(state.get("ema", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
@@ -217,7 +234,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            logger.samples(step, grid(pipe))
+            with ema.applied():  # --ema-decay: the grid shows the average
+                logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
@@ -234,11 +252,19 @@ def main(args: Args) -> None:
         # ALGO 2. Sample to step m, predict x̂0 with gradient, decode, score: L = refl_loss, backpropagated.
         optimizer.zero_grad(set_to_none=True)
         reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, guard, args, m)
+        losses = dict(loss=loss)
+        if pretrain is not None:  # ReFL + pre-training loss: w·L_pre on a batch of image–caption pairs
+            images, captions = (common.shard(v) for v in pretrain.batch(args.batch_size, rng))
+            pretrain_loss = common.denoising_loss(pipe, images.to(device), common.encode_prompts(pipe, captions))
+            guard.backward(args.pretrain_weight * pretrain_loss)
+            pretrain_loss = pretrain_loss.detach()
+            losses = dict(loss=loss + args.pretrain_weight * pretrain_loss, pretrain_loss=pretrain_loss)
         reward_queries += args.batch_size
         common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
         grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
-        if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
+        if guard.ok(step, loss=losses["loss"], grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
+            ema.update()
 
         # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         reward = common.gather(reward)  # the global batch's rewards, for logging
@@ -246,17 +272,17 @@ def main(args: Args) -> None:
                                            reward_queries=reward_queries, grad_norm=grad_norm,
                                            step_seconds=time.time() - t0, **guard.charts(),
                                            refl_step=m, refl_timestep=pipe.scheduler.timesteps[m]),  # ReFL
-                         losses=dict(loss=loss))
+                         losses=losses)
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         # what a checkpoint of this step holds (and what a reward failing before the next one completes saves)
-        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict())
+        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict(), ema=ema.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
-        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
+        common.finish_run(pipe, run_dir, args, ema)  # the LoRA (diffusers', kohya's, --ema-decay's), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

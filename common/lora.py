@@ -18,15 +18,17 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "lora_kohya.safetensors"
 
 
-def save_lora(pipe, directory: str | Path) -> Path:
-    """Write the UNet's LoRA so that `StableDiffusionPipeline.load_lora_weights(directory)` loads it as is."""
+def save_lora(pipe, directory: str | Path, weight_name: str = LORA_FILE) -> Path:
+    """Write the UNet's LoRA so that `StableDiffusionPipeline.load_lora_weights(directory)` loads it as is (another
+    `weight_name`: `load_lora_weights(directory, weight_name=...)`)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, safe_serialization=True)
-    return Path(directory) / LORA_FILE
+    StableDiffusionPipeline.save_lora_weights(directory, unet_lora_layers=state, weight_name=weight_name,
+                                              safe_serialization=True)
+    return Path(directory) / weight_name
 
 
 def load_lora(pipe, directory: str | Path) -> None:
