@@ -237,17 +237,21 @@ def test_image_caption_folders_in_both_layouts(tmp_path, tiny_pipe):
     assert all(not data.is_heldout(data.parse_caption(c)) for c in a.captions)
 
 
-def test_refl_adds_the_weighted_pretraining_loss(tmp_path):
-    """refl.py --pretrain-data: each update's logged loss is the ReFL loss plus w·L_pre, and L_pre is logged."""
+def test_refl_adds_the_weighted_pretraining_loss(tmp_path, monkeypatch):
+    """refl.py --pretrain-data: each update backpropagates w·L_pre (a probe added to L_pre receives gradient w per
+    update), its logged loss is the ReFL loss plus w·L_pre, and L_pre is logged."""
     import refl
     from shapes import data
 
     data.write_image_folder(tmp_path / "pre", 8)
+    probe, denoising_loss = torch.zeros((), requires_grad=True), common.denoising_loss
+    monkeypatch.setattr(common, "denoising_loss", lambda *a: denoising_loss(*a) + probe)
     out = tmp_path / "run"
     refl.main(common.cli(refl.Args, args=[
         "--model", "tiny", "--reward", "jpeg_compressibility_diff", "--batch-size", "2", "--max-step", "2",
         "--steps", "2", "--num-inference-steps", "4", "--num-sample-images", "2", "--sample-every", "100",
         "--pretrain-data", str(tmp_path / "pre"), "--pretrain-weight", "3", "--output-dir", str(out)]))
+    assert probe.grad.item() == 2 * 3.0  # d(w·(L_pre + probe))/d probe = w, over 2 updates
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for row in rows:
         assert row["pretrain_loss"] > 0
