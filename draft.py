@@ -65,6 +65,10 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
+    kl_beta: float = 0.0
+    """DRaFT + KL: β of β·Σ mean ‖ε̂_θ − ε̂_ref‖² over the steps with gradient, ε̂_ref the base model's guided prediction
+    (the LoRA disabled) at the same latent: DPOK's bound of the KL to the base model (Fan et al., NeurIPS 2023, Lemma
+    4.2), for a deterministic sampler without per-step Gaussians (0: off, as DRaFT)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -117,14 +121,16 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"DRaFT backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.require(1 <= self.k <= self.num_inference_steps,
                        f"--k {self.k} must be between 1 and --num-inference-steps ({self.num_inference_steps})")
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args):
-    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last K steps only. Returns x_0."""
+def sample_with_grad(pipe, cond, uncond, latents, args, gaps=None):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last K steps only. Returns x_0; with a
+    list `gaps`, appends each step with gradient's ‖ε̂_θ − ε̂_ref‖² (DRaFT + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -133,15 +139,17 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
         with torch.set_grad_enabled(i >= len(timesteps) - args.k):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # DRaFT + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
-    """Decode x0, score it, and backpropagate this chunk's share of L = −mean r over the batch of `batch_size`.
-    Returns the rewards and the share of L, detached."""
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, penalty=0.0):
+    """Decode x0, score it, and backpropagate this chunk's share of L = −mean r (+ the chunk's `penalty`, DRaFT + KL)
+    over the batch of `batch_size`. Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = -reward.mean() * len(reward) / batch_size
+    loss = (-reward.mean() + penalty) * len(reward) / batch_size
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -153,8 +161,10 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, 
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args)
-        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard))
+        gaps = [] if args.kl_beta > 0 else None  # DRaFT + KL: β·Σ ‖ε̂_θ − ε̂_ref‖² joins the chunk's loss
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, gaps)
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
+        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, penalty))
     scores, losses = zip(*results)
     return torch.cat(scores), sum(losses)
 
