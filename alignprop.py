@@ -83,6 +83,10 @@ class Args:
     max_grad_norm: float = 5.0
     """clip the gradient norm of the scaled loss to this value; 0 disables (config/align_prop.py, the paper-era
     aesthetic and HPS configs: 5.0, about 500 on the unscaled −mean r; the 2024 code: 1.0)"""
+    kl_beta: float = 0.0
+    """AlignProp + KL: β of β·Σ mean ‖ε̂_θ − ε̂_ref‖² over the steps with gradient, ε̂_ref the base model's guided
+    prediction (the LoRA disabled) at the same latent: DPOK's bound of the KL to the base model (Fan et al., NeurIPS
+    2023, Lemma 4.2), as draft.py's (0: off, as AlignProp)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -135,15 +139,17 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"AlignProp backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.check_flags(self, positive=("loss_coeff",))
         common.require(1 <= self.k <= self.num_inference_steps,
                        f"--k {self.k} must be between 1 and --num-inference-steps ({self.num_inference_steps})")
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args, k):
-    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last k steps only. Returns x_0."""
+def sample_with_grad(pipe, cond, uncond, latents, args, k, gaps=None):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last k steps only. Returns x_0; with a
+    list `gaps`, appends each step with gradient's ‖ε̂_θ − ε̂_ref‖² (AlignProp + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -152,15 +158,17 @@ def sample_with_grad(pipe, cond, uncond, latents, args, k):
         with torch.set_grad_enabled(i >= len(timesteps) - k):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # AlignProp + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args, penalty=0.0):
     """Decode x0, score it, and backpropagate this chunk's share of L = −loss_coeff·mean r over the batch of
     `batch_size`. Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = -args.loss_coeff * reward.mean() * len(reward) / batch_size  # AlignProp: × loss_coeff
+    loss = (-args.loss_coeff * reward.mean() + penalty) * len(reward) / batch_size  # AlignProp: × loss_coeff
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -172,8 +180,10 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, 
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, k)  # AlignProp: this batch's K
-        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args))
+        gaps = [] if args.kl_beta > 0 else None  # AlignProp + KL: β·Σ ‖ε̂_θ − ε̂_ref‖² joins the chunk's loss
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, k, gaps)  # AlignProp: this batch's K
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
+        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args, penalty))
     scores, losses = zip(*results)
     return torch.cat(scores), sum(losses)
 

@@ -66,6 +66,10 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
+    kl_beta: float = 0.0
+    """DRaFT-LV + KL: β of β·mean ‖ε̂_θ − ε̂_ref‖² at the sampling chain's step with gradient (not at the re-noised
+    copies), ε̂_ref the base model's guided prediction (the LoRA disabled) at the same latent: DPOK's bound of the KL
+    to the base model (Fan et al., NeurIPS 2023, Lemma 4.2), as draft.py's (0: off, as DRaFT)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -118,13 +122,15 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"DRaFT backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.check_flags(self, non_negative=("num_copies",))  # DRaFT-LV
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args):
-    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last step only. Returns x_0."""
+def sample_with_grad(pipe, cond, uncond, latents, args, gaps=None):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last step only. Returns x_0; with a list
+    `gaps`, appends the step with gradient's ‖ε̂_θ − ε̂_ref‖² (DRaFT-LV + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -133,6 +139,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # DRaFT-LV + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
@@ -148,11 +156,11 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     return common.step(pipe.scheduler, noise_pred, t1, x)
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, penalty=0.0):
     """Decode x0, score it, and backpropagate this chunk's share of L's term −mean r over the batch of `batch_size`.
     Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = -reward.mean() * len(reward) / batch_size
+    loss = (-reward.mean() + penalty) * len(reward) / batch_size
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -164,10 +172,14 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, noises,
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args)
+        gaps = [] if args.kl_beta > 0 else None  # DRaFT-LV + KL: β·‖ε̂_θ − ε̂_ref‖² joins the chunk's loss, with x0's
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, gaps)
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
         # DRaFT-LV: x0 and its n re-noised copies, scored and backpropagated in turn: L = −mean(r(x0) + Σ_i r(x0ⁱ)).
-        for x in [x0] + [renoise_with_grad(pipe, x0, cond[chunk], uncond, noise[chunk], args) for noise in noises]:
-            results.append(backpropagate_reward(pipe, reward_fn, x, prompts[chunk], len(prompts), guard))
+        for n, x in enumerate([x0] + [renoise_with_grad(pipe, x0, cond[chunk], uncond, noise[chunk], args)
+                                      for noise in noises]):
+            results.append(backpropagate_reward(pipe, reward_fn, x, prompts[chunk], len(prompts), guard,
+                                                penalty if n == 0 else 0.0))
     scores, losses = zip(*results)
     n = args.num_copies + 1  # DRaFT-LV: n + 1 results per chunk
     return torch.stack([torch.cat(scores[i::n]) for i in range(n)], 1), sum(losses)

@@ -91,6 +91,10 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
+    kl_beta: float = 0.0
+    """ReFL + KL: β of β·mean ‖ε̂_θ − ε̂_ref‖² at the step with gradient (x_m), ε̂_ref the base model's guided prediction
+    (the LoRA disabled) at the same latent: DPOK's bound of the KL to the base model (Fan et al., NeurIPS 2023, Lemma
+    4.2), as draft.py's (0: off, as ReFL)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -143,7 +147,8 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"ReFL backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.require(1 <= self.max_step <= self.num_inference_steps, f"--max-step {self.max_step} must be between "
                        f"1 and --num-inference-steps ({self.num_inference_steps})")  # ReFL
@@ -152,9 +157,10 @@ class Args:
             common.load_image_captions(self.pretrain_data)
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args, m):
+def sample_with_grad(pipe, cond, uncond, latents, args, m, gaps=None):
     """DDIM η = 0 from the initial noise `latents` down to step index m (0-based) without gradient; there one guided
-    UNet call with gradient and the one-step prediction x̂0. Returns x̂0."""
+    UNet call with gradient and the one-step prediction x̂0. Returns x̂0; with a list `gaps`, appends that call's
+    ‖ε̂_θ − ε̂_ref‖² (ReFL + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -163,6 +169,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
         with torch.set_grad_enabled(i == m):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # ReFL + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
                 return common.predict_x0(pipe.scheduler, noise_pred, t, x)
             x = common.step(pipe.scheduler, noise_pred, t, x)
@@ -176,11 +184,11 @@ def refl_loss(reward, args):
     return -reward.mean()
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args, penalty=0.0):
     """Decode x0, score it, and backpropagate this chunk's share of L (ReFL: `refl_loss`) over the batch of
     `batch_size`. Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = refl_loss(reward, args) * len(reward) / batch_size  # ReFL
+    loss = (refl_loss(reward, args) + penalty) * len(reward) / batch_size  # ReFL
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -192,8 +200,10 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, 
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, m)  # ReFL: x̂0 at step m
-        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args))
+        gaps = [] if args.kl_beta > 0 else None  # ReFL + KL: β·‖ε̂_θ − ε̂_ref‖² joins the chunk's loss
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, m, gaps)  # ReFL: x̂0 at step m
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
+        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args, penalty))
     scores, losses = zip(*results)
     return torch.cat(scores), sum(losses)
 

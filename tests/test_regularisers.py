@@ -16,6 +16,7 @@ import common
 import rewards
 from conftest import (U32, U64, assert_normwise_close, float64_scheduler, pair_tolerance, randomize_lora,
                       rounding_tolerance, roundings)
+from conftest import SCRIPTS, scripts
 from test_rl_algorithms import GUARD, lora_grads, small_batch
 
 
@@ -259,3 +260,85 @@ def test_refl_adds_the_weighted_pretraining_loss(tmp_path, monkeypatch):
         # rounded once, relative to the terms' size
         size = abs(row["reward_mean"]) + 3 * row["pretrain_loss"]
         assert abs(row["loss"] - (-row["reward_mean"] + 3 * row["pretrain_loss"])) <= 6 * U32 * size
+
+
+# --- DRaFT + KL ----------------------------------------------------------------------------------------------------
+
+def test_draft_kl_gaps_against_a_separate_base_model(tiny_pipe):
+    """draft.sample_with_grad's gaps (DRaFT-K, K = 2 of T = 4) against ‖ε̂_θ − ε̂_ref‖² written out along diffusers'
+    DDIM chain, ε̂_ref from a base model built without a LoRA: the values and the gradient of their sum (which flows
+    through ε̂_θ and, for K > 1, through the latent into the earlier step with gradient; ε̂_ref is held constant)."""
+    import draft
+    from diffusers import DDIMScheduler
+
+    T, k, w = 4, 2, 7.5
+    randomize_lora(tiny_pipe, seed=6)
+    tiny_pipe.unet.to(torch.float64)  # the gaps are small differences of two predictions: float64 keeps their digits
+    tiny_pipe.scheduler = float64_scheduler(tiny_pipe.scheduler)
+    cond, uncond = (e.double() for e in (common.encode_prompts(tiny_pipe, ["a cat", "a dog"]),
+                                         common.encode_prompts(tiny_pipe, [""])))
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    gaps = []
+    draft.sample_with_grad(tiny_pipe, cond, uncond, x_T, draft.Args(num_inference_steps=T, k=k, guidance_scale=w,
+                                                                   unet_checkpointing=False), gaps)
+    assert len(gaps) == k
+    sum(gaps).backward()
+    ours = lora_grads(tiny_pipe)
+    tiny_pipe.unet.zero_grad(set_to_none=True)
+
+    base = common.load_pipeline("tiny", lora_rank=0)
+    base.unet.to(torch.float64)
+    scheduler = DDIMScheduler.from_config(tiny_pipe.scheduler.config)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.double()
+    scheduler.set_timesteps(T)
+
+    def guided(unet, x, t):
+        e_u = unet(x, t, encoder_hidden_states=uncond.expand(len(x), -1, -1)).sample
+        e_c = unet(x, t, encoder_hidden_states=cond).sample
+        return e_u + w * (e_c - e_u)
+
+    x, reference, ratio = x_T, [], 0.0
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(i >= T - k):
+            e = guided(tiny_pipe.unet, x, t)
+            if i >= T - k:
+                with torch.no_grad():
+                    e_ref = guided(base.unet, x, t)
+                reference.append(((e - e_ref) ** 2).mean())
+                ratio = max(ratio, float(e.norm() / (e - e_ref).norm()))  # how much a gap magnifies e's error
+            x = scheduler.step(e, t, x, eta=0.0).prev_sample
+    # float64 on both sides, one UNet path each through ≤ k steps (forward: N roundings, with backward: 3N), guidance's
+    # gain 2w − 1; a gap is the square of a difference of two predictions, whose relative error is the predictions'
+    # times ‖ε̂‖/‖ε̂ − ε̂_ref‖ (`ratio`), doubled by the square
+    t_forward = rounding_tolerance(k * roundings(tiny_pipe.unet), gain=2 * w - 1, u=U64)
+    torch.testing.assert_close(torch.stack(gaps).detach(), torch.stack(reference).detach(),
+                               rtol=pair_tolerance(2 * ratio * t_forward), atol=0)
+    sum(reference).backward()
+    t_backward = rounding_tolerance(3 * k * roundings(tiny_pipe.unet), gain=2 * w - 1, u=U64)
+    assert_normwise_close(ours, lora_grads(tiny_pipe), pair_tolerance((1 + 2 * ratio) * t_backward))
+
+
+@pytest.mark.parametrize("name", scripts("gradient"))
+def test_gradient_scripts_add_beta_times_the_gaps_to_their_loss(name, tiny_pipe, monkeypatch):
+    """accumulate_gradient backpropagates β·Σ gaps with each chunk's share of the batch (a probe added to every gap
+    receives β per UNet call with gradient of the sampling chain: K for DRaFT-K and AlignProp, 1 for DRaFT-LV, whose
+    re-noised copies carry none, and ReFL), and computes no gap at --kl-beta 0."""
+    import inspect
+
+    module = importlib.import_module(name)
+    probe, prediction_gap = torch.zeros((), requires_grad=True), common.prediction_gap
+    monkeypatch.setattr(common, "prediction_gap", lambda *a: prediction_gap(*a) + probe)
+    prompts = ["a cat", "a dog"]
+    cond, uncond = common.encode_prompts(tiny_pipe, prompts), common.encode_prompts(tiny_pipe, [""])
+    x_T = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    noises = ([torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3 + i)) for i in range(2)],) \
+        if "noises" in inspect.signature(module.accumulate_gradient).parameters else ()  # DRaFT-LV's copies
+    reward_fn = rewards.load("jpeg_compressibility_diff")
+    s = SCRIPTS[name]
+    calls = {"draft": 2, "alignprop": 4}.get(name, 1)  # the registry's K; DRaFT-LV and ReFL: one call with gradient
+    for beta in (0.25, 0.0):
+        args = module.Args(num_inference_steps=4, train_batch_size=1, kl_beta=beta, **s.args)
+        module.accumulate_gradient(tiny_pipe, reward_fn, prompts, cond, uncond, x_T, *noises, GUARD, args, *s.extra)
+        assert (probe.grad is None) if beta == 0 else probe.grad.item() == beta * calls  # two chunks of half each
+        probe.grad = None
