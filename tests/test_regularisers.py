@@ -306,7 +306,7 @@ def test_draft_kl_gaps_against_a_separate_base_model(tiny_pipe):
                 with torch.no_grad():
                     e_ref = guided(base.unet, x, t)
                 reference.append(((e - e_ref) ** 2).mean())
-                ratio = max(ratio, float(e.norm() / (e - e_ref).norm()))  # how much a gap magnifies e's error
+                ratio = max(ratio, float(e.detach().norm() / (e.detach() - e_ref).norm()))  # a gap's error gain
             x = scheduler.step(e, t, x, eta=0.0).prev_sample
     # float64 on both sides, one UNet path each through ≤ k steps (forward: N roundings, with backward: 3N), guidance's
     # gain 2w − 1; a gap is the square of a difference of two predictions, whose relative error is the predictions'
