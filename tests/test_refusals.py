@@ -82,10 +82,10 @@ SCRIPT_CASES = {  # the algorithm's own flags
     "draft": [(["--k", "0"], "--k 0 must be between 1 and --num-inference-steps (6)"),
               (["--k", "60"], "--k 60 must be between 1 and"), (["--reward", "jpeg_compressibility"],
                                                                  "DRaFT backpropagates through the reward"),
-              (["--train-batch-size", "3"], "--train-batch-size 3")],
+              (["--train-batch-size", "3"], "--train-batch-size 3"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "draft_lv": [(["--num-copies", "-1"], "--num-copies must be >= 0, got -1"),
                  (["--reward", "jpeg_compressibility"], "is not differentiable"),
-                 (["--train-batch-size", "0"], "--train-batch-size must be > 0")],
+                 (["--train-batch-size", "0"], "--train-batch-size must be > 0"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "refl": [(["--max-step", "0"], "--max-step 0 must be between 1 and"), (["--max-step", "7"], "--max-step 7"),
              (["--grad-scale", "0"], "--grad-scale must be > 0"),
              (["--reward", "jpeg_compressibility"], "ReFL backpropagates through the reward"),
@@ -94,10 +94,10 @@ SCRIPT_CASES = {  # the algorithm's own flags
              (["--pretrain-data", "NO_CAPTION"], "a.png has no caption file a.txt"),
              (["--pretrain-data", "BAD_METADATA"], "metadata.jsonl:1: expected a JSON object with file_name and text"),
              (["--pretrain-data", "MISSING_IMAGE"], "names"),
-             (["--pretrain-weight", "-1"], "--pretrain-weight must be >= 0, got -1.0")],
+             (["--pretrain-weight", "-1"], "--pretrain-weight must be >= 0, got -1.0"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "alignprop": [(["--truncation", "fixed", "--k", "7"], "--k 7 must be between 1"), (["--k", "0"], "--k 0"),
                   (["--loss-coeff", "0"], "--loss-coeff must be > 0"),
-                  (["--reward", "jpeg_compressibility"], "AlignProp backpropagates through the reward")],
+                  (["--reward", "jpeg_compressibility"], "AlignProp backpropagates through the reward"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
 }
 CASES = [(s, f, m) for s in scripts() for f, m in COMMON_CASES + SCRIPT_CASES[s]]
 
