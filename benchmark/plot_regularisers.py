@@ -18,8 +18,8 @@ KEYS = ("eval_reward", "eval/shapes_exact_match", "eval/diversity")
 
 
 def curve(spec: str) -> tuple[str, list[dict]]:
-    label, _, rest = spec.partition("=")
-    path, _, filt = rest.partition("@")
+    head, _, filt = spec.partition("@")
+    label, _, path = head.rpartition("=")  # a label may hold "=" (β=1), a path not
     want = dict(kv.split("=", 1) for kv in filt.split(",")) if filt else {}
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     return label, sorted((r for r in rows if all(str(r.get(k)) == v for k, v in want.items())), key=lambda r: r["step"])
