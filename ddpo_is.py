@@ -98,6 +98,9 @@ class Args:
     """rewards kept per prompt for the running statistics (ddpo-pytorch: 32)"""
     stat_min_count: int = 16
     """below this many rewards for a prompt, the batch mean/std are used instead (ddpo-pytorch: 16)"""
+    kl_beta: float = 0.0
+    """DDPO + KL: β of the per-step KL to the base model, β·‖μ_θ − μ_ref‖² / (2σ_t²) added to the loss as grpo.py does
+    (0: off, as the DDPO paper, which has no KL; the term is Flow-GRPO's kl_loss, β 0.01-0.04 on SD3.5)"""
     # ---- the run: seed, precision, logging, checkpoints (the same in all scripts) ----------------------------
     exp_name: str = "ddpo_is"
     """name of this experiment (the run directory's prefix)"""
@@ -126,6 +129,10 @@ class Args:
     eval_rewards: tuple[str, ...] = ()
     """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
     (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
+    ema_decay: float = 0.0
+    """decay d of an exponential moving average of the LoRA weights, updated after every optimizer update, in [0, 1)
+    (0: off, as the papers; flow_grpo trains with d = 0.9 applied every 8 updates, about 0.987 per update, with a
+    warm-up: config/grpo.py, scripts/train_sd3.py); the sample grid shows the average, saved as lora_ema.safetensors"""
     save_every: int = 200
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
     a multiple of the updates per sampled batch (checkpoints fall between sampled batches)"""
@@ -143,7 +150,7 @@ class Args:
             rewards.parse(spec)
         common.check_flags(self, positive=("sample_batch_size", "train_batch_size", "eta", "num_minibatches",
                                            "num_inner_epochs", "clip_range", "stat_buffer_size"),
-                           non_negative=("adv_clip_max", "stat_min_count"), fractions=("timestep_fraction",))
+                           non_negative=("adv_clip_max", "stat_min_count", "kl_beta"), fractions=("timestep_fraction",))
         common.check_batch_split(self.batch_size, self.sample_batch_size, self.num_minibatches, self.train_batch_size)
         updates_per_batch = self.num_inner_epochs * self.num_minibatches  # DDPO-IS
         common.require(self.save_every % updates_per_batch == 0,
@@ -202,7 +209,7 @@ def minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
             noise_pred = common.guided_noise_pred(pipe, traj.latents[i, k], t, cond[i], uncond, args.guidance_scale)
             _, log_prob = common.step_with_logprob(pipe.scheduler, noise_pred, t, traj.latents[i, k], args.eta,
                                                         prev_sample=traj.latents[i, k + 1])
-            yield i, k, log_prob
+            yield i, k, log_prob, noise_pred  # DDPO + KL: and the guided ε̂, for the KL
 
 
 # DDPO-IS: the PPO-style clipped surrogate replaces −A·log p.
@@ -221,8 +228,12 @@ def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_
     """Backpropagate the loss averaged over one minibatch's (sample, timestep) pairs, chunk by chunk (gradients
     accumulate; the caller takes one optimizer step). Returns the loss and its diagnostics, averaged the same way."""
     stats = defaultdict(float)
-    for i, k, log_prob in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+    for i, k, log_prob, noise_pred in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
         loss, diagnostics = clipped_surrogate(log_prob, traj.log_probs[i, k], advantages[i], args.clip_range)
+        if args.kl_beta > 0:  # DDPO + KL: the per-step KL to the base model, as grpo.py
+            kl = common.kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, noise_pred,
+                                   args.guidance_scale, args.eta)  # ‖μ_θ − μ_ref‖² / (2σ_t²)
+            loss, diagnostics["kl"] = loss + args.kl_beta * kl, kl.detach()
         weight = len(i) / len(samples) / timestep_idx.shape[1]  # this chunk's share of the minibatch's mean
         guard.backward(loss * weight)  # × the loss scale in fp16
         for name, value in dict(loss=loss.detach(), **diagnostics).items():
@@ -247,6 +258,7 @@ def main(args: Args) -> None:
     eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = common.LoraEMA(params, args.ema_decay)  # --ema-decay: the LoRA's moving average (nothing at 0)
     stat_tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     # DDPO-IS: how many of each sample's timesteps are trained on, and where the ratio's denominator comes from
     train_timesteps = max(1, int(args.num_inference_steps * args.timestep_fraction))
@@ -257,6 +269,7 @@ def main(args: Args) -> None:
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
+    ema.load_state_dict(state.get("ema", {}))
     stat_tracker.load_state_dict(state.get("stat_tracker", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
@@ -266,7 +279,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            logger.samples(step, grid(pipe))
+            with ema.applied():  # --ema-decay: the grid shows the average
+                logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
@@ -301,7 +315,8 @@ def main(args: Args) -> None:
             if reevaluate and batch_ok:  # DDPO-IS: p_old in the training layout, so r = 1 on the first update
                 with torch.no_grad():
                     for samples, timestep_idx in minibatches[: args.num_minibatches]:
-                        for i, k, log_prob in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+                        for i, k, log_prob, _ in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx,
+                                                                     args):
                             traj.log_probs[i, k] = log_prob
 
         # ALGO 4. One update on the next minibatch.
@@ -314,6 +329,7 @@ def main(args: Args) -> None:
             grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
                 optimizer.step()
+                ema.update()
 
         # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
@@ -324,14 +340,14 @@ def main(args: Args) -> None:
         # what a checkpoint of this step holds; none is written inside a sampled batch (it is not saved), so a
         # signal or --max-bad-steps stops once the batch's updates are done
         checkpointer.completed(step, between_batches=not minibatches, reward_queries=reward_queries,
-                               stat_tracker=stat_tracker.state_dict(), guard=guard.state_dict())
+                               stat_tracker=stat_tracker.state_dict(), guard=guard.state_dict(), ema=ema.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
-        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
+        common.finish_run(pipe, run_dir, args, ema)  # the LoRA (diffusers', kohya's, --ema-decay's), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

@@ -66,6 +66,10 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
+    kl_beta: float = 0.0
+    """DRaFT-LV + KL: β of β·mean ‖ε̂_θ − ε̂_ref‖² at the sampling chain's step with gradient (not at the re-noised
+    copies), ε̂_ref the base model's guided prediction (the LoRA disabled) at the same latent: DPOK's bound of the KL
+    to the base model (Fan et al., NeurIPS 2023, Lemma 4.2), as draft.py's (0: off, as DRaFT)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -98,6 +102,10 @@ class Args:
     eval_rewards: tuple[str, ...] = ()
     """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
     (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
+    ema_decay: float = 0.0
+    """decay d of an exponential moving average of the LoRA weights, updated after every optimizer update, in [0, 1)
+    (0: off, as the papers; flow_grpo trains with d = 0.9 applied every 8 updates, about 0.987 per update, with a
+    warm-up: config/grpo.py, scripts/train_sd3.py); the sample grid shows the average, saved as lora_ema.safetensors"""
     save_every: int = 500
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
     keep_checkpoints: int = 2
@@ -114,13 +122,15 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"DRaFT backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.check_flags(self, non_negative=("num_copies",))  # DRaFT-LV
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args):
-    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last step only. Returns x_0."""
+def sample_with_grad(pipe, cond, uncond, latents, args, gaps=None):
+    """DDIM η = 0 from the initial noise `latents`; gradient flows through the last step only. Returns x_0; with a list
+    `gaps`, appends the step with gradient's ‖ε̂_θ − ε̂_ref‖² (DRaFT-LV + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -129,6 +139,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args):
         with torch.set_grad_enabled(i >= len(timesteps) - 1):  # DRaFT-LV: K = 1, DRaFT-1's sampling
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # DRaFT-LV + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             x = common.step(pipe.scheduler, noise_pred, t, x)
     return x
 
@@ -144,11 +156,11 @@ def renoise_with_grad(pipe, x0, cond, uncond, noise, args):
     return common.step(pipe.scheduler, noise_pred, t1, x)
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard):
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, penalty=0.0):
     """Decode x0, score it, and backpropagate this chunk's share of L's term −mean r over the batch of `batch_size`.
     Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = -reward.mean() * len(reward) / batch_size
+    loss = (-reward.mean() + penalty) * len(reward) / batch_size
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -160,10 +172,14 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, noises,
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args)
+        gaps = [] if args.kl_beta > 0 else None  # DRaFT-LV + KL: β·‖ε̂_θ − ε̂_ref‖² joins the chunk's loss, with x0's
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, gaps)
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
         # DRaFT-LV: x0 and its n re-noised copies, scored and backpropagated in turn: L = −mean(r(x0) + Σ_i r(x0ⁱ)).
-        for x in [x0] + [renoise_with_grad(pipe, x0, cond[chunk], uncond, noise[chunk], args) for noise in noises]:
-            results.append(backpropagate_reward(pipe, reward_fn, x, prompts[chunk], len(prompts), guard))
+        for n, x in enumerate([x0] + [renoise_with_grad(pipe, x0, cond[chunk], uncond, noise[chunk], args)
+                                      for noise in noises]):
+            results.append(backpropagate_reward(pipe, reward_fn, x, prompts[chunk], len(prompts), guard,
+                                                penalty if n == 0 else 0.0))
     scores, losses = zip(*results)
     n = args.num_copies + 1  # DRaFT-LV: n + 1 results per chunk
     return torch.stack([torch.cat(scores[i::n]) for i in range(n)], 1), sum(losses)
@@ -188,12 +204,14 @@ def main(args: Args) -> None:
     eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = common.LoraEMA(params, args.ema_decay)  # --ema-decay: the LoRA's moving average (nothing at 0)
 
     # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
     guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
+    ema.load_state_dict(state.get("ema", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
@@ -202,7 +220,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            logger.samples(step, grid(pipe))
+            with ema.applied():  # --ema-decay: the grid shows the average
+                logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
@@ -224,6 +243,7 @@ def main(args: Args) -> None:
         grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
         if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
+            ema.update()
 
         # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         reward = common.gather(reward)  # the global batch's rewards, for logging
@@ -235,14 +255,14 @@ def main(args: Args) -> None:
                          losses=dict(loss=loss))
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         # what a checkpoint of this step holds (and what a reward failing before the next one completes saves)
-        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict())
+        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict(), ema=ema.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
-        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
+        common.finish_run(pipe, run_dir, args, ema)  # the LoRA (diffusers', kohya's, --ema-decay's), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

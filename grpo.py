@@ -131,6 +131,10 @@ class Args:
     eval_rewards: tuple[str, ...] = ()
     """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
     (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
+    ema_decay: float = 0.0
+    """decay d of an exponential moving average of the LoRA weights, updated after every optimizer update, in [0, 1)
+    (0: off, as the papers; flow_grpo trains with d = 0.9 applied every 8 updates, about 0.987 per update, with a
+    warm-up: config/grpo.py, scripts/train_sd3.py); the sample grid shows the average, saved as lora_ema.safetensors"""
     save_every: int = 200
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end;
     a multiple of the updates per sampled batch (checkpoints fall between sampled batches)"""
@@ -198,20 +202,6 @@ def clipped_surrogate(log_prob, old_log_prob, advantages, clip_range):
     return loss.mean(), dict(approx_kl=0.5 * (diff.detach() ** 2).mean(), clipfrac=clipfrac)
 
 
-# GRPO: the KL of one DDIM step to the base model's; both are Gaussians with the same σ_t.
-def kl_to_base(pipe, latents, t, cond, uncond, noise_pred, args):
-    """KL(p_θ ‖ p_ref) = ‖μ_θ − μ_ref‖² / (2σ_t²), averaged over C,H,W like the log-prob and over the chunk
-    (Flow-GRPO's kl_loss, scripts/train_sd3.py); μ_ref from the same UNet with its LoRA disabled (diffusers'
-    disable_adapters): one more forward, without gradient, and no second model in memory."""
-    common.denoiser(pipe).disable_adapters()
-    with torch.no_grad():
-        noise_pred_ref = common.guided_noise_pred(pipe, latents, t, cond, uncond, args.guidance_scale)
-    common.denoiser(pipe).enable_adapters()
-    mean, std = common.step_mean_std(pipe.scheduler, noise_pred, t, latents, args.eta)
-    mean_ref, _ = common.step_mean_std(pipe.scheduler, noise_pred_ref, t, latents, args.eta)
-    return ((mean - mean_ref) ** 2 / (2 * std**2)).mean()
-
-
 def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_idx, guard, args) -> dict:
     """Backpropagate the loss averaged over one minibatch's (sample, timestep) pairs, chunk by chunk (gradients
     accumulate; the caller takes one optimizer step). Returns the loss and its diagnostics, averaged the same way."""
@@ -219,7 +209,8 @@ def accumulate_gradient(pipe, traj, cond, uncond, advantages, samples, timestep_
     for i, k, log_prob, noise_pred in minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
         loss, diagnostics = clipped_surrogate(log_prob, traj.log_probs[i, k], advantages[i], args.clip_range)
         if args.kl_beta > 0:  # GRPO
-            kl = kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, noise_pred, args)
+            kl = common.kl_to_base(pipe, traj.latents[i, k], traj.timesteps[k], cond[i], uncond, noise_pred,
+                                   args.guidance_scale, args.eta)  # ‖μ_θ − μ_ref‖² / (2σ_t²)
             loss, diagnostics["kl"] = loss + args.kl_beta * kl, kl.detach()
         weight = len(i) / len(samples) / timestep_idx.shape[1]  # this chunk's share of the minibatch's mean
         guard.backward(loss * weight)  # × the loss scale in fp16
@@ -245,6 +236,7 @@ def main(args: Args) -> None:
     eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = common.LoraEMA(params, args.ema_decay)  # --ema-decay: the LoRA's moving average (nothing at 0)
     # DDPO-IS: how many of each sample's timesteps are trained on, and where the ratio's denominator comes from
     train_timesteps = max(1, int(args.num_inference_steps * args.timestep_fraction))
     reevaluate = dtype != torch.float32 if args.reevaluate_log_probs is None else args.reevaluate_log_probs
@@ -254,6 +246,7 @@ def main(args: Args) -> None:
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
+    ema.load_state_dict(state.get("ema", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
@@ -262,7 +255,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            logger.samples(step, grid(pipe))
+            with ema.applied():  # --ema-decay: the grid shows the average
+                logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
@@ -316,6 +310,7 @@ def main(args: Args) -> None:
             grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
             if guard.ok(step, loss=stats["loss"], grad_norm=grad_norm):  # a non-finite update is never applied
                 optimizer.step()
+                ema.update()
 
         # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         row = logger.log(step, charts=dict(reward_mean=reward.mean(), reward_std=reward.std(correction=0),
@@ -326,14 +321,14 @@ def main(args: Args) -> None:
         # what a checkpoint of this step holds; none is written inside a sampled batch (it is not saved), so a
         # signal or --max-bad-steps stops once the batch's updates are done
         checkpointer.completed(step, between_batches=not minibatches, reward_queries=reward_queries,
-                               guard=guard.state_dict())
+                               guard=guard.state_dict(), ema=ema.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
-        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
+        common.finish_run(pipe, run_dir, args, ema)  # the LoRA (diffusers', kohya's, --ema-decay's), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

@@ -73,6 +73,14 @@ class Args:
     own reward's scale)"""
     grad_scale: float = 1e-3
     """ReFL: factor of the relu loss (ImageReward: 1e-3; AdamW is nearly invariant to it)"""
+    pretrain_data: Optional[str] = None
+    """ReFL + pre-training loss: a folder of images with captions (same-name .txt files, or a metadata.jsonl with
+    file_name and text, as diffusers' imagefolder); each update adds w·L_pre, the denoising loss on batch_size of its
+    pairs (the ImageReward paper regularises ReFL with the pre-training loss, §4.2; its released ReFL.py has none;
+    its issue #95 reports ReFL degrading without it). `python -m shapes.data --write-pretrain DIR` writes one"""
+    pretrain_weight: float = 1.0
+    """ReFL + pre-training loss: w (ImageReward's paper adds the pre-training loss unweighted to its ReFL loss,
+    relu(λ − r)·1e-3: --loss relu)"""
     lora_rank: int = 8
     """LoRA rank (paper, small scale: 8; large scale: 32)"""
     lora_ff: bool = True
@@ -83,6 +91,10 @@ class Args:
     """AdamW weight decay (paper: 0.1)"""
     max_grad_norm: float = 0.0
     """clip the gradient norm to this value; 0 disables (the paper does not report clipping)"""
+    kl_beta: float = 0.0
+    """ReFL + KL: β of β·mean ‖ε̂_θ − ε̂_ref‖² at the step with gradient (x_m), ε̂_ref the base model's guided prediction
+    (the LoRA disabled) at the same latent: DPOK's bound of the KL to the base model (Fan et al., NeurIPS 2023, Lemma
+    4.2), as draft.py's (0: off, as ReFL)"""
     vae_checkpointing: bool = True
     """recompute the VAE decoder's activations in the backward pass instead of storing them (diffusers' gradient
     checkpointing): the decoder at 512 px is the memory wall of backprop through the image, for one more decoder
@@ -115,6 +127,10 @@ class Args:
     eval_rewards: tuple[str, ...] = ()
     """other rewards scored on the sample grid, logged as eval/<name>: held-out rewards that reveal reward hacking
     (train on aesthetic, watch hpsv2; on tiny-shapes train on shapes_alignment, watch shapes_exact_match)"""
+    ema_decay: float = 0.0
+    """decay d of an exponential moving average of the LoRA weights, updated after every optimizer update, in [0, 1)
+    (0: off, as the papers; flow_grpo trains with d = 0.9 applied every 8 updates, about 0.987 per update, with a
+    warm-up: config/grpo.py, scripts/train_sd3.py); the sample grid shows the average, saved as lora_ema.safetensors"""
     save_every: int = 500
     """save a checkpoint (LoRA + training state) under checkpoints/step_N every this many updates, and at the end"""
     keep_checkpoints: int = 2
@@ -131,16 +147,20 @@ class Args:
         common.require(rewards.is_differentiable(self.reward), f"ReFL backpropagates through the reward, and "
                        f"{self.reward!r} is not differentiable. Use a differentiable reward (e.g. aesthetic, hpsv2, "
                        "pickscore, jpeg_compressibility_diff).")
-        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else ())
+        common.check_flags(self, positive=("train_batch_size",) if self.train_batch_size is not None else (),
+                           non_negative=("kl_beta",))
         common.check_batch_split(self.batch_size, train_batch_size=self.train_batch_size)
         common.require(1 <= self.max_step <= self.num_inference_steps, f"--max-step {self.max_step} must be between "
                        f"1 and --num-inference-steps ({self.num_inference_steps})")  # ReFL
-        common.check_flags(self, positive=("grad_scale",))
+        common.check_flags(self, positive=("grad_scale",), non_negative=("pretrain_weight",))
+        if self.pretrain_data is not None:  # ReFL + pre-training loss: a missing or empty folder ends here
+            common.load_image_captions(self.pretrain_data)
 
 
-def sample_with_grad(pipe, cond, uncond, latents, args, m):
+def sample_with_grad(pipe, cond, uncond, latents, args, m, gaps=None):
     """DDIM η = 0 from the initial noise `latents` down to step index m (0-based) without gradient; there one guided
-    UNet call with gradient and the one-step prediction x̂0. Returns x̂0."""
+    UNet call with gradient and the one-step prediction x̂0. Returns x̂0; with a list `gaps`, appends that call's
+    ‖ε̂_θ − ε̂_ref‖² (ReFL + KL)."""
     pipe.scheduler.set_timesteps(args.num_inference_steps, device=cond.device)
     timesteps = pipe.scheduler.timesteps
     x = latents
@@ -149,6 +169,8 @@ def sample_with_grad(pipe, cond, uncond, latents, args, m):
         with torch.set_grad_enabled(i == m):
             noise_pred = common.guided_noise_pred(pipe, x, t, cond, uncond, args.guidance_scale,
                                                   use_checkpoint=args.unet_checkpointing)
+            if gaps is not None and torch.is_grad_enabled():  # ReFL + KL
+                gaps.append(common.prediction_gap(pipe, x, t, cond, uncond, noise_pred, args.guidance_scale))
             if i == m:  # ReFL: stop sampling and predict x0 in one step from x_m
                 return common.predict_x0(pipe.scheduler, noise_pred, t, x)
             x = common.step(pipe.scheduler, noise_pred, t, x)
@@ -162,11 +184,11 @@ def refl_loss(reward, args):
     return -reward.mean()
 
 
-def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args):
+def backpropagate_reward(pipe, reward_fn, x0, prompts, batch_size, guard, args, penalty=0.0):
     """Decode x0, score it, and backpropagate this chunk's share of L (ReFL: `refl_loss`) over the batch of
     `batch_size`. Returns the rewards and the share of L, detached."""
     reward = reward_fn(common.decode(pipe, x0), prompts)
-    loss = refl_loss(reward, args) * len(reward) / batch_size  # ReFL
+    loss = (refl_loss(reward, args) + penalty) * len(reward) / batch_size  # ReFL
     guard.backward(loss)  # × the loss scale in fp16
     return reward.detach(), loss.detach()
 
@@ -178,8 +200,10 @@ def accumulate_gradient(pipe, reward_fn, prompts, cond, uncond, latents, guard, 
     results = []
     for s in range(0, len(prompts), args.train_batch_size or len(prompts)):
         chunk = slice(s, s + (args.train_batch_size or len(prompts)))
-        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, m)  # ReFL: x̂0 at step m
-        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args))
+        gaps = [] if args.kl_beta > 0 else None  # ReFL + KL: β·‖ε̂_θ − ε̂_ref‖² joins the chunk's loss
+        x0 = sample_with_grad(pipe, cond[chunk], uncond, latents[chunk], args, m, gaps)  # ReFL: x̂0 at step m
+        penalty = args.kl_beta * sum(gaps) if gaps else 0.0
+        results.append(backpropagate_reward(pipe, reward_fn, x0, prompts[chunk], len(prompts), guard, args, penalty))
     scores, losses = zip(*results)
     return torch.cat(scores), sum(losses)
 
@@ -203,12 +227,15 @@ def main(args: Args) -> None:
     eval_rewards = {spec: rewards.load(spec, device=device, dtype=dtype) for spec in args.eval_rewards}
     params = common.lora_parameters(pipe)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    ema = common.LoraEMA(params, args.ema_decay)  # --ema-decay: the LoRA's moving average (nothing at 0)
+    pretrain = common.PretrainData(args.pretrain_data, pipe) if args.pretrain_data else None  # ReFL + pre-training
 
     # Bookkeeping, the same in all scripts: resume, the non-finite guard (with fp16 loss scaling), logs, signals
     guard = common.UpdateGuard(args.max_bad_steps, loss_scaling=dtype == torch.float16)
     checkpointer = common.Checkpointer(run_dir, pipe, optimizer, rng, args)  # this process now writes run_dir
     start, state = checkpointer.restore()  # (0, {}) for a new run
     guard.load_state_dict(state.get("guard", {}))
+    ema.load_state_dict(state.get("ema", {}))
     reward_queries = state.get("reward_queries", 0)
     logger = common.Logger(run_dir, args, args.track, start_step=start, reward_fn=reward_fn)  # + reward/<term>
     stop = common.StopSignal(guard)  # SIGINT/SIGTERM, or --max-bad-steps bad updates in a row
@@ -217,7 +244,8 @@ def main(args: Args) -> None:
 
     def log_samples(step):  # rank 0 only; the grid's own generators leave the shared RNG untouched
         if world.is_main:
-            logger.samples(step, grid(pipe))
+            with ema.applied():  # --ema-decay: the grid shows the average
+                logger.samples(step, grid(pipe))
 
     if start == 0:
         log_samples(0)
@@ -234,11 +262,19 @@ def main(args: Args) -> None:
         # ALGO 2. Sample to step m, predict x̂0 with gradient, decode, score: L = refl_loss, backpropagated.
         optimizer.zero_grad(set_to_none=True)
         reward, loss = accumulate_gradient(pipe, reward_fn, batch_prompts, cond, uncond, latents, guard, args, m)
+        losses = dict(loss=loss)
+        if pretrain is not None:  # ReFL + pre-training loss: w·L_pre on a batch of image–caption pairs
+            images, captions = (common.shard(v) for v in pretrain.batch(args.batch_size, rng))
+            pretrain_loss = common.denoising_loss(pipe, images.to(device), common.encode_prompts(pipe, captions))
+            guard.backward(args.pretrain_weight * pretrain_loss)
+            pretrain_loss = pretrain_loss.detach()
+            losses = dict(loss=loss + args.pretrain_weight * pretrain_loss, pretrain_loss=pretrain_loss)
         reward_queries += args.batch_size
         common.average_gradients(params)  # under torchrun: the mean over ranks is the global batch's gradient
         grad_norm = guard.clip_grad_norm_(optimizer, args.max_grad_norm)  # undoes fp16's loss scale, then clips
-        if guard.ok(step, loss=loss, grad_norm=grad_norm):  # a non-finite update is skipped, never applied
+        if guard.ok(step, loss=losses["loss"], grad_norm=grad_norm):  # a non-finite update is skipped, never applied
             optimizer.step()
+            ema.update()
 
         # Bookkeeping, the same in all scripts: log, sample grid, checkpoint, stop (a signal, --max-bad-steps)
         reward = common.gather(reward)  # the global batch's rewards, for logging
@@ -246,17 +282,17 @@ def main(args: Args) -> None:
                                            reward_queries=reward_queries, grad_norm=grad_norm,
                                            step_seconds=time.time() - t0, **guard.charts(),
                                            refl_step=m, refl_timestep=pipe.scheduler.timesteps[m]),  # ReFL
-                         losses=dict(loss=loss))
+                         losses=losses)
         pbar.set_postfix(reward=f"{row['reward_mean']:.4g}", s_per_step=f"{row['step_seconds']:.2f}")
         # what a checkpoint of this step holds (and what a reward failing before the next one completes saves)
-        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict())
+        checkpointer.completed(step, reward_queries=reward_queries, guard=guard.state_dict(), ema=ema.state_dict())
         if step % args.sample_every == 0 or step == args.steps:
             log_samples(step)
         checkpointer.save_or_stop(step, stop, device)  # every --save-every, at the end, and to stop
 
     logger.close()
     if world.is_main:
-        common.finish_run(pipe, run_dir, args)  # the LoRA (diffusers' and kohya's formats), the model card
+        common.finish_run(pipe, run_dir, args, ema)  # the LoRA (diffusers', kohya's, --ema-decay's), the model card
         print(f"LoRA, metrics and sample grids in {run_dir}")
 
 

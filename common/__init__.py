@@ -32,4 +32,7 @@ from .models import (
 )
 from .prompts import PROMPT_SETS, load_prompts, sample_prompts
 from .publish import finish_run, write_model_card
+from .regularisers import (
+    EMA_FILE, LoraEMA, PretrainData, base_model, denoising_loss, kl_to_base, load_image_captions, prediction_gap
+)
 from .run import Logger, check_run_args, device_and_dtype, make_run_dir, save_grid, seed_everything

@@ -34,17 +34,19 @@ def _to_file_format(prefix: str, state: dict) -> dict:
     return convert_state_dict_to_diffusers(state) if prefix == "unet" else state
 
 
-def save_lora(pipe, directory: str | Path) -> Path:
+def save_lora(pipe, directory: str | Path, weight_name: str = LORA_FILE) -> Path:
     """Write the denoiser's LoRA so that the pipeline class's `load_lora_weights(directory)` loads it as is
-    (`StableDiffusionPipeline`: "unet." keys; `StableDiffusion3Pipeline`: "transformer." keys)."""
+    (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`: "unet." keys; `StableDiffusion3Pipeline`: "transformer."
+    keys); another `weight_name`: `load_lora_weights(directory, weight_name=...)`."""
     from peft.utils import get_peft_model_state_dict
 
     from .diffusion import denoiser
 
     prefix = denoiser_name(pipe)
     state = _to_file_format(prefix, get_peft_model_state_dict(denoiser(pipe)))
-    type(pipe).save_lora_weights(directory, **{f"{prefix}_lora_layers": state}, safe_serialization=True)
-    return Path(directory) / LORA_FILE
+    type(pipe).save_lora_weights(directory, **{f"{prefix}_lora_layers": state}, weight_name=weight_name,
+                                 safe_serialization=True)
+    return Path(directory) / weight_name
 
 
 def load_lora(pipe, directory: str | Path) -> None:

@@ -15,13 +15,19 @@ from .run import read_jsonl
 LICENSES = {SD14: "creativeml-openrail-m"}  # the default base model's card on the Hub, for when it is not cached
 
 
-def finish_run(pipe, run_dir: str | Path, args) -> None:
+def finish_run(pipe, run_dir: str | Path, args, ema=None) -> None:
     """Rank 0, after the last update: the LoRA in diffusers' format (`save_lora`), the same LoRA in kohya's format
     (`lora_kohya.safetensors`: ComfyUI does not load diffusers' key names for an attention-only LoRA, and
-    AUTOMATIC1111 reads the kohya metadata), and the model card (`write_model_card`). The kohya copy is for UNet LoRAs
-    (SD1.x/SD2.x): kohya's format of an SD3 transformer LoRA has no converter in diffusers, and ComfyUI reads
+    AUTOMATIC1111 reads the kohya metadata), with --ema-decay the moving average beside it in diffusers' format
+    (`lora_ema.safetensors`), and the model card (`write_model_card`). The kohya copy is for UNet LoRAs
+    (SD1.x/SD2.x, SDXL): kohya's format of an SD3 transformer LoRA has no converter in diffusers, and ComfyUI reads
     diffusers' SD3 LoRA files (its "transformer." keys) as they are."""
+    from .regularisers import EMA_FILE
+
     run_dir = Path(run_dir)
+    if ema is not None and ema.shadow:
+        with ema.applied():
+            save_lora(pipe, run_dir, weight_name=EMA_FILE)
     layers = read_lora(save_lora(pipe, run_dir))
     if denoiser_name(pipe) == "unet":
         write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)

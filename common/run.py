@@ -66,6 +66,7 @@ def check_run_args(args) -> None:
                                 "sample_every", "num_sample_images", "sample_seeds", "max_bad_steps"),
                 non_negative=("learning_rate", "weight_decay", "max_grad_norm", "guidance_scale", "save_every",
                               "keep_checkpoints"))
+    require(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (0: off), got {args.ema_decay}")
     require(not args.resume or Path(args.resume).is_dir(), f"--resume {args.resume}: no such run directory")
     if args.output_dir:
         _check_can_create(Path(args.output_dir), f"--output-dir {args.output_dir}")

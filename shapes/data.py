@@ -140,3 +140,30 @@ def labels(attrs: list[Attrs]) -> dict[str, torch.Tensor]:
     return {
         name: torch.tensor([values.index(getattr(a, name)) for a in attrs]) for name, values in ATTRIBUTES.items()
     }
+
+
+def write_image_folder(folder, n: int, seed: int = 0) -> None:
+    """n training images (no held-out pair) as `NNNNN.png` with their captions in `NNNNN.txt`: an image–caption
+    folder for refl.py's --pretrain-data (the pre-training loss on the data the tiny-shapes model was trained on)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    images, attrs = sample_batch(n, np.random.default_rng(seed), [a for a in all_attrs() if not is_heldout(a)])
+    for i, (image, a) in enumerate(zip(images, attrs)):
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(folder / f"{i:05d}.png")
+        (folder / f"{i:05d}.txt").write_text(caption(a) + "\n")
+
+
+if __name__ == "__main__":  # python -m shapes.data --write-pretrain DIR [--n 512] [--seed 0]
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write an image-caption folder of the shapes data (--pretrain-data)")
+    parser.add_argument("--write-pretrain", required=True, metavar="DIR")
+    parser.add_argument("--n", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args()
+    write_image_folder(a.write_pretrain, a.n, a.seed)
+    print(f"{a.n} images with captions in {a.write_pretrain}")

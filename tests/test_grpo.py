@@ -132,7 +132,7 @@ def test_kl_is_zero_while_the_lora_is_zero(tiny_pipe):
     x, t, cond, uncond = fixed_step(tiny_pipe)
     args = grpo.Args(guidance_scale=5.0, eta=1.0)
     noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
+    kl = common.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args.guidance_scale, args.eta)
     assert kl.item() == 0.0  # B = 0: the adapted UNet is the base model exactly
     kl.backward()
     assert all((p.grad == 0).all() for p in common.lora_parameters(tiny_pipe))
@@ -150,7 +150,7 @@ def test_kl_equals_gaussian_kl_against_a_separate_base_model(tiny_pipe):
     x, t, cond, uncond = (v.double() if v.is_floating_point() else v for v in fixed_step(tiny_pipe))
     args = grpo.Args(guidance_scale=5.0, eta=0.8)
     noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    ours = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
+    ours = common.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args.guidance_scale, args.eta)
     assert ours.dtype == torch.float64
 
     base = common.load_pipeline("tiny", lora_rank=0)
@@ -198,7 +198,7 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
 
     before = distance()
     noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-    kl = grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args)
+    kl = common.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args.guidance_scale, args.eta)
     kl.backward()
     assert len(params) == len(common.lora_parameters(tiny_pipe)) and all(p.requires_grad for p in params)
     norm = torch.sqrt(sum((p.grad**2).sum() for p in params))
@@ -209,7 +209,7 @@ def test_kl_gradient_pulls_toward_the_base_model(tiny_pipe):
     assert 0 < after < before, (before, after)
     with torch.no_grad():
         noise_pred = common.guided_noise_pred(tiny_pipe, x, t, cond, uncond, args.guidance_scale)
-        assert grpo.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args) < kl.detach()
+        assert common.kl_to_base(tiny_pipe, x, t, cond, uncond, noise_pred, args.guidance_scale, args.eta) < kl.detach()
 
 
 # ------------------------------------------------------------------------------------------------ the script

@@ -321,7 +321,7 @@ def test_first_update_ratio_in_each_precision_on_this_cpu(pipes, trajectory):
         order = torch.stack([torch.randperm(10, generator=torch.Generator().manual_seed(i)) for i in range(2)])
         log_ratio = torch.zeros(2, 10)
         with torch.no_grad():
-            for i, k, log_prob in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, torch.arange(2), order, args):
+            for i, k, log_prob, _ in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, torch.arange(2), order, args):
                 log_ratio[i, k] = (log_prob - traj.log_probs[i, k]).abs().float()
         print(f"first-update |log ratio| {dtype}: max {log_ratio.max():.2e}")  # |ratio − 1| to first order
         if dtype == torch.float32:

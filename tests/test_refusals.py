@@ -59,16 +59,21 @@ COMMON_CASES = [
     (["--prompt-file", "BINARY"], "is a binary file"),
     (["--prompt-file", "LATIN1"], "is not UTF-8 text"),
     (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such run directory"),
+    (["--ema-decay", "-0.1"], "--ema-decay must be in [0, 1) (0: off), got -0.1"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1) (0: off), got 1.0"),
+    (["--ema-decay", "nan"], "--ema-decay must be a finite number"),
 ]
 SCRIPT_CASES = {  # the algorithm's own flags
     "ddpo_sf": [(["--eta", "0"], "--eta must be > 0"), (["--sample-batch-size", "3"], "--sample-batch-size 3"),
                 (["--train-batch-size", "3"], "--train-batch-size 3"), (["--adv-clip-max", "-1"], ">= 0"),
-                (["--stat-buffer-size", "0"], "--stat-buffer-size must be > 0")],
+                (["--stat-buffer-size", "0"], "--stat-buffer-size must be > 0"),
+                (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "ddpo_is": [(["--eta", "0"], "--eta must be > 0"), (["--clip-range", "0"], "--clip-range must be > 0"),
                 (["--timestep-fraction", "0"], "--timestep-fraction must be in (0, 1]"),
                 (["--timestep-fraction", "1.5"], "--timestep-fraction must be in (0, 1]"),
                 (["--num-minibatches", "3"], "--num-minibatches 3"), (["--num-inner-epochs", "0"], "> 0"),
-                (["--save-every", "3"], "--save-every 3 must be a multiple of")],
+                (["--save-every", "3"], "--save-every 3 must be a multiple of"),
+                (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "rwr": [(["--percentile", "150"], "--percentile must be in [0, 100]"), (["--beta", "-1"], "--beta must be >= 0"),
             (["--images-per-prompt", "3"], "--images-per-prompt 3"), (["--num-epochs", "0"], "> 0"),
             (["--eta", "-1"], "--eta must be >= 0"), (["--save-every", "3"], "--save-every 3 must be a multiple of")],
@@ -77,16 +82,22 @@ SCRIPT_CASES = {  # the algorithm's own flags
     "draft": [(["--k", "0"], "--k 0 must be between 1 and --num-inference-steps (6)"),
               (["--k", "60"], "--k 60 must be between 1 and"), (["--reward", "jpeg_compressibility"],
                                                                  "DRaFT backpropagates through the reward"),
-              (["--train-batch-size", "3"], "--train-batch-size 3")],
+              (["--train-batch-size", "3"], "--train-batch-size 3"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "draft_lv": [(["--num-copies", "-1"], "--num-copies must be >= 0, got -1"),
                  (["--reward", "jpeg_compressibility"], "is not differentiable"),
-                 (["--train-batch-size", "0"], "--train-batch-size must be > 0")],
+                 (["--train-batch-size", "0"], "--train-batch-size must be > 0"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "refl": [(["--max-step", "0"], "--max-step 0 must be between 1 and"), (["--max-step", "7"], "--max-step 7"),
              (["--grad-scale", "0"], "--grad-scale must be > 0"),
-             (["--reward", "jpeg_compressibility"], "ReFL backpropagates through the reward")],
+             (["--reward", "jpeg_compressibility"], "ReFL backpropagates through the reward"),
+             (["--pretrain-data", "/nonexistent/images"], "--pretrain-data /nonexistent/images: no such folder"),
+             (["--pretrain-data", "EMPTY_DIR"], "holds no images with captions"),
+             (["--pretrain-data", "NO_CAPTION"], "a.png has no caption file a.txt"),
+             (["--pretrain-data", "BAD_METADATA"], "metadata.jsonl:1: expected a JSON object with file_name and text"),
+             (["--pretrain-data", "MISSING_IMAGE"], "names"),
+             (["--pretrain-weight", "-1"], "--pretrain-weight must be >= 0, got -1.0"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
     "alignprop": [(["--truncation", "fixed", "--k", "7"], "--k 7 must be between 1"), (["--k", "0"], "--k 0"),
                   (["--loss-coeff", "0"], "--loss-coeff must be > 0"),
-                  (["--reward", "jpeg_compressibility"], "AlignProp backpropagates through the reward")],
+                  (["--reward", "jpeg_compressibility"], "AlignProp backpropagates through the reward"), (["--kl-beta", "-0.5"], "--kl-beta must be >= 0, got -0.5")],
 }
 CASES = [(s, f, m) for s in scripts() for f, m in COMMON_CASES + SCRIPT_CASES[s]]
 
@@ -97,7 +108,14 @@ def files(tmp_path_factory):
     (d / "empty.txt").write_text("\n  \n")
     (d / "binary.txt").write_bytes(b"\x00\x01 not text\n")
     (d / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
-    return {"EMPTY": str(d / "empty.txt"), "BINARY": str(d / "binary.txt"), "LATIN1": str(d / "latin1.txt")}
+    folders = {name: d / name.lower() for name in ("EMPTY_DIR", "NO_CAPTION", "BAD_METADATA", "MISSING_IMAGE")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["NO_CAPTION"] / "a.png").write_bytes(b"")  # refused before any image is read
+    (folders["BAD_METADATA"] / "metadata.jsonl").write_text('{"file_name": "a.png"}\n')
+    (folders["MISSING_IMAGE"] / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a cat"}\n')
+    return {"EMPTY": str(d / "empty.txt"), "BINARY": str(d / "binary.txt"), "LATIN1": str(d / "latin1.txt"),
+            **{name: str(folder) for name, folder in folders.items()}}
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +170,8 @@ CLI_CASES = [  # (script, flags, message): at parse time, and once loading start
     ("rwr", ["--steps", "-3"], "--steps must be > 0"),
     ("draft", ["--reward", "aesthetic"], "hf download openai/clip-vit-large-patch14"),  # weights absent offline
     ("ddpo_is", ["--model", "someone/no-such-model"], "could not load the Stable Diffusion pipeline"),
+    ("refl", ["--pretrain-data", "/nonexistent/images"], "--pretrain-data /nonexistent/images: no such folder"),
+    ("grpo", ["--ema-decay", "1.5"], "--ema-decay must be in [0, 1)"),
 ]
 
 

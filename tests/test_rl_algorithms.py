@@ -34,7 +34,7 @@ def on_policy(pipe, traj, cond, uncond, samples, timestep_idx, args):
     The sampler's layout gives it only up to rounding, and float32's bound on that (log_prob_tolerance, about 1e-4
     here) is as large as DDPO's clip range ε = 1e-4; test_ddim_logprob and test_speed_equivalence check the pairing."""
     log_probs = traj.log_probs.clone()
-    for i, k, log_prob in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
+    for i, k, log_prob, _ in ddpo_is.minibatch_log_probs(pipe, traj, cond, uncond, samples, timestep_idx, args):
         log_probs[i, k] = log_prob.detach()
     return dataclasses.replace(traj, log_probs=log_probs)
 

@@ -113,6 +113,25 @@ def test_resume_equals_uninterrupted_run(script, tmp_path):
     assert json.loads((split / "args.json").read_text())["steps"] == 2 * u
 
 
+@pytest.mark.parametrize("script", ["draft", "ddpo_is"])
+def test_resume_with_an_ema_equals_uninterrupted_run(script, tmp_path):
+    """--ema-decay: the LoRA's moving average travels in the checkpoint, so the resumed run ends with the same average
+    (lora_ema.safetensors) and draws the same sample grids with it as the uninterrupted run."""
+    u = UPDATES_PER_BATCH.get(script, 1)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    flags = ("--save-every", str(u), "--sample-every", str(u), "--ema-decay", "0.9")
+    run(script, "--steps", str(2 * u), *flags, "--output-dir", str(whole))
+    run(script, "--steps", str(u), *flags, "--output-dir", str(split))
+    run(script, "--resume", str(split), "--steps", str(2 * u))
+
+    assert_same_lora(lora(whole), lora(split))
+    ema = "lora_ema.safetensors"
+    assert_same_lora(load_file(str(whole / ema)), load_file(str(split / ema)))
+    assert any((lora(whole)[k] != load_file(str(whole / ema))[k]).any() for k in lora(whole))  # an average, not θ
+    grids = [[json.loads(line)["scores"] for line in (d / "eval.jsonl").read_text().splitlines()] for d in (whole, split)]
+    assert grids[0] == grids[1] and len(grids[0]) == 3  # steps 0, u, 2u
+
+
 # --- kill during a save, SIGTERM ---------------------------------------------------------------------------------
 
 KILL_ON_SECOND_SAVE = """

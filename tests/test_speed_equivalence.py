@@ -108,7 +108,7 @@ def test_stacked_pairs_are_the_trajectory_s(tiny_pipe, rl_batch):
     seen = torch.zeros(4, 3, dtype=torch.int64)
     t64 = rounding_tolerance(roundings(tiny_pipe.unet), gain=2 * 5.0 - 1, u=U64)  # one guided UNet call, float64
     with torch.no_grad():
-        for i, k, log_prob in ddpo_is.minibatch_log_probs(tiny_pipe, b["traj"], b["cond"], b["uncond"], b["samples"],
+        for i, k, log_prob, _ in ddpo_is.minibatch_log_probs(tiny_pipe, b["traj"], b["cond"], b["uncond"], b["samples"],
                                                           b["timestep_idx"], args):
             # the sampler's layout and this one's round ε̂ differently: log_prob_tolerance (about 3e-13) bounds the
             # effect; a sample paired with another's timestep is off by 2e-2 or more (test_ddim_logprob)
