@@ -191,13 +191,17 @@ def float64_scheduler(scheduler):
 
 
 def float64_copy(pipe):
-    """The UNet (with its LoRA), the VAE and the scheduler of a pipeline in float64, for references: the same weights,
-    every operation in float64. No text encoder: a reference takes the float32 prompt embeddings, converted exactly,
+    """A pipeline of the same class whose UNet (with its LoRA), VAE and scheduler are float64 copies, for references:
+    the same weights, every operation in float64 (common/ finds the family by the pipeline's class). The text encoders
+    are the original float32 ones, not to be used: a reference takes the float32 prompt embeddings, converted exactly,
     so that both sides start from the same numbers."""
-    from types import SimpleNamespace
+    import inspect
 
     unet, vae = (copy.deepcopy(m).to(torch.float64) for m in (pipe.unet, pipe.vae))
-    return SimpleNamespace(unet=unet, vae=vae, scheduler=float64_scheduler(pipe.scheduler))
+    extra = {"requires_safety_checker": False} \
+        if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters else {}
+    return type(pipe)(**{**pipe.components, "unet": unet, "vae": vae, "scheduler": float64_scheduler(pipe.scheduler)},
+                      **extra)
 
 
 def log_prob_tolerance(scheduler, eps, t, x, prev, eta, eps_tolerance, u=U32):
