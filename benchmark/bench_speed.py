@@ -2,6 +2,7 @@
 
     python benchmark/bench_speed.py trl [--repeats 5] [--threads 1]    # ddpo_is.py / alignprop.py vs trl, alternating
     python benchmark/bench_speed.py profile [ddpo_is alignprop ...]    # one run per script: phases, UNet calls
+    python benchmark/bench_speed.py profile ddpo_is --model tiny-shapes # the same on the testbed (docs/benchmark/rl.md)
     python benchmark/bench_speed.py measure SCRIPT [FLAGS ...]         # one run: its loop's seconds, as JSON
 
 Every run is on `tiny` (random weights, seed 0) at SETTINGS, the issue's: T = 20 and 32 sampled images per run. RL
