@@ -21,6 +21,14 @@ What differs from `draft.py` (marked `# AlignProp:`): K is drawn per batch (--tr
 multiplied by 0.01 and the gradient norm clipped at 5.0, as the paper's configs (config/align_prop.py).
 
     python alignprop.py --reward aesthetic --steps 2000             # SD1.4 on one GPU
+    python alignprop.py --model runwayml/stable-diffusion-v1-5 --reward aesthetic --prompts simple_animals \
+        --batch-size 128 --train-batch-size 4 --steps 14               # the paper's aesthetic run, on one GPU
+
+The second command is the official aesthetic run (config/align_prop.py `aesthetic()`, on SD1.5, SD1.4's
+architecture): 7 epochs of 256 images, each update on 128 images (4 per GPU × gradient accumulation; here 32 chunks
+of 4, whose gradients add up to the 128-image batch's), so 14 updates; lr 1e-3, weight decay 0.1, the loss × 0.01,
+gradient norm clipped at 5, T = 50, w = 7.5, a random truncation over all 50 steps (its per-step draw; here one cut
+per batch, above). The default --batch-size 4 is the paper's "small scale" description, not its released config.
     python alignprop.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
 """
 

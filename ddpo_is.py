@@ -15,6 +15,12 @@ L = mean(max(−A·r, −A·clip(r, 1 − ε, 1 + ε))), ε = 1e-4 (calibrated t
 first minibatch r = 1 and the gradient equals DDPO-SF's.
 
     python ddpo_is.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
+    python ddpo_is.py --reward jpeg_compressibility --prompts imagenet_animals --batch-size 256 --steps 400 \
+        --stat-buffer-size 16                    # the paper's compressibility run (ddpo-pytorch compressibility())
+
+The second command is ddpo-pytorch's compressibility run (config/dgx.py): 100 epochs of 256 images (8 GPUs × 8 ×
+4; here sampled 8 at a time), 4 updates of 64 per epoch (4 per GPU × 2 accumulated; here chunks of 4), so 400
+updates, lr 3e-4, ε = 1e-4, per-prompt statistics over 16 rewards, T = 50, w = 5.
     python ddpo_is.py --model tiny --reward jpeg_compressibility --steps 4 --batch-size 4 --num-minibatches 2 \
         --train-batch-size 2 --sample-batch-size 4 --num-inference-steps 10
 """

@@ -13,6 +13,12 @@ log p_θ(x_{t−1} | x_t, c_i), whose gradient is the score-function estimate. S
 batch for several clipped, importance-weighted updates; `diff ddpo_sf.py ddpo_is.py` shows exactly that.
 
     python ddpo_sf.py --reward jpeg_compressibility --prompts imagenet_animals     # SD1.4 on one GPU
+    python ddpo_sf.py --reward jpeg_compressibility --prompts imagenet_animals --batch-size 256 --steps 100 \
+        --stat-buffer-size 16                    # DDPO-IS's compressibility run, one update per batch
+
+The second command samples as ddpo-pytorch's compressibility run (config/dgx.py: 100 epochs of 256 images, lr 3e-4,
+per-prompt statistics over 16 rewards, T = 50, w = 5) with DDPO-SF's one update per batch (the paper compares the
+two at equal samples; ddpo-pytorch has no DDPO-SF config).
     python ddpo_sf.py --model tiny --reward jpeg_compressibility --steps 5 --batch-size 4 --sample-batch-size 4 \
         --num-inference-steps 10
 """

@@ -9,7 +9,12 @@ last K steps. K = 1 (DRaFT-1) is the paper's best trade-off of speed and reward;
 `draft_lv.py` adds re-noised copies of the last step, `alignprop.py` draws K at random per batch, `refl.py` scores
 a one-step prediction from a random late step.
 
-    python draft.py --reward aesthetic --steps 2000              # SD1.4 on one GPU
+    python draft.py --reward aesthetic --steps 2000              # SD1.4 on one GPU: the paper's small-scale run
+
+That command is the paper's small-scale aesthetic run (its defaults): 2k updates of 4 images, K = 1, T = 50, w = 7.5,
+LoRA rank 8 on attention and feed-forward layers, AdamW lr 4e-4, weight decay 0.1. Its large-scale runs (16 images
+per update, rank 32, lr 2e-4): add --batch-size 16 --lora-rank 32 --learning-rate 2e-4 (and --train-batch-size 4
+where 16 images do not fit: the chunks' gradients add up to the batch's).
     python draft.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
 """
 

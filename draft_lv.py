@@ -9,7 +9,10 @@ DDIM step with gradient to x0ⁱ, and sums the rewards: L = −mean(r(x0) + Σ_i
 Algorithm 1 could not be consulted here). Paper: ~2× DRaFT-1's and ReFL's sample efficiency for ~10% more compute.
 Differs from `draft.py` (marked `# DRaFT-LV:`): K = 1, the copies, reward_queries B·(n + 1).
 
-    python draft_lv.py --reward hpsv2 --steps 2000              # SD1.4 on one GPU
+    python draft_lv.py --reward hpsv2 --steps 2000              # SD1.4 on one GPU: the paper's small-scale setting
+
+As `draft.py`: 2k updates of 4 images, n = 2, T = 50, LoRA rank 8, lr 4e-4 are the defaults (the paper's small
+scale); --batch-size 16 --lora-rank 32 --learning-rate 2e-4 its large scale.
     python draft_lv.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
 """
 

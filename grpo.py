@@ -9,9 +9,9 @@ is a Gaussian, so each sampled step x_t → x_{t−1} has a log-probability that
 weights. The reward of the final image, normalised per prompt into an advantage A, weights these
 log-probabilities. The reward is never differentiated, so any scorer works (JPEG size, a VLM, a human).
 
-What differs from `ddpo_is.py` (marked `# GRPO:`), after DanceGRPO (which trains SD1.4) and Flow-GRPO: a batch is
-batch_size / G prompts × G images (a group; optionally one initial noise per group), and each image's advantage is
-its reward against its own group's,
+What differs from `ddpo_is.py` (marked `# GRPO:`), after DanceGRPO (which trains SD1.4; the defaults are its SD
+script's) and Flow-GRPO: a batch is batch_size / G prompts × G images (a group; by default one initial noise per
+group, as DanceGRPO), and each image's advantage is its reward against its own group's,
 A = (r − mean_group) / (std_group + ε), with no statistics kept across batches (DDPO's per-prompt tracker is gone).
 An optional KL to the base model, β·‖μ_θ − μ_ref‖² / (2σ_t²) per step, joins the loss. The clipped ratio
 (ε = 1e-4, as both), the advantage clip (5, as both), the minibatches and --timestep-fraction are DDPO-IS's.
@@ -97,10 +97,12 @@ class Args:
     # GRPO: groups of images of one prompt, their statistics, and the KL to the base model.
     group_size: int = 16
     """G, images per prompt: a batch is batch_size / G prompts × G images (DanceGRPO's SD1.4 config: 16)"""
-    shared_noise: bool = False
-    """one initial noise x_T per group (DanceGRPO's init_same_noise; off in Flow-GRPO and DDPO)"""
+    shared_noise: bool = True
+    """one initial noise x_T per group (DanceGRPO's SD1.4 script, train_grpo_sd.py, always shares one x_T across the
+    whole batch; its FLUX scripts pass --init_same_noise; off in Flow-GRPO and DDPO: --no-shared-noise)"""
     global_std: bool = False
-    """divide by the std of the whole batch instead of the group's (Flow-GRPO's global_std; off in DanceGRPO)"""
+    """divide by the std of the whole batch instead of the group's (off: DanceGRPO's SD1.4 script, the source of
+    these defaults, divides by each group's std; Flow-GRPO's configs all set global_std=True)"""
     kl_beta: float = 0.0
     """β of the KL to the base model (DanceGRPO: 0, no KL; Flow-GRPO on SD3.5: 0.04 GenEval and OCR, 0.01 PickScore)"""
     # ---- the run: seed, precision, logging, checkpoints (the same in all scripts) ----------------------------

@@ -19,7 +19,16 @@ What differs from `draft.py` (marked `# ReFL:`): no --k; --max-step draws m each
 returns x̂0 at step m instead of continuing to x0; --loss relu gives ImageReward's relu(λ − r)·grad_scale. The
 step index m and its timestep are logged.
 
-    python refl.py --reward hpsv2 --steps 2000                  # SD1.4 on one GPU
+    python refl.py --reward hpsv2 --steps 2000                  # SD1.4 on one GPU: DRaFT's comparison
+    python refl.py --reward imagereward --guidance-scale 1 --num-inference-steps 40 --max-step 10 --loss relu \
+        --batch-size 64 --train-batch-size 2 --steps 100 --max-grad-norm 1   # ImageReward's trainer, as far as it goes
+
+ImageReward's own run (scripts/train_refl.sh: 8 GPUs × 2 images × 4 accumulated = 64 per update, 100 updates, lr
+1e-5, gradient norm 1, grad_scale 1e-3, λ = 2, 40 steps with m among the last 10, no guidance). Options here: the
+guidance (1), T = 40, --max-step 10, the relu loss with λ and grad_scale (defaults 2.0 and 1e-3), the 64-image update
+in chunks, the clipping. Not options: its full-UNet fine-tuning with an EMA copy (LoRA only here, so its lr 1e-5,
+meant for all weights, is left to choose), and its DDPM (ancestral, stochastic) prefix: the prefix here is DDIM with
+η = 0, as DRaFT's comparison samples it.
     python refl.py --model tiny --reward jpeg_compressibility_diff --steps 20 --batch-size 2
 """
 

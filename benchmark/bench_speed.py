@@ -2,6 +2,7 @@
 
     python benchmark/bench_speed.py trl [--repeats 5] [--threads 1]    # ddpo_is.py / alignprop.py vs trl, alternating
     python benchmark/bench_speed.py profile [ddpo_is alignprop ...]    # one run per script: phases, UNet calls
+    python benchmark/bench_speed.py profile ddpo_is --model tiny-shapes # the same on the testbed (docs/benchmark/rl.md)
     python benchmark/bench_speed.py measure SCRIPT [FLAGS ...]         # one run: its loop's seconds, as JSON
 
 Every run is on `tiny` (random weights, seed 0) at SETTINGS, the issue's: T = 20 and 32 sampled images per run. RL
@@ -166,8 +167,8 @@ def compare_with_trl(args) -> None:
                           f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})")
 
 
-def profile(script: str, extra: list[str]) -> dict:
-    """One run of `script` (tiny, SETTINGS) with timers on the UNet, VAE, reward, backward and optimizer."""
+def profile(script: str, extra: list[str], model: str = "tiny") -> dict:
+    """One run of `script` (`model`, SETTINGS) with timers on the UNet, VAE, reward, backward and optimizer."""
     import torch
 
     import common
@@ -221,7 +222,7 @@ def profile(script: str, extra: list[str]) -> dict:
         fn.forward = timed("reward", fn.forward)
         return fn
 
-    run = run_script(script, ["--model", "tiny", *SETTINGS[script], *QUIET, *extra], patches=[
+    run = run_script(script, ["--model", model, *SETTINGS[script], *QUIET, *extra], patches=[
         (common, "load_pipeline", load_and_hook), (rewards, "load", load_and_time),
         (common, "decode", timed("vae_decode", common.decode)), (common, "encode", timed("vae_encode", common.encode)),
         (common.UpdateGuard, "backward", flagged("in_backward", timed("backward", common.UpdateGuard.backward))),
@@ -246,6 +247,7 @@ def main():
     pr = sub.add_parser("profile", help="where the time of each script goes")
     pr.add_argument("scripts", nargs="*", default=list(SETTINGS))
     pr.add_argument("--fast", action="store_true", help="with the opt-in speed flags (FAST)")
+    pr.add_argument("--model", default="tiny", help="tiny, or tiny-shapes (the testbed the benchmark trains)")
     m = sub.add_parser("measure", help="one run of one script, its loop's seconds as JSON")
     m.add_argument("script", choices=tuple(SETTINGS))
     m.add_argument("--model", default="tiny")
@@ -256,7 +258,7 @@ def main():
         compare_with_trl(args)
     elif args.mode == "profile":
         for script in args.scripts:
-            print(json.dumps(profile(script, FAST.get(script, []) if args.fast else [])), flush=True)
+            print(json.dumps(profile(script, FAST.get(script, []) if args.fast else [], args.model)), flush=True)
     else:
         print(json.dumps(measure(args.script, extra, args.model)))
 

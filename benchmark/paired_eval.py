@@ -1,6 +1,10 @@
 """Did a `tiny-shapes` run learn? `python -m shapes.evaluate`'s figures before and after, paired, with their noise.
 
     python benchmark/paired_eval.py runs/quickstart            # 2 × 480 images; writes runs/quickstart/paired_eval.json
+    python benchmark/paired_eval.py RUN --prompt-file FILE --samples-per-prompt 32   # a run on a few captions
+
+With --prompt-file the captions of that file (a run trained on a few captions: its own, with more seeds each) replace
+the 96 training captions; the 24 held-out captions are always scored.
 
 The base model and the run's LoRA draw the same images as `python -m shapes.evaluate` (DDIM η = 0, the run's T and
 w, seeds 0 .. --samples-per-prompt − 1, all captions of a set in one batch per seed), so the "after" means equal
@@ -54,6 +58,8 @@ def main(argv=None):
     p.add_argument("run_dir", type=Path, help="a finished tiny-shapes run (its args.json and LoRA)")
     p.add_argument("--samples-per-prompt", type=int, default=4, help="seeds per caption (shapes.evaluate: 4)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-file", type=Path, help="score these captions instead of the 96 training captions")
+    p.add_argument("--heldout-samples-per-prompt", type=int, help="seeds per held-out caption (default: as above)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     from shapes import data
@@ -63,10 +69,14 @@ def main(argv=None):
     base = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned.load_lora_weights(str(a.run_dir))  # as shapes.evaluate --lora-dir does
-    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, seeds=a.samples_per_prompt)
-    for split, prompts in (("train", data.TRAIN_PROMPTS), ("heldout", data.HELDOUT_PROMPTS)):
-        before = images_scores(base, prompts, a.samples_per_prompt, T, w)
-        after = images_scores(tuned, prompts, a.samples_per_prompt, T, w)
+    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, seeds=a.samples_per_prompt,
+                  heldout_seeds=a.heldout_samples_per_prompt or a.samples_per_prompt)
+    train = data.TRAIN_PROMPTS if a.prompt_file is None else common.load_prompts(None, str(a.prompt_file), None)
+    result["prompts"] = train
+    seeds = dict(train=a.samples_per_prompt, heldout=a.heldout_samples_per_prompt or a.samples_per_prompt)
+    for split, prompts in (("train", train), ("heldout", data.HELDOUT_PROMPTS)):
+        before = images_scores(base, prompts, seeds[split], T, w)
+        after = images_scores(tuned, prompts, seeds[split], T, w)
         result[split] = {name: paired(before[name], after[name]) for name in REWARDS}
     (a.run_dir / "paired_eval.json").write_text(json.dumps(result, indent=2))
     for split in ("train", "heldout"):

@@ -397,6 +397,42 @@ def test_paired_change_and_its_noise():
     assert r["change_by_seed_half"] == pytest.approx([(after - before)[:2].mean(), (after - before)[2:].mean()])
 
 
+def test_paired_eval_scores_a_prompt_file_and_fewer_heldout_seeds(tmp_path, monkeypatch):
+    """--prompt-file replaces the 96 training captions by the file's, --heldout-samples-per-prompt sets the held-out
+    seeds; the held-out captions are still scored (the drawing itself is the test above)."""
+    import json
+
+    import torch
+
+    import common
+    from benchmark import paired_eval
+    from shapes import data
+
+    class Pipe:
+        def load_lora_weights(self, path):
+            self.lora = path
+
+    calls = []
+
+    def scores(pipe, prompts, seeds, num_steps, guidance_scale):
+        calls.append((list(prompts), seeds, num_steps, guidance_scale))
+        return {name: torch.zeros(seeds, len(prompts)) for name in paired_eval.REWARDS}
+
+    monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: Pipe())
+    monkeypatch.setattr(paired_eval, "images_scores", scores)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text(json.dumps(dict(model="tiny-shapes", num_inference_steps=3, guidance_scale=7.5)))
+    (tmp_path / "p.txt").write_text("a red circle on a blue background\ntwo red circles on a blue background\n")
+    paired_eval.main([str(run), "--prompt-file", str(tmp_path / "p.txt"), "--samples-per-prompt", "5",
+                      "--heldout-samples-per-prompt", "2"])
+    file_prompts = ["a red circle on a blue background", "two red circles on a blue background"]
+    assert calls == [(file_prompts, 5, 3, 7.5)] * 2 + [(list(data.HELDOUT_PROMPTS), 2, 3, 7.5)] * 2
+    result = json.loads((run / "paired_eval.json").read_text())
+    assert result["prompts"] == file_prompts and result["train"]["shapes_alignment"]["images"] == 10
+    assert result["heldout"]["shapes_alignment"]["images"] == 2 * len(data.HELDOUT_PROMPTS)
+
+
 def test_plot_eval_draws_every_logged_key_and_refuses_a_non_run(tmp_path, capsys):
     from PIL import Image
 
