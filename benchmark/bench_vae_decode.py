@@ -72,8 +72,10 @@ def main() -> None:
         for ckpt in (False, True):
             out = subprocess.run([sys.executable, __file__, "--child", str(args.resolution), dtype, str(int(ckpt))],
                                  capture_output=True, text=True)
-            if out.returncode:
-                print(f"| {args.resolution} | {dtype} | {ckpt} | failed: {out.stderr.strip().splitlines()[-1]} | |")
+            if out.returncode:  # killed for memory (no output) or failed
+                why = (out.stderr.strip().splitlines() or [f"killed by signal {-out.returncode}" if out.returncode < 0
+                                                           else f"exit code {out.returncode}"])[-1]
+                print(f"| {args.resolution} | {dtype} | {'yes' if ckpt else 'no'} | failed: {why} | |", flush=True)
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"| {r['resolution']} | {r['dtype']} | {'yes' if ckpt else 'no'} | {r['seconds']} | "
