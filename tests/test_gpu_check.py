@@ -82,9 +82,9 @@ def test_every_item_runs_in_the_cpu_mode(tmp_path):
 
 
 def test_a_failing_item_is_recorded_and_the_next_one_runs(tmp_path):
-    """A batch of 3 does not split into DDPO-SF's sampling chunks of 8: that item fails with the script's own
-    message, and the item after it runs."""
-    proc = gpu_check(tmp_path, "--only", "update/ddpo_sf/bf16,update/refl/bf16", "--rl-batch-size", "3")
+    """A batch of 12 does not split into DDPO-SF's sampling chunks of 8 (a batch below 8 would set the chunk to the
+    batch, bench_sd14.script_flags): that item fails with the script's own message, and the item after it runs."""
+    proc = gpu_check(tmp_path, "--only", "update/ddpo_sf/bf16,update/refl/bf16", "--rl-batch-size", "12")
     assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
     failed, ran = json.loads((tmp_path / "gpu_check.json").read_text())["items"]
     assert failed["status"] == "error" and "--sample-batch-size 8" in failed["error"]
