@@ -50,8 +50,9 @@ import rewards
 class Args:
     # ---- the algorithm ---------------------------------------------------------------------------------------
     model: str = common.SD14
-    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests), `tiny-shapes` (the CPU
-    testbed, shapes/) or `sd14-random` (SD1.4's architecture with random weights)"""
+    """hub id or local diffusers folder of SD1.x/2.x, SDXL or SD3.x (`NAME:no-t5`: SD3 without T5), `tiny` (random
+    weights, for CPU smoke tests), `tiny-shapes` (the CPU testbed, shapes/), `tiny-sdxl` / `tiny-sd3`, or
+    `sd14-random` / `sdxl-random` / `sd35m-random` (the real architectures with random weights)"""
     reward: str = "aesthetic"
     """a differentiable reward of `rewards.REWARDS`, or a weighted sum such as `hpsv2:1,aesthetic:0.1`"""
     prompts: Optional[str] = None

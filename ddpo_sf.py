@@ -45,8 +45,9 @@ class Args:
     # "ddpo-pytorch" is the authors' LoRA implementation (github.com/kvablack/ddpo-pytorch); the paper's own code
     # (github.com/jannerm/ddpo) fine-tunes the full UNet at lr 1e-5.
     model: str = common.SD14
-    """hub id, local diffusers folder, `tiny` (random weights, for CPU smoke tests), `tiny-shapes` (the CPU
-    testbed, shapes/) or `sd14-random` (SD1.4's architecture with random weights)"""
+    """hub id or local diffusers folder of SD1.x/2.x, SDXL or SD3.x (`NAME:no-t5`: SD3 without T5), `tiny` (random
+    weights, for CPU smoke tests), `tiny-shapes` (the CPU testbed, shapes/), `tiny-sdxl` / `tiny-sd3`, or
+    `sd14-random` / `sdxl-random` / `sd35m-random` (the real architectures with random weights)"""
     reward: str = "aesthetic"
     """any reward of `rewards.REWARDS` (need not be differentiable), a weighted sum `name:w,name:w`, or a reward
     server's URL"""
@@ -68,7 +69,8 @@ class Args:
     guidance_scale: float = 5.0
     """classifier-free guidance weight w; the guided prediction is the policy (paper: 5.0)"""
     eta: float = 1.0
-    """DDIM stochasticity η; must be > 0 for the steps to have log-probabilities (paper: 1.0)"""
+    """DDIM stochasticity η (a flow model: Flow-GRPO's SDE noise level a, 0.7 there); must be > 0 for the steps to
+    have log-probabilities (paper: 1.0)"""
     resolution: Optional[int] = None
     """image side in pixels; default the model's native size (SD1.4: 512)"""
     lora_rank: int = 4

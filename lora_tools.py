@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora_tools.py", description=__doc__.split("\n\n")[0])
     common_flags = argparse.ArgumentParser(add_help=False)
     common_flags.add_argument("--model", default=common.SD14,
-                              help="the base model the LoRAs were trained on: hub id, local diffusers folder, `tiny` "
-                                   "or `tiny-shapes` (default: %(default)s)")
+                              help="the base model the LoRAs were trained on: hub id or local diffusers folder "
+                                   "(SD1.x/2.x, SDXL, SD3.x), or a built-in model (`tiny`, `tiny-shapes`, `tiny-sdxl`, "
+                                   "`tiny-sd3`, ...) (default: %(default)s)")
     common_flags.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     sub = parser.add_subparsers(dest="command", required=True)
 
