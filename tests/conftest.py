@@ -232,3 +232,23 @@ def restore_signal_handlers():
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+def directional_derivatives(f, params, seed: int, h: float = 1e-6) -> tuple[float, float]:
+    """d f / d params along a random direction (seeded, float64): backprop's value and the central finite difference
+    (f(θ + h·d) − f(θ − h·d)) / 2h, the parameters restored to θ after. `f()` returns a scalar float64 tensor; the
+    parameters' .grad must be empty before."""
+    g = torch.Generator().manual_seed(seed)
+    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+    f().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        up = f().item()
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        down = f().item()
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    return analytic, (up - down) / (2 * h)

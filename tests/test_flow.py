@@ -11,8 +11,8 @@ import tyro
 
 import common
 from common.models import tiny_sd3
-from conftest import (SCRIPTS, assert_normwise_close, pair_tolerance, randomize_lora, read_metrics, rounding_tolerance,
-                      roundings, script_args, scripts)
+from conftest import (SCRIPTS, assert_normwise_close, directional_derivatives, pair_tolerance, randomize_lora,
+                      read_metrics, rounding_tolerance, roundings, script_args, scripts)
 
 PROMPTS = ["a red cube", "a photo of a dog on the beach"]
 
@@ -255,20 +255,8 @@ def test_flow_gradients_checkpointed_equal_plain_and_finite_differences(monkeypa
     monkeypatch.setattr(RMSNorm, "forward", _rms_norm_in_float64)
     pipe.transformer.zero_grad(set_to_none=True)
     weights = weights.double()
-    g = torch.Generator().manual_seed(9)
-    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
     f = lambda: flow_chain_reward(pipe, weights, use_checkpoint=True, dtype=torch.float64)  # noqa: E731
-    f().backward()
-    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
-    h = 1e-6
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.add_(h * d)
-        up = f().item()
-        for p, d in zip(params, direction):
-            p.sub_(2 * h * d)
-        down = f().item()
-    numeric = (up - down) / (2 * h)
+    analytic, numeric = directional_derivatives(f, params, seed=9)
     assert abs(analytic) > 1e-3
     # central differences: O(h²) truncation and float64 rounding of f / h (f ~ 1e2: 1e-14 / 1e-6), far below 1e-5
     assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), (analytic, numeric)

@@ -3,7 +3,7 @@
 import torch
 
 import common
-from conftest import randomize_lora
+from conftest import directional_derivatives, randomize_lora
 
 
 def chain_reward(pipe, weights, num_steps=5, window=3, use_checkpoint=False, dtype=torch.float32):
@@ -75,21 +75,8 @@ def test_finite_differences_float64(tiny_pipe):
     params = common.lora_parameters(pipe)
     assert all(p.dtype == torch.float64 for p in params)
     weights = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    g = torch.Generator().manual_seed(3)
-    direction = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
 
-    f = lambda: chain_reward(pipe, weights, window=5, use_checkpoint=True, dtype=torch.float64)
-    f().backward()
-    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
-
-    h = 1e-6
-    with torch.no_grad():
-        for p, d in zip(params, direction):
-            p.add_(h * d)
-        up = f().item()
-        for p, d in zip(params, direction):
-            p.sub_(2 * h * d)
-        down = f().item()
-    numeric = (up - down) / (2 * h)
+    f = lambda: chain_reward(pipe, weights, window=5, use_checkpoint=True, dtype=torch.float64)  # noqa: E731
+    analytic, numeric = directional_derivatives(f, params, seed=3)
     assert abs(analytic) > 1e-3
     assert abs(analytic - numeric) <= 1e-5 * max(1.0, abs(numeric)), (analytic, numeric)
