@@ -42,24 +42,20 @@ def family(pipe):
 
 def family_of(pipeline_class: str):
     """The room of a pipeline class named `pipeline_class` (a model folder's model_index.json `_class_name`)."""
-    from .errors import UserError
-
-    name = FAMILIES.get(pipeline_class)
-    if name is None:
-        raise UserError(f"{pipeline_class} is not a model family these scripts train (supported pipelines: "
-                        f"{', '.join(FAMILIES)})")
-    return importlib.import_module(f".{name}", __package__)
+    return _room(FAMILIES, pipeline_class, "a model family these scripts train (supported pipelines")
 
 
 def sampler(scheduler):
     """The room of this scheduler's sampler (common/ddim.py, …)."""
+    return _room(SAMPLERS, type(scheduler).__name__, "a sampler these scripts differentiate (supported")
+
+
+def _room(table: dict, class_name: str, what: str):
     from .errors import UserError
 
-    name = SAMPLERS.get(type(scheduler).__name__)
-    if name is None:
-        raise UserError(f"{type(scheduler).__name__} is not a sampler these scripts differentiate (supported: "
-                        f"{', '.join(SAMPLERS)})")
-    return importlib.import_module(f".{name}", __package__)
+    if class_name not in table:
+        raise UserError(f"{class_name} is not {what}: {', '.join(table)})")
+    return importlib.import_module(f".{table[class_name]}", __package__)
 
 
 def denoiser(pipe) -> torch.nn.Module:
