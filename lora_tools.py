@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 
 import common
-from common.lora import KOHYA_FILE, LORA_FILE, denoiser_name, lora_file, read_lora, write_kohya, write_lora
+from common.lora import (KOHYA_FILE, LORA_FILE, denoiser_name, has_kohya_format, lora_file, read_lora, write_kohya,
+                         write_lora)
 
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A [r, in], B [out, r])}, ΔW = B·A
 PEFT_FILE = "adapter_model.safetensors"
@@ -185,7 +186,7 @@ def cmd_export(args) -> None:
     layers = read_lora(args.run)
     pipe = load_base(args.model)
     check_fits(layers, common.denoiser(pipe), args.run, args.model)
-    if args.format == "kohya" and denoiser_name(pipe) != "unet":
+    if args.format == "kohya" and not has_kohya_format(pipe):
         raise common.UserError(f"--format kohya is for SD1.x/SD2.x UNet LoRAs: kohya's key format has no standard for "
                                f"an SD3 transformer LoRA; {lora_file(args.run)} (diffusers' format) is what SD3 tools "
                                "load (diffusers, ComfyUI), or use --format peft")

@@ -26,6 +26,14 @@ def denoiser_name(pipe) -> str:
     return next(name for name, module in pipe.components.items() if module is net)
 
 
+def has_kohya_format(pipe) -> bool:
+    """Whether this family's LoRA has a kohya format (its room names the modules: SD1/SD2, SDXL; not SD3's MMDiT,
+    which diffusers has no kohya converter for and ComfyUI reads in diffusers' format)."""
+    from .diffusion import family
+
+    return hasattr(family(pipe), "kohya_modules")
+
+
 def _to_file_format(prefix: str, state: dict) -> dict:
     # diffusers' UNet LoRA files name the factors lora.down/lora.up; its transformer files keep peft's lora_A/lora_B
     # (diffusers' train_dreambooth_lora_sd3.py saves get_peft_model_state_dict as is)

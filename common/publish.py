@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .errors import UserError
-from .lora import KOHYA_FILE, LORA_FILE, denoiser_name, lora_prefix, read_lora, save_lora, write_kohya
+from .lora import KOHYA_FILE, LORA_FILE, has_kohya_format, lora_prefix, read_lora, save_lora, write_kohya
 from .models import BUILT_IN_MODELS, NO_T5, SD14
 from .run import read_jsonl
 
@@ -29,7 +29,7 @@ def finish_run(pipe, run_dir: str | Path, args, ema=None) -> None:
         with ema.applied():
             save_lora(pipe, run_dir, weight_name=EMA_FILE)
     layers = read_lora(save_lora(pipe, run_dir))
-    if denoiser_name(pipe) == "unet":
+    if has_kohya_format(pipe):
         write_kohya(layers, run_dir / KOHYA_FILE, pipe, title=run_dir.name, base_model=args.model)
     write_model_card(run_dir, args)
 
