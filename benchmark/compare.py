@@ -4,6 +4,7 @@ rate chosen on a validation split: one command.
     python benchmark/compare.py --jobs 2        # sweep, both comparisons: about 2 h on an idle 2-core CPU
     python benchmark/compare.py --smoke         # the whole pipeline on `--model tiny` in a few minutes
     python benchmark/compare.py --report-only   # redraw tables and plots from the runs already there
+    python benchmark/compare.py --model tiny-shapes-flow --comparisons alignment --lr ... --out DIR  # flow rows
 
 Three stages, in this order:
 
@@ -422,12 +423,13 @@ def run_sweep(sweep: Comparison, a, out: Path, prompt_files: dict, report_state:
 
 
 def recommended(model: str) -> dict:
-    """shapes.RECOMMENDED (T and w of tiny-shapes) for tiny-shapes; small fixed settings for tiny."""
+    """The testbed model's sampling settings (`shapes.recommended`: T and w of tiny-shapes or tiny-shapes-flow);
+    small fixed settings for tiny."""
     if model == "tiny":
         return dict(num_inference_steps=4, guidance_scale=5.0)
     import shapes
 
-    return dict(shapes.RECOMMENDED)
+    return shapes.recommended(model)
 
 
 def comparisons(a) -> tuple[Comparison, list[Comparison]]:
@@ -454,13 +456,13 @@ def comparisons(a) -> tuple[Comparison, list[Comparison]]:
         rec = recommended(a.model)
         common_kw = dict(model=a.model, prompts="shapes", num_inference_steps=rec["num_inference_steps"],
                          guidance_scale=rec["guidance_scale"], eval_images=a.eval_images)
-        main = Comparison("alignment", "tiny-shapes, shapes_alignment (RL: black box; gradient: backpropagated)",
+        main = Comparison("alignment", f"{a.model}, shapes_alignment (RL: black box; gradient: backpropagated)",
                           heldout_prompts="shapes_heldout", rl_reward="shapes_alignment",
                           grad_reward="shapes_alignment",
                           eval_rewards=["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"],
                           budget=a.budget, seeds=a.seeds or [0, 1, 2], num_sample_images=a.grid_images, lr={},
                           **common_kw)
-        jpeg = Comparison("jpeg", "tiny-shapes, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
+        jpeg = Comparison("jpeg", f"{a.model}, jpeg_compressibility (RL, PIL) / jpeg_compressibility_diff (gradient)",
                           heldout_prompts="shapes_heldout", rl_reward="jpeg_compressibility",
                           grad_reward="jpeg_compressibility_diff",
                           eval_rewards=["jpeg_compressibility", "jpeg_compressibility_diff", "shapes_exact_match",
@@ -498,7 +500,8 @@ def parse_args(argv=None):
     p.add_argument("--fresh", action="store_true", help="redo finished runs and evaluations")
     p.add_argument("--smoke", action="store_true", help="tiny budgets on --model tiny with the JPEG rewards")
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
-    p.add_argument("--model", default="tiny-shapes")
+    p.add_argument("--model", default="tiny-shapes", choices=["tiny-shapes", "tiny-shapes-flow"],
+                   help="the testbed: its DDPM (SD1.4's layout) or its rectified flow (SD3's, docs/flow.md)")
     p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison and sweep")
     p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
@@ -557,12 +560,19 @@ def main(argv=None):
     sweep, comps = comparisons(a)
     prompt_files = {c.prompts: training_prompt_file(c.prompts, out) for c in [sweep, *comps]}
     (out / "git.txt").write_text(_git_state())
-    state = dict(comps=[sweep, *comps], jobs=[], out=out)
+    fixed = dict(a.lr)
+    # every rate fixed by --lr (e.g. another testbed model at the rates the sweep chose on tiny-shapes): no sweep
+    sweeping = not all(x in fixed for x in sweep.algorithms)
+    state = dict(comps=[sweep, *comps] if sweeping else comps, jobs=[], out=out)
     if not a.report_only and not a.skip_eval:
-        for c in [sweep, *comps]:
+        for c in state["comps"]:
             evaluate_base(c, out, a.fresh)
-    print(f"stage 1: learning-rate sweep on the validation split, output in {out}", flush=True)
-    chosen = run_sweep(sweep, a, out, prompt_files, state, t_start)
+    if sweeping:
+        print(f"stage 1: learning-rate sweep on the validation split, output in {out}", flush=True)
+        chosen = run_sweep(sweep, a, out, prompt_files, state, t_start)
+    else:
+        print("stage 1 skipped: every learning rate is fixed by --lr", flush=True)
+        chosen = {x: fixed[x] for x in sweep.algorithms}
     missing = [LABELS[x] for x in sweep.algorithms if x not in chosen]
     if missing:
         print(f"no learning rate chosen for {', '.join(missing)} (no evaluated sweep run): left out", flush=True)

@@ -381,7 +381,7 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
         for algo, e in summary["algorithms"].items():
             e["final_delta_vs_base"] = final_delta(c, algo, e, base)
         md += ["### Results", ""] + _results_table(c, summary, base) + [""]
-        md += ["Columns (± is the std over seeds): *LR* the learning rate chosen by the sweep; *final Δ reward vs "
+        md += ["Columns (± is the std over seeds): *LR* the learning rate chosen by the sweep (or fixed by `--lr`); *final Δ reward vs "
                f"base* is the final evaluation's mean training reward on about {c.eval_images} images of the test "
                "half of the training prompts minus the base model's on the same prompts and seeds with the same "
                "sampler; *final eval-grid gain* is the script's own sample grid "

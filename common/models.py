@@ -1,6 +1,6 @@
 """Loading a diffusers pipeline of a supported family (Stable Diffusion 1.x/2.x, SDXL, SD3.x; common.diffusion.FAMILIES)
-or one of the offline models (`tiny`, `tiny-shapes`, `sd14-random`, `tiny-sdxl`, `sdxl-random`, `tiny-sd3`,
-`sd35m-random`) with a trainable LoRA on its denoiser (UNet or transformer)."""
+or one of the offline models (`tiny`, `tiny-shapes`, `tiny-shapes-flow`, `sd14-random`, `tiny-sdxl`, `sdxl-random`,
+`tiny-sd3`, `sd35m-random`) with a trainable LoRA on its denoiser (UNet or transformer)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,9 @@ NO_T5 = ":no-t5"
 # `--model tiny-shapes` is this diffusers folder: the CPU testbed's model (written by `python -m shapes.pretrain`).
 # A path, not an import, so common/ needs nothing from shapes/; absent where only common/ and rewards/ were copied.
 TINY_SHAPES = Path(__file__).resolve().parents[1] / "shapes" / "tiny-shapes"
+# `--model tiny-shapes-flow`: the same testbed on SD3's layout, trained as a rectified flow (`python -m shapes.pretrain_flow`)
+TINY_SHAPES_FLOW = TINY_SHAPES.with_name("tiny-shapes-flow")
+TESTBEDS = {"tiny-shapes": TINY_SHAPES, "tiny-shapes-flow": TINY_SHAPES_FLOW}
 
 # LoRA targets (docs/ALGORITHMS.md §0): attention projections for every algorithm; the DRaFT variants add the
 # feed-forward layers (the DRaFT paper found FF + cross-attention slightly better than attention alone).
@@ -304,11 +307,11 @@ def sd35m_random(seed: int = 0, dtype: torch.dtype = torch.float32):
     return sd3_pipeline(modules[0], modules[1], (*modules[2:], None), scheduler, dtype)
 
 
-def _pipeline_class(model: str) -> str:
-    """The pipeline class a diffusers folder or hub repo declares (model_index.json's `_class_name`)."""
+def _model_index(model: str) -> dict:
+    """A diffusers folder's or hub repo's model_index.json."""
     from diffusers import DiffusionPipeline
 
-    return DiffusionPipeline.load_config(model)["_class_name"]
+    return DiffusionPipeline.load_config(model)
 
 
 def _from_pretrained(model: str, dtype: torch.dtype, no_t5: bool = False):
@@ -320,9 +323,12 @@ def _from_pretrained(model: str, dtype: torch.dtype, no_t5: bool = False):
 
     local = os.path.isdir(model)
     try:
-        name = _pipeline_class(model)
+        index = _model_index(model)
+        name = index["_class_name"]
         room = family_of(name)  # an unsupported family is refused before any weights load
-        extra = dict(getattr(room, "PRETRAINED_KWARGS", {}))
+        # components saved as [null, null] (e.g. an SD3 folder written without T5): from_pretrained wants them passed
+        extra = {k: None for k, v in index.items() if v == [None, None]}
+        extra.update(getattr(room, "PRETRAINED_KWARGS", {}))
         if no_t5:  # SD3 without its T5 encoder (NO_T5)
             extra.update(text_encoder_3=None, tokenizer_3=None)
         return getattr(diffusers, name).from_pretrained(model, dtype=dtype, **extra)
@@ -428,11 +434,12 @@ def sdxl_random_components(seed: int = 0, dtype: torch.dtype = torch.float32) ->
 
 
 # The --model names built offline: name → builder(seed, dtype) → pipeline (random weights, nothing downloaded). Each
-# model family adds its `tiny-*` (CI) and `*-random` (its real architecture, for memory figures) here. `tiny-shapes` is
-# a folder (TINY_SHAPES), loaded like any local model.
+# model family adds its `tiny-*` (CI) and `*-random` (its real architecture, for memory figures) here. The testbeds
+# `tiny-shapes` and `tiny-shapes-flow` are folders (TESTBEDS), loaded like any local model.
 BUILT_IN_MODELS = {
     "tiny": lambda seed, dtype: _sd_pipeline(tiny_components(seed, dtype)),
     "tiny-shapes": None,
+    "tiny-shapes-flow": None,
     # SD1.4's architecture from its shipped configs (common/configs/sd14/), random weights: no download
     "sd14-random": lambda seed, dtype: _sd_pipeline(sd14_random_components(seed, dtype)),
     "tiny-sdxl": lambda seed, dtype: _sdxl_pipeline(*tiny_sdxl_components(seed, dtype)),
@@ -483,7 +490,8 @@ def load_pipeline(
     named "default".
 
     `model`: hub id, local diffusers folder, "tiny" (random weights), "sd14-random" (SD1.4's architecture with
-    random weights), "tiny-shapes" (the folder TINY_SHAPES, pretrained on the shapes testbed), "tiny-sdxl" /
+    random weights), "tiny-shapes" / "tiny-shapes-flow" (the folders TESTBEDS, pretrained on the shapes testbed as
+    a DDPM and as a rectified flow), "tiny-sdxl" /
     "sdxl-random" (the same for SDXL-base), "tiny-sd3" or "sd35m-random" (SD3.5-Medium's architecture with random
     weights); an SD3 model with the suffix ":no-t5" loads without its T5 text encoder (`NO_T5`). `dtype` is the
     frozen base weights' dtype (bf16/fp16 on CUDA for speed; on the CPU too, slowly, for tests); LoRA weights are
@@ -500,11 +508,11 @@ def load_pipeline(
     device = torch.device(device)
     check_model_name(model)
     model, no_t5 = model.removesuffix(NO_T5), model.endswith(NO_T5)
-    if model == "tiny-shapes":
-        if not TINY_SHAPES.is_dir():
-            raise UserError(f"--model tiny-shapes is the testbed's folder {TINY_SHAPES}, which is not here (a script "
+    if model in TESTBEDS:
+        if not TESTBEDS[model].is_dir():
+            raise UserError(f"--model {model} is the testbed's folder {TESTBEDS[model]}, which is not here (a script "
                             "copied with common/ and rewards/ only?); pass --model with the path of a copy of it")
-        model = str(TINY_SHAPES)
+        model = str(TESTBEDS[model])
     if BUILT_IN_MODELS.get(model) is not None:
         pipe = BUILT_IN_MODELS[model](seed, dtype)
     else:

@@ -1,5 +1,6 @@
 """The tiny-shapes testbed: a procedural captioned data set (`shapes.data`), a Stable-Diffusion-architecture
-model pretrained on it (`shapes.pretrain`; `--model tiny-shapes` is its diffusers folder `shapes/tiny-shapes/`) and
+model pretrained on it (`shapes.pretrain`; `--model tiny-shapes` is its diffusers folder `shapes/tiny-shapes/`), its
+SD3-architecture rectified-flow twin (`shapes.pretrain_flow`; `--model tiny-shapes-flow`, `shapes/tiny-shapes-flow/`) and
 the classifier that judges prompt alignment (`shapes.classifier`, rewards `shapes_alignment` / `shapes_exact_match`).
 
 `RECOMMENDED`: the sampling settings the testbed's figures use (DDIM η = 0, 20 steps, SD's w = 7.5). Measured with
@@ -9,3 +10,10 @@ per attribute (train) shape 82%, colour 64%, background 48%, count 60%.
 """
 
 RECOMMENDED = dict(num_inference_steps=20, guidance_scale=7.5)
+
+RECOMMENDED_FLOW = dict(num_inference_steps=20, guidance_scale=7.5)  # PLACEHOLDER
+
+
+def recommended(model: str) -> dict:
+    """The sampling settings of a testbed model's figures: RECOMMENDED_FLOW for `tiny-shapes-flow`, else RECOMMENDED."""
+    return dict(RECOMMENDED_FLOW if model == "tiny-shapes-flow" else RECOMMENDED)
