@@ -75,25 +75,34 @@ def save_pipeline(unet, vae, text_encoder, directory: Path) -> None:
     are these float16 numbers). The tokenizer is SD1.4's format, vocab.json + merges.txt (1.5 MB; transformers'
     own tokenizer.json would be 3.6 MB)."""
     from diffusers import StableDiffusionPipeline
-    from safetensors.torch import load_file, save_file
 
     directory = Path(directory)
     pipe = StableDiffusionPipeline(**pipeline_components(unet, vae, text_encoder), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(directory)
+    compact(directory, ["tokenizer"])
+
+
+def compact(directory: Path, tokenizers: list[str]) -> None:
+    """A saved pipeline folder made small: its weight files rewritten in float16, its CLIP tokenizers' tokenizer.json
+    (3.6 MB) replaced by SD1.4's vocab.json + merges.txt (1.5 MB), which load as the same tokenizer."""
+    from safetensors.torch import load_file, save_file
+
     for path in directory.glob("*/*.safetensors"):
         save_file({k: v.to(torch.float16) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-    tokenizer = directory / "tokenizer"
-    (tokenizer / "tokenizer.json").unlink()
     vocab, merges = clip_bpe()
-    (tokenizer / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
-    (tokenizer / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    for name in tokenizers:
+        (directory / name / "tokenizer.json").unlink()
+        (directory / name / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
+                                                                ensure_ascii=False))
+        (directory / name / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
-def lr_at(step: int, args: Args) -> float:
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / (args.unet_steps - args.warmup_steps)))
+def lr_factor(step: int, warmup_steps: int, steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then cosine decay to zero at `steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (steps - warmup_steps)))
 
 
 def train_vae(args: Args, rng: np.random.Generator, log: dict):
@@ -163,7 +172,7 @@ def train_unet(args: Args, vae, rng: np.random.Generator, log: dict):
         eps = unet(xt, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         loss = (eps - noise).pow(2).mean()
         for group in optimizer.param_groups:
-            group["lr"] = args.unet_lr * lr_at(step, args)
+            group["lr"] = args.unet_lr * lr_factor(step, args.warmup_steps, args.unet_steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

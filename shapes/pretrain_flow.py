@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,10 +34,10 @@ import numpy as np
 import torch
 import tyro
 
-from common.models import TINY_SHAPES, TINY_SHAPES_FLOW, clip_bpe, sd3_pipeline
+from common.models import TINY_SHAPES, TINY_SHAPES_FLOW, sd3_pipeline
 from common.sd3 import encode_prompts, predict
 from shapes import data
-from shapes.pretrain import REPORT
+from shapes.pretrain import REPORT, compact, lr_factor
 
 SHIFT = 3.0  # SD3 / SD3.5's FlowMatchEulerDiscreteScheduler shift (their scheduler_config.json)
 
@@ -97,12 +96,6 @@ def load_vae(vae_dir: str, rng: np.random.Generator, log: dict):
     return vae
 
 
-def lr_at(step: int, args: Args) -> float:
-    if step < args.warmup_steps:
-        return (step + 1) / args.warmup_steps
-    return 0.5 * (1 + math.cos(math.pi * (step - args.warmup_steps) / (args.steps - args.warmup_steps)))
-
-
 def train(args: Args, vae, rng: np.random.Generator, log: dict):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -133,7 +126,7 @@ def train(args: Args, vae, rng: np.random.Generator, log: dict):
         velocity = predict(pipe, xt, sigma * 1000, encode_prompts(pipe, prompts))
         loss = (velocity - (noise - x0)).pow(2).mean()
         for group in optimizer.param_groups:
-            group["lr"] = args.lr * lr_at(step, args)
+            group["lr"] = args.lr * lr_factor(step, args.warmup_steps, args.steps)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -156,19 +149,9 @@ def train(args: Args, vae, rng: np.random.Generator, log: dict):
 
 def save_pipeline(pipe, directory: Path) -> None:
     """Write a `StableDiffusion3Pipeline` folder (text_encoder_3 / tokenizer_3 null): weights in float16 under float32
-    configs, the CLIP tokenizers as vocab.json + merges.txt (see shapes.pretrain.save_pipeline)."""
-    from safetensors.torch import load_file, save_file
-
-    directory = Path(directory)
+    configs, the CLIP tokenizers as vocab.json + merges.txt (`shapes.pretrain.compact`)."""
     pipe.save_pretrained(directory)
-    for path in directory.glob("*/*.safetensors"):
-        save_file({k: v.to(torch.float16) for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
-    vocab, merges = clip_bpe()
-    for name in ("tokenizer", "tokenizer_2"):
-        (directory / name / "tokenizer.json").unlink()
-        (directory / name / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)},
-                                                                ensure_ascii=False))
-        (directory / name / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    compact(Path(directory), ["tokenizer", "tokenizer_2"])
 
 
 def main(args: Args) -> None:
