@@ -127,6 +127,9 @@ class Args:
     """save a sample grid of fixed prompts and seeds every this many updates (and at start and end)"""
     num_sample_images: int = 8
     """images in the sample grid: its first num_sample_images / sample_seeds prompts, each with every seed"""
+    eval_num_inference_steps: Optional[int] = None
+    """sampling steps of the sample grid (None: --num-inference-steps); Flow-GRPO trains SD3.5 at 10 steps and
+    evaluates at 40 (config.sample.eval_num_steps; docs/flow.md)"""
     sample_seeds: int = 2
     """seeds per prompt in the sample grid; with ≥ 2, eval/diversity (the mean distance between the images of one
     prompt) is logged: it falls when a run collapses to one image"""

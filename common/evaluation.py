@@ -121,11 +121,14 @@ class SampleGrid:
     @classmethod
     def from_args(cls, args, prompts: list[str], reward_fn: RewardFn, eval_rewards: dict[str, RewardFn]):
         """The grid a script's flags describe: --num-sample-images, --sample-seeds, --eval-prompts (a held-out set
-        instead of the training `prompts`), its sampler settings (η = 0 for scripts without --eta)."""
+        instead of the training `prompts`), its sampler settings (η = 0 for scripts without --eta) with
+        --eval-num-inference-steps steps when given (absent from runs made before it: benchmark/checkpoint_eval.py)."""
         from .prompts import load_prompts
 
+        num_steps = getattr(args, "eval_num_inference_steps", None)
+        num_steps = args.num_inference_steps if num_steps is None else num_steps
         return cls(load_prompts(args.eval_prompts) if args.eval_prompts else prompts, args.num_sample_images,
-                   args.sample_seeds, reward_fn, eval_rewards, args.num_inference_steps, args.guidance_scale,
+                   args.sample_seeds, reward_fn, eval_rewards, num_steps, args.guidance_scale,
                    getattr(args, "eta", 0.0), reward_name=args.reward)
 
     @torch.no_grad()

@@ -66,6 +66,8 @@ def check_run_args(args) -> None:
                                 "sample_every", "num_sample_images", "sample_seeds", "max_bad_steps"),
                 non_negative=("learning_rate", "weight_decay", "max_grad_norm", "guidance_scale", "save_every",
                               "keep_checkpoints"))
+    steps = args.eval_num_inference_steps  # None: the training --num-inference-steps
+    require(steps is None or steps > 0, f"--eval-num-inference-steps must be > 0, got {steps}")
     require(0 <= args.ema_decay < 1, f"--ema-decay must be in [0, 1) (0: off), got {args.ema_decay}")
     require(not args.resume or Path(args.resume).is_dir(), f"--resume {args.resume}: no such run directory")
     if args.output_dir:

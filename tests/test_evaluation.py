@@ -12,6 +12,7 @@ from itertools import combinations
 import numpy as np
 import pytest
 import torch
+import tyro
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -19,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import common
 from common.evaluation import SampleGrid, captioned_grid, diversity
 from common.models import tiny_components
-from conftest import assert_normwise_close, float64_scheduler, rounding_tolerance, roundings
+from conftest import assert_normwise_close, float64_scheduler, rounding_tolerance, roundings, script_args
 
 PROMPTS = ["a red circle on a blue background", "two green squares", "an unused third prompt"]
 
@@ -139,6 +140,25 @@ def test_same_prompt_and_seed_give_the_same_image_across_calls():
     again = grid(pipe).images
     assert torch.equal(first, again)
     assert not torch.equal(first[0], first[1])  # the two seeds of a prompt differ
+
+
+def test_grid_steps_are_eval_num_inference_steps_else_the_training_steps():
+    """--eval-num-inference-steps unset: the grid of the training --num-inference-steps, unchanged; set: that many
+    sampler steps, the images of `common.sample_images` at that count (same ops, so exactly), with the training η."""
+    import grpo
+
+    def grid(*flags):
+        args = tyro.cli(grpo.Args, args=script_args("grpo", "--num-inference-steps", "4", "--eta", "0.5",
+                                                    "--guidance-scale", "7.5", "--num-sample-images", "4", *flags))
+        return SampleGrid.from_args(args, PROMPTS, brightness, {})(pipe).images
+
+    pipe = common.load_pipeline("tiny", lora_rank=0)
+    default = grid()
+    assert torch.equal(default, grid("--eval-num-inference-steps", "4"))
+    two = grid("--eval-num-inference-steps", "2")
+    per_seed = [common.sample_images(pipe, PROMPTS[:2], s, 2, 7.5, 0.5) for s in (0, 1)]
+    assert torch.equal(two, torch.stack(per_seed, dim=1).flatten(0, 1))
+    assert (two - default).abs().max() > 0.01
 
 
 def find(picture: np.ndarray, image: np.ndarray) -> tuple[int, int]:

@@ -3,6 +3,7 @@ FlowMatchEulerDiscreteScheduler and pipeline, Flow-GRPO's SDE step against its f
 torch.distributions, the SD3 room's prompt encoding against StableDiffusion3Pipeline.encode_prompt, every script for
 one update, the LoRA in diffusers' SD3 format, and gradients through the flow chain."""
 
+import json
 import math
 
 import pytest
@@ -201,6 +202,33 @@ def test_every_script_trains_on_tiny_sd3(script, tmp_path):
         after = pipe.transformer(x, emb[:, :-1], emb[:, -1, :48], t).sample
     assert (after - before).abs().max() > 0
     assert SCRIPTS[script].kind in ("rl", "gradient")
+
+
+def test_grpo_run_draws_its_grid_with_eval_num_inference_steps(tmp_path):
+    """Flow-GRPO's split (train at 10 steps, evaluate at 40), here 2 and 3: the run's logged base-model grid (step 0:
+    the LoRA is still zero) has the scores and diversity of `common.sample_images` at 3 steps with the run's η, and
+    not those at the 2 training steps."""
+    import grpo
+    import rewards
+    from common.evaluation import diversity
+
+    args = script_args("grpo", "--steps", "1", "--num-inference-steps", "2", "--eval-num-inference-steps", "3",
+                       "--num-sample-images", "2", "--sample-seeds", "2", "--output-dir", str(tmp_path / "run"))
+    args[args.index("--model") + 1] = "tiny-sd3"
+    args = tyro.cli(grpo.Args, args=args)
+    grpo.main(args)
+    row = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[0])
+    assert row["step"] == 0
+
+    pipe = common.load_pipeline("tiny-sd3", lora_rank=args.lora_rank)
+    prompt = common.load_prompts(args.prompts, args.prompt_file, args.model)[:1]
+
+    def grid(steps):  # seed 0's image, then seed 1's: the grid's row-major order for one prompt
+        return torch.cat([common.sample_images(pipe, prompt, s, steps, args.guidance_scale, args.eta) for s in (0, 1)])
+
+    images = grid(3)
+    assert row["scores"] == rewards.load(args.reward)(images, prompt * 2).float().tolist()
+    assert row["eval/diversity"] == diversity(images, 2) != diversity(grid(2), 2)
 
 
 def test_lora_round_trip_through_load_lora(sd3, tmp_path):

@@ -37,6 +37,7 @@ COMMON_CASES = [
     (["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
     (["--max-grad-norm", "inf"], "--max-grad-norm must be a finite number"),
     (["--num-inference-steps", "0"], "--num-inference-steps must be > 0"),
+    (["--eval-num-inference-steps", "0"], "--eval-num-inference-steps must be > 0, got 0"),
     (["--lora-rank", "0"], "--lora-rank must be > 0"),
     (["--sample-every", "0"], "--sample-every must be > 0"),
     (["--save-every", "-1"], "--save-every must be >= 0"),

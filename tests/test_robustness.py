@@ -529,6 +529,9 @@ RESUME_ERRORS = {  # (script, how the finished run is altered, flags after --res
     "another script's run": ("ddpo_sf", None, ["--resume", "DIR", "--steps", "3"], "made by another script"),
     "changed flag": ("draft", None, ["--resume", "DIR", "--steps", "3", "--learning-rate", "0.1"],
                      "these differ: --learning-rate (run: 0.0004, given: 0.1)"),
+    # the grid's sampler: eval.jsonl stays one grid's series, as with --num-sample-images or --eval-prompts
+    "changed grid step count": ("draft", None, ["--resume", "DIR", "--steps", "3", "--eval-num-inference-steps", "8"],
+                                "these differ: --eval-num-inference-steps (run: None, given: 8)"),
     "steps already reached": ("draft", None, ["--resume", "DIR"], "its checkpoint is at step 2 and --steps is 2"),
     "not a run directory": ("draft", lambda d: (d / "args.json").unlink(), ["--resume", "DIR", "--steps", "3"],
                             "not a run directory"),
