@@ -137,8 +137,16 @@ def _fits(value, hint) -> bool:
     return isinstance(value, hint)
 
 
+# Flags added to the scripts after runs were made: an args.json from before lacks them, and its run behaved as the
+# flag at this value does (each is "off" there), so a resume fills the value in and says so. A new flag whose default
+# changes nothing goes here; one that changes training must not (such runs cannot be continued as they were).
+ADDED_FLAGS = {"ema_decay": 0.0, "kl_beta": 0.0, "pretrain_data": None, "pretrain_weight": 1.0,
+               "eval_num_inference_steps": None}
+
+
 def _stored_args(run_dir: Path, cls) -> dict:
-    """RUN_DIR/args.json as field values of `cls`, each checked against the field's type."""
+    """RUN_DIR/args.json as field values of `cls`, each checked against the field's type; flags of ADDED_FLAGS that
+    it predates get their inert value (one line on stderr)."""
     try:
         stored = json.loads((run_dir / "args.json").read_text())
     except (OSError, ValueError) as e:
@@ -146,6 +154,13 @@ def _stored_args(run_dir: Path, cls) -> dict:
     if not isinstance(stored, dict):
         raise UserError(f"--resume {run_dir}: not a run directory (args.json is not a JSON object)")
     hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    missing = names - set(stored)
+    if missing and set(stored) < names and missing <= set(ADDED_FLAGS):  # a run of this script from before them
+        stored |= {name: ADDED_FLAGS[name] for name in missing}
+        if distributed.launched_rank() == 0:
+            print(f"--resume {run_dir}: its args.json predates {', '.join(flag(n) for n in sorted(missing))}; "
+                  f"continuing with {', '.join(f'{flag(n)} {ADDED_FLAGS[n]}' for n in sorted(missing))}, as it ran",
+                  file=sys.stderr)
     if set(stored) != names:
         raise UserError(f"--resume {run_dir}: that run was made by another script (exp_name "
                         f"{stored.get('exp_name')!r}); its flags {sorted(set(stored) ^ names)} do not match "

@@ -6,6 +6,7 @@ In-process runs call a script's `main` with its real command-line parser (`commo
 signal, kill, lock and torchrun tests run the scripts as subprocesses, as a user would.
 """
 
+import dataclasses
 import importlib
 import json
 import os
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 import common
 import rewards
-from conftest import ROOT, read_metrics
+from conftest import ROOT, read_metrics, scripts
 
 LORA = "pytorch_lora_weights.safetensors"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -527,6 +528,10 @@ RESUME_ERRORS = {  # (script, how the finished run is altered, flags after --res
     "LoRA of another rank": ("draft", other_rank, ["--resume", "DIR", "--steps", "3"],
                              "holds LoRA rank(s) [2], but the run's --lora-rank is 4"),
     "another script's run": ("ddpo_sf", None, ["--resume", "DIR", "--steps", "3"], "made by another script"),
+    # only flags added later (common.checkpoint.ADDED_FLAGS) may be missing from args.json
+    "args.json without a flag of the script": ("draft", lambda d: (d / "args.json").write_text(json.dumps(
+        {k: v for k, v in json.loads((d / "args.json").read_text()).items() if k not in ("k", "ema_decay")})),
+        ["--resume", "DIR", "--steps", "3"], "made by another script"),
     "changed flag": ("draft", None, ["--resume", "DIR", "--steps", "3", "--learning-rate", "0.1"],
                      "these differ: --learning-rate (run: 0.0004, given: 0.1)"),
     # the grid's sampler: eval.jsonl stays one grid's series, as with --num-sample-images or --eval-prompts
@@ -614,6 +619,42 @@ def test_a_torn_last_log_line_is_dropped_with_one_warning(finished_run, tmp_path
     assert len(warnings) == 1 and "metrics.jsonl: its last line was cut off" in warnings[0], warnings
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
     assert [json.loads(line)["step"] for line in (run_dir / "eval.jsonl").read_text().splitlines()] == [0, 2, 3]
+
+
+def test_a_run_from_before_an_added_flag_resumes_as_it_ran(finished_run, tmp_path, capsys):
+    """A run whose args.json predates --ema-decay and --eval-num-inference-steps (flags added later, inert at their
+    defaults) resumes with those values, says so in one line, and continues exactly as the same run with the full
+    args.json does (the LoRA after the resumed step is bit-identical)."""
+    runs = {}
+    for name in ("current", "older"):
+        runs[name] = tmp_path / name
+        shutil.copytree(finished_run, runs[name])
+    stored = json.loads((runs["older"] / "args.json").read_text())
+    (runs["older"] / "args.json").write_text(json.dumps({k: v for k, v in stored.items()
+                                                         if k not in ("ema_decay", "eval_num_inference_steps")}))
+    capsys.readouterr()
+    run("draft", "--resume", str(runs["current"]), "--steps", "3")
+    assert "predates" not in capsys.readouterr().err
+    run("draft", "--resume", str(runs["older"]), "--steps", "3")
+    notes = [line for line in capsys.readouterr().err.splitlines() if "predates" in line]
+    assert len(notes) == 1 and "--ema-decay 0.0, --eval-num-inference-steps None" in notes[0], notes
+    assert_same_lora(lora(runs["older"]), lora(runs["current"]))
+    assert [r["step"] for r in read_metrics(runs["older"])] == [1, 2, 3]
+
+
+def test_added_flags_are_inert_at_the_value_a_resume_fills_in():
+    """Every flag common.checkpoint.ADDED_FLAGS fills into an older run's args is, in each script that has it, that
+    script's default (the value at which the flag changes nothing; test_scripts checks the defaults' behaviour)."""
+    from common.checkpoint import ADDED_FLAGS
+
+    seen = set()
+    for script in scripts():
+        fields = {f.name: f.default for f in dataclasses.fields(importlib.import_module(script).Args)}
+        for name, value in ADDED_FLAGS.items():
+            if name in fields:
+                assert fields[name] == value, (script, name)
+                seen.add(name)
+    assert seen == set(ADDED_FLAGS)
 
 
 def test_resume_after_a_refusal_still_works(finished_run, tmp_path):
