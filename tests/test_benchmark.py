@@ -559,7 +559,10 @@ def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, 
         scores=dict(train={reward: -20.0}))}, summary=dict(algorithms=dict(
             draft=dict(seeds=[0, 1], final_eval=dict(train={reward: [-15.0, 0.5]})),
             ddpo_is=dict(seeds=[0, 1], final_eval=dict(train={reward: [0.0, 0.0]})))))))))
-    monkeypatch.setattr(report, "REFERENCE_SUMMARIES", (tmp_path / "missing.json", ref))
+    other = tmp_path / "other" / "summary.json"  # the same on another model: not comparable, skipped
+    other.parent.mkdir()
+    other.write_text(ref.read_text().replace('"model": "tiny"', '"model": "tiny-shapes"').replace("-15.0", "-99.0"))
+    monkeypatch.setattr(report, "REFERENCE_SUMMARIES", (tmp_path / "missing.json", other, ref))
     result = report.write([c], jobs, tmp_path, elapsed=1.0, final=True, title="RL stage")
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# RL stage\n")
@@ -579,12 +582,20 @@ def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, 
     assert "Per reward query against the gradient scripts: not in this stage" in (tmp_path / "summary.md").read_text()
 
 
-def test_rl_stage_smoke_runs_end_to_end(tmp_path):
+def test_rl_stage_smoke_runs_end_to_end(tmp_path, monkeypatch):
     """`compare.py --stage rl-jpeg --smoke`, cut to two scripts and one seed so that it takes well under a minute:
     the stage's command lines run, are evaluated and reported."""
     pytest.importorskip("matplotlib")
-    compare.main(["--stage", "rl-jpeg", "--smoke", "--out", str(tmp_path), "--seeds", "0", "--budget", "16",
-                  "--algorithms", "ddpo_is", "grpo", "--no-fork-server"])
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED"):  # main() sets them
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    threads = torch.get_num_threads()
+    try:
+        compare.main(["--stage", "rl-jpeg", "--smoke", "--out", str(tmp_path), "--seeds", "0", "--budget", "16",
+                      "--algorithms", "ddpo_is", "grpo", "--no-fork-server"])
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread for this process too
     summary = json.loads((tmp_path / "summary.json").read_text())["comparisons"]["rl-jpeg"]
     assert summary["runs_finished"] == summary["runs_expected"] == 2 and "sweep" not in summary
     for algo in ("ddpo_is", "grpo"):
