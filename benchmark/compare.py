@@ -55,7 +55,7 @@ split. Learning rates: by default the table STAGE_LR, the rates the main compari
 (DDPO-SF 1e-5, DDPO-IS 1e-3, RWR 1e-5, GRPO 3e-3; docs/benchmark/summary.md), so no sweep runs; DDPO-SF's and RWR's
 1e-5 is the sweep's lower limit, "chosen" there because nothing moved at any rate, not because it learned. With
 `--stage-sweep` stage 1 runs instead, at the stage's budget on the validation split with one seed, and the stage
-uses its choices: 4 rates × 4 scripts plus any widening, about 3.5-4 h with `--jobs 2` on an idle machine (0.8 s
+uses its choices: 4 rates × 4 scripts plus any widening, about 3-4 h with `--jobs 2` on an idle machine (0.8 s
 per query at T = 20, RWR about half: estimates), before the stage's own ~2.5 h. `--lr` still fixes single rates. The
 report adds a claims table (DDPO-IS vs DDPO-SF, DDPO vs RWR, GRPO vs DDPO-IS, and per reward query against the
 gradient scripts of the main comparison on the same task when its summary.json is at hand: benchmark/results or
@@ -564,7 +564,7 @@ def parse_args(argv=None):
     p.add_argument("--stage", default="all", choices=["all", *STAGES], help="all: the sweep and the comparisons "
                    "(default); rl-jpeg / rl-alignment: the RL scripts' learning curves on one task (issue 27)")
     p.add_argument("--stage-sweep", action="store_true", help="an RL stage: choose the learning rates by a sweep "
-                   "at the stage's budget on the validation split (one seed; about 3.5-4 h with --jobs 2) instead "
+                   "at the stage's budget on the validation split (one seed; about 3-4 h with --jobs 2) instead "
                    "of the fixed table STAGE_LR")
     p.add_argument("--evals-per-run", type=int, default=None, help="an RL stage: sample grids per run after step 0 "
                    f"(default {STAGE_EVALS}; smoke 2)")
