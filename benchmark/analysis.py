@@ -426,6 +426,7 @@ def gradient_claims(finals: dict[str, list[float]], gradient: dict[str, Sample],
         elif v.startswith("contradicts") and gradient_budget < rl_budget:  # RL ahead, but with more queries
             v = f"not shown ({labels.get(best, best)} ahead with {rl_budget / gradient_budget:.3g}× the queries)"
         rows.append(dict(claim=f"{labels.get(g, g)} at {gradient_budget} queries ahead of the best RL script, "
-                               f"{labels.get(best, best)}, at {rl_budget} ({rl_budget / gradient_budget:.3g}× as many)",
+                               f"{labels.get(best, best)}, at {rl_budget} "
+                               f"({rl_budget / gradient_budget:.3g}× as many)",
                          a=g, b=best, sample_a=s, sample_b=means[best], **d, verdict=v))
     return rows

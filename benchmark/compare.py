@@ -95,7 +95,8 @@ SWEEP_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 SWEEP_LIMITS = (1e-5, 3e-2)  # the sweep widens a grid whose best rate is at an edge, but not beyond these
 SWEEP_SEED = 100  # the sweep's training seed: not one of the final table's, so no final run was selected on
 STAGES = ("rl-jpeg", "rl-alignment")  # the RL stages (issue 27): one task each, run and reported separately
-STAGE_BUDGET = 2048  # reward queries per run of an RL stage: docs/benchmark/rl.md section 4's ~2,000, made 128 batches of 16
+# reward queries per run of an RL stage: docs/benchmark/rl.md section 4's ~2,000, made 128 sampled batches of 16
+STAGE_BUDGET = 2048
 STAGE_EVALS = 8  # sample grids per RL-stage run after step 0: every 256 queries at the default budget
 # the rates the main comparison's sweep chose at 192 queries (docs/benchmark/summary.md); DDPO-SF's and RWR's 1e-5 is
 # the sweep's lower limit, "chosen" because nothing moved there: --stage-sweep chooses again at the stage's budget
@@ -646,7 +647,7 @@ def main(argv=None):
     sweeping = not all(x in fixed for x in sweep.algorithms)
     state = dict(comps=[sweep, *comps] if sweeping else comps, jobs=[], out=out)
     if a.stage != "all":
-        state["title"] = (f"RL stage `{a.stage}`: the four RL scripts' learning curves at {comps[0].budget} reward "
+        state["title"] = (f"RL stage `{a.stage}`: the RL scripts' learning curves at {comps[0].budget} reward "
                           f"queries, {len(comps[0].seeds)} seeds (`compare.py --stage {a.stage}"
                           + (" --stage-sweep" if a.stage_sweep else "") + (" --smoke" if a.smoke else "") + "`)")
     if not a.report_only and not a.skip_eval:

@@ -366,7 +366,8 @@ def _claims_section(c, finals: dict[str, list[float]]) -> tuple[list[str], list[
         samples, budget, where = ref
         rows += analysis.gradient_claims(finals, samples, c.budget, budget)
     lines = ["### Claims", "",
-             "| claim | A: final Δ (± sd, seeds) | B: final Δ | A − B | SE | verdict |", "|---|---|---|---|---|---|"]
+             "| claim | A: final Δ (± sd, seeds) | B: final Δ | A − B | SE | verdict |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         se = "–" if math.isnan(r["se"]) else f"{r['se']:.2g}"
         lines.append(f"| {r['claim']} | {_label(r['a'])} {_sample(r['sample_a'])} | {_label(r['b'])} "
@@ -376,8 +377,9 @@ def _claims_section(c, finals: dict[str, list[float]]) -> tuple[list[str], list[
     lines += ["", f"Final Δ: the final evaluation's `{c.rl_reward}` on the test half of `{c.prompts}` minus the base "
               "model's with the same sampler, per seed; A − B the difference of the means over seeds; SE the "
               "standard error of that difference for independent seeds, √(sd_A²/n_A + sd_B²/n_B) with sd the "
-              f"sample std (ddof 1); **resolved when |A − B| > {analysis.RESOLVE_SE:g} SE** (with 3 seeds a side "
-              "that is a rough test: the SE itself is uncertain by about ±40%); *agrees* / *contradicts*: resolved "
+              f"sample std (ddof 1); **resolved when |A − B| > {analysis.RESOLVE_SE:g} SE** (a rough test: "
+              "with 3 seeds a side Welch's t has about 4 degrees of freedom, at which |t| > 2 happens by chance "
+              "about 12% of the time, not 5%); *agrees* / *contradicts*: resolved "
               "in the claim's direction / against it; *not resolved*: within the seeds' spread."]
     if isinstance(ref, str):
         lines += ["", f"Per reward query against the gradient scripts: {ref}."]

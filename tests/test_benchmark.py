@@ -566,7 +566,7 @@ def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, 
     result = report.write([c], jobs, tmp_path, elapsed=1.0, final=True, title="RL stage")
     md = (tmp_path / "summary.md").read_text()
     assert md.startswith("# RL stage\n")
-    assert (tmp_path / "rl-jpeg_reward_vs_queries.png").is_file() and (tmp_path / "rl-jpeg_reward_vs_seconds.png").is_file()
+    assert all((tmp_path / f"rl-jpeg_reward_vs_{x}.png").is_file() for x in ("queries", "seconds"))
     rows = {(r["a"], r["b"]): r for r in result["comparisons"]["rl-jpeg"]["claims"]}
     assert rows[("ddpo_is", "ddpo_sf")]["diff"] == pytest.approx(1.9) and rows[("ddpo_is", "ddpo_sf")]["resolved"]
     assert rows[("grpo", "ddpo_is")]["verdict"] == "not resolved"
