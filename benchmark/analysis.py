@@ -339,3 +339,94 @@ def sweep_rows(scores: dict[str, dict[float, float]], seed: int, labels: dict[st
                  chosen=int(chosen.get(algo) == lr))
             for algo, by_rate in scores.items() for lr, score in sorted(by_rate.items())]
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# claims: a difference between two algorithms' per-seed finals and whether the seeds resolve it
+
+RESOLVE_SE = 2.0  # a difference counts as resolved when |mean difference| > RESOLVE_SE standard errors
+RL_CLAIMS = (  # (claim, the algorithm said to be ahead, the other): the papers' claims among the RL scripts
+    ("DDPO-IS ahead of DDPO-SF (DDPO)", "ddpo_is", "ddpo_sf"),
+    ("DDPO-IS ahead of RWR (DDPO)", "ddpo_is", "rwr"),
+    ("DDPO-SF ahead of RWR (DDPO)", "ddpo_sf", "rwr"),
+    ("GRPO ahead of DDPO-IS (DanceGRPO, Flow-GRPO)", "grpo", "ddpo_is"),
+)
+
+
+@dataclass
+class Sample:
+    """Per-seed finals summarised: mean, sample std (ddof 1; NaN for fewer than 2 seeds) and the number of seeds."""
+
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: list[float]) -> "Sample":
+        v = [x for x in values if x is not None and not math.isnan(x)]
+        if not v:
+            return cls(math.nan, math.nan, 0)
+        return cls(float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else math.nan, len(v))
+
+    @classmethod
+    def from_population_std(cls, mean: float, std: float, n: int) -> "Sample":
+        """From mean_std's (mean, population std) over n seeds, as summary.json stores them."""
+        return cls(mean, std * math.sqrt(n / (n - 1)) if n > 1 else math.nan, n)
+
+
+def difference(a: Sample, b: Sample) -> dict:
+    """a − b with the standard error of an unpaired difference of means, sqrt(sd_a²/n_a + sd_b²/n_b) (the seeds of
+    two algorithms share nothing that pairs them: each draws its own images), and `resolved`: |diff| > RESOLVE_SE
+    standard errors; None when either side has fewer than 2 seeds (no spread to compare with)."""
+    diff = a.mean - b.mean
+    if a.n < 2 or b.n < 2:
+        return dict(diff=diff, se=math.nan, resolved=None)
+    se = math.sqrt(a.sd ** 2 / a.n + b.sd ** 2 / b.n)
+    return dict(diff=diff, se=se, resolved=bool(abs(diff) > RESOLVE_SE * se))
+
+
+def verdict(d: dict, ahead: str, behind: str) -> str:
+    """The claim "`ahead` ahead of `behind`" judged by difference() of ahead − behind."""
+    if d["resolved"] is None:
+        return "too few seeds"
+    if not d["resolved"]:
+        return "not resolved"
+    return "agrees" if d["diff"] > 0 else f"contradicts ({behind} ahead)"
+
+
+def rl_claims(finals: dict[str, list[float]], labels: dict[str, str] = LABELS) -> list[dict]:
+    """The RL_CLAIMS rows whose two algorithms have finals (algorithm -> per-seed final Δ vs base)."""
+    rows = []
+    for claim, x, y in RL_CLAIMS:
+        if finals.get(x) and finals.get(y):
+            a, b = Sample.of(finals[x]), Sample.of(finals[y])
+            d = difference(a, b)
+            rows.append(dict(claim=claim, a=x, b=y, sample_a=a, sample_b=b, **d,
+                             verdict=verdict(d, labels.get(x, x), labels.get(y, y))))
+    return rows
+
+
+def gradient_claims(finals: dict[str, list[float]], gradient: dict[str, Sample], rl_budget: int,
+                    gradient_budget: int, labels: dict[str, str] = LABELS) -> list[dict]:
+    """"Gradient scripts more sample-efficient than the RL scripts": each gradient script's final Δ at its budget
+    (`gradient`, from the main comparison) against the best RL script's here (the highest mean, a choice that
+    favours RL), at `rl_budget` queries. The claim per query agrees when the
+    gradient script is ahead beyond the seeds with no more queries than the RL script had."""
+    means = {x: Sample.of(v) for x, v in finals.items() if v}
+    means = {x: s for x, s in means.items() if s.n}
+    if not means:
+        return []
+    best = max(means, key=lambda x: means[x].mean)
+    rows = []
+    for g, s in gradient.items():
+        d = difference(s, means[best])
+        v = verdict(d, labels.get(g, g), labels.get(best, best))
+        if v == "agrees" and gradient_budget > rl_budget:  # ahead, but with more queries: nothing per query
+            v = f"not shown ({labels.get(g, g)} ahead with {gradient_budget / rl_budget:.3g}× the queries)"
+        elif v.startswith("contradicts") and gradient_budget < rl_budget:  # RL ahead, but with more queries
+            v = f"not shown ({labels.get(best, best)} ahead with {rl_budget / gradient_budget:.3g}× the queries)"
+        rows.append(dict(claim=f"{labels.get(g, g)} at {gradient_budget} queries ahead of the best RL script, "
+                               f"{labels.get(best, best)}, at {rl_budget} "
+                               f"({rl_budget / gradient_budget:.3g}× as many)",
+                         a=g, b=best, sample_a=s, sample_b=means[best], **d, verdict=v))
+    return rows

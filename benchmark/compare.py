@@ -5,6 +5,8 @@ rate chosen on a validation split: one command.
     python benchmark/compare.py --smoke         # the whole pipeline on `--model tiny` in a few minutes
     python benchmark/compare.py --report-only   # redraw tables and plots from the runs already there
     python benchmark/compare.py --model tiny-shapes-flow --comparisons alignment --lr ... --out DIR  # flow rows
+    python benchmark/compare.py --stage rl-jpeg --jobs 2        # the RL scripts' learning curves: about 2.5 h
+    python benchmark/compare.py --stage rl-alignment --jobs 2   # (estimates, docs/benchmark/rl.md)
 
 Three stages, in this order:
 
@@ -44,6 +46,21 @@ Cost on this 2-core CPU (one thread per job, T = 20, two jobs at a time): about 
 for the eight scripts together when the machine is otherwise idle, plus about a minute per run of the main
 comparison for its sample grids and ~30 s for each evaluation; see docs/benchmark for the measured wall time.
 
+RL stages (`--stage rl-jpeg`, `--stage rl-alignment`; issue 27, docs/benchmark/rl.md section 4): the four RL
+scripts only (DDPO-SF, DDPO-IS, RWR, GRPO), on one task each: `jpeg_compressibility` (PIL JPEG file size, DDPO's
+first task) or `shapes_alignment`, both black boxes to them; `--budget` default 2048 reward queries per run (rl.md's
+~2,000, rounded to 128 sampled batches of 16 so that the 8 sample grids per run, `--evals-per-run`, fall every 256
+queries for every script), 3 seeds, the main comparison's sampling and batch settings, final evaluation on the test
+split. Learning rates: by default the table STAGE_LR, the rates the main comparison's sweep chose at 192 queries
+(DDPO-SF 1e-5, DDPO-IS 1e-3, RWR 1e-5, GRPO 3e-3; docs/benchmark/summary.md), so no sweep runs; DDPO-SF's and RWR's
+1e-5 is the sweep's lower limit, "chosen" there because nothing moved at any rate, not because it learned. With
+`--stage-sweep` stage 1 runs instead, at the stage's budget on the validation split with one seed, and the stage
+uses its choices: 4 rates × 4 scripts plus any widening, about 3-4 h with `--jobs 2` on an idle machine (0.8 s
+per query at T = 20, RWR about half: estimates), before the stage's own ~2.5 h. `--lr` still fixes single rates. The
+report adds a claims table (DDPO-IS vs DDPO-SF, DDPO vs RWR, GRPO vs DDPO-IS, and per reward query against the
+gradient scripts of the main comparison on the same task when its summary.json is at hand: benchmark/results or
+docs/benchmark). Output in benchmark/results/<stage> (smoke: benchmark/results/smoke-<stage>).
+
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed} (the sweep: runs/sweep/{algorithm}__lr{rate}__s{seed});
 a run whose directory holds a finished run of the same command is skipped (so a rerun resumes), `--fresh` redoes
 them. Jobs run with OMP_NUM_THREADS=1, `--jobs` at a time (default 1).
@@ -77,6 +94,13 @@ PAPER_CLIP = 1e-4
 SWEEP_RATES = (1e-4, 3e-4, 1e-3, 3e-3)
 SWEEP_LIMITS = (1e-5, 3e-2)  # the sweep widens a grid whose best rate is at an edge, but not beyond these
 SWEEP_SEED = 100  # the sweep's training seed: not one of the final table's, so no final run was selected on
+STAGES = ("rl-jpeg", "rl-alignment")  # the RL stages (issue 27): one task each, run and reported separately
+# reward queries per run of an RL stage: docs/benchmark/rl.md section 4's ~2,000, made 128 sampled batches of 16
+STAGE_BUDGET = 2048
+STAGE_EVALS = 8  # sample grids per RL-stage run after step 0: every 256 queries at the default budget
+# the rates the main comparison's sweep chose at 192 queries (docs/benchmark/summary.md); DDPO-SF's and RWR's 1e-5 is
+# the sweep's lower limit, "chosen" because nothing moved there: --stage-sweep chooses again at the stage's budget
+STAGE_LR = dict(ddpo_sf=1e-5, ddpo_is=1e-3, rwr=1e-5, grpo=3e-3)
 
 
 @dataclass
@@ -104,6 +128,9 @@ class Comparison:
     num_sample_images: int = 8  # images per sample grid (the scripts' default)
     eval_images: int = 24  # about this many images per prompt set in the final evaluation (evaluate.eval_prompts)
     algorithms: tuple[str, ...] = ALGORITHMS
+    # an RL stage: the main comparison (its name) whose gradient runs the stage's claims table compares against per
+    # reward query; None: no claims table (the main comparison)
+    claims_against: str | None = None
 
     def reward(self, algo: str) -> str:
         return self.rl_reward if algo in RL else self.grad_reward
@@ -437,7 +464,10 @@ def comparisons(a) -> tuple[Comparison, list[Comparison]]:
     The comparisons' learning rates are empty until the sweep has chosen them (`--lr` fixes some in advance)."""
     fixed = dict(a.lr)
     rates = {algo: [fixed[algo]] if algo in fixed else list(a.sweep_rates) for algo in ALGORITHMS}
-    if a.smoke:
+    if a.stage != "all":
+        main = stage_comparison(a)
+        chosen = [main]
+    elif a.smoke:
         rec = recommended("tiny")
         common_kw = dict(model="tiny", prompts="simple_animals", num_inference_steps=rec["num_inference_steps"],
                          guidance_scale=rec["guidance_scale"], evals_per_run=3, num_sample_images=4, eval_images=8,
@@ -469,17 +499,45 @@ def comparisons(a) -> tuple[Comparison, list[Comparison]]:
                                         "shapes_attribute_accuracy"],
                           budget=a.jpeg_budget, seeds=a.jpeg_seeds or [0, 1], lr={}, **common_kw)
         jpeg.eval_images = max(1, a.eval_images // 4)
+    if a.stage == "all":
+        chosen = [c for c in (main, jpeg) if c.name in a.comparisons]
     # the sweep: the main comparison's training at one seed, scored on the validation split by its training reward
     sweep = Comparison(**{**main.__dict__, "name": "sweep", "title": f"learning-rate sweep ({main.title})",
                           "heldout_prompts": None, "eval_rewards": sorted({main.rl_reward, main.grad_reward}),
                           "seeds": [a.sweep_seed], "lr": rates, "split": "validation", "evals_per_run": 0,
-                          "num_sample_images": 2})
-    chosen = [c for c in (main, jpeg) if c.name in a.comparisons]
+                          "num_sample_images": 2, "claims_against": None})
     for c in [sweep, *chosen]:
         c.algorithms = tuple(x for x in ALGORITHMS if x in a.algorithms)
     if a.sweep_seed in sweep.seeds and a.sweep_seed in main.seeds:
         raise SystemExit(f"--sweep-seed {a.sweep_seed} is also a seed of the final table: choose another")
     return sweep, chosen
+
+
+def stage_comparison(a) -> Comparison:
+    """The RL stage `a.stage` (rl-jpeg or rl-alignment): the RL scripts on one task at the stage's budget, 3 seeds,
+    the test split; with --smoke on `--model tiny` with tiny budgets (rl-alignment then trains on the smoke's
+    stand-in, jpeg_compressibility_diff as a black box, since tiny draws no shapes)."""
+    task = a.stage.removeprefix("rl-")  # also the name of the main comparison on the same task
+    if a.smoke:
+        rec = recommended("tiny")
+        reward = "jpeg_compressibility" if task == "jpeg" else "jpeg_compressibility_diff"
+        kw = dict(model="tiny", prompts="simple_animals", heldout_prompts="imagenet_animals", rl_reward=reward,
+                  eval_rewards=[reward], budget=a.budget or 32, seeds=a.seeds or [0, 1],
+                  evals_per_run=a.evals_per_run or 2, num_sample_images=4, eval_images=8,
+                  title=f"smoke: RL scripts on tiny, {reward} (black box)")
+    else:
+        rec = recommended(a.model)
+        if task == "jpeg":
+            reward, evals = "jpeg_compressibility", ["jpeg_compressibility", "jpeg_compressibility_diff",
+                                                     "shapes_exact_match", "shapes_attribute_accuracy"]
+        else:
+            reward, evals = "shapes_alignment", ["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"]
+        kw = dict(model=a.model, prompts="shapes", heldout_prompts="shapes_heldout", rl_reward=reward,
+                  eval_rewards=evals, budget=a.budget, seeds=a.seeds or [0, 1, 2], evals_per_run=a.evals_per_run,
+                  num_sample_images=a.grid_images, eval_images=a.eval_images,
+                  title=f"{a.model}, RL scripts on {reward} (black box), {a.budget} reward queries")
+    return Comparison(name=a.stage, grad_reward=kw["rl_reward"], lr={}, claims_against=task,
+                      num_inference_steps=rec["num_inference_steps"], guidance_scale=rec["guidance_scale"], **kw)
 
 
 def _algo_rate(text: str) -> tuple[str, float]:
@@ -502,7 +560,15 @@ def parse_args(argv=None):
     p.add_argument("--report-only", action="store_true", help="only aggregate the runs already in --out")
     p.add_argument("--model", default="tiny-shapes", choices=["tiny-shapes", "tiny-shapes-flow"],
                    help="the testbed: its DDPM (SD1.4's layout) or its rectified flow (SD3's, docs/flow.md)")
-    p.add_argument("--budget", type=int, default=192, help="reward queries per run, main comparison and sweep")
+    p.add_argument("--budget", type=int, default=None, help="reward queries per run, main comparison and sweep "
+                   f"(default 192; an RL stage: {STAGE_BUDGET})")
+    p.add_argument("--stage", default="all", choices=["all", *STAGES], help="all: the sweep and the comparisons "
+                   "(default); rl-jpeg / rl-alignment: the RL scripts' learning curves on one task (issue 27)")
+    p.add_argument("--stage-sweep", action="store_true", help="an RL stage: choose the learning rates by a sweep "
+                   "at the stage's budget on the validation split (one seed; about 3-4 h with --jobs 2) instead "
+                   "of the fixed table STAGE_LR")
+    p.add_argument("--evals-per-run", type=int, default=None, help="an RL stage: sample grids per run after step 0 "
+                   f"(default {STAGE_EVALS}; smoke 2)")
     p.add_argument("--jpeg-budget", type=int, default=48, help="reward queries per run, JPEG comparison")
     p.add_argument("--seeds", type=int, nargs="+", help="main comparison (default 0 1 2)")
     p.add_argument("--jpeg-seeds", type=int, nargs="+", help="JPEG comparison (default 0 1)")
@@ -525,14 +591,30 @@ def parse_args(argv=None):
     p.add_argument("--comparisons", nargs="+", default=["alignment", "jpeg"], choices=["alignment", "jpeg"])
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     a = p.parse_args(argv)
+    stage = a.stage != "all"
+    if stage:
+        if a.algorithms == p.get_default("algorithms"):
+            a.algorithms = list(RL)
+        elif not set(a.algorithms) <= set(RL):
+            p.error(f"--stage {a.stage} runs the RL scripts only ({', '.join(RL)}), not "
+                    f"{', '.join(x for x in a.algorithms if x not in RL)}")
+        if not a.stage_sweep:  # the fixed table; --lr overrides single rates (later entries win in dict())
+            a.lr = [(x, STAGE_LR[x]) for x in a.algorithms] + a.lr
+    elif a.stage_sweep or a.evals_per_run is not None:
+        p.error("--stage-sweep and --evals-per-run apply to an RL stage only (--stage rl-jpeg or rl-alignment)")
+    if a.evals_per_run is not None and a.evals_per_run < 1:
+        p.error(f"--evals-per-run must be at least 1, got {a.evals_per_run}")
     if a.smoke:
         a.model = "tiny"
-        for name in ("budget", "jpeg_budget"):
-            if getattr(a, name) == p.get_default(name):
-                setattr(a, name, None)
+        if a.jpeg_budget == p.get_default("jpeg_budget"):
+            a.jpeg_budget = None
         if a.sweep_rates == p.get_default("sweep_rates"):
             a.sweep_rates, a.sweep_limits = [3e-3, 1e-2], [3e-3, 1e-2]
-    a.out = a.out or ROOT / "benchmark" / "results" / ("smoke" if a.smoke else "")
+    else:
+        a.budget = a.budget or (STAGE_BUDGET if stage else 192)
+        a.evals_per_run = a.evals_per_run or STAGE_EVALS
+    name = (a.stage if stage else "") if not a.smoke else ("smoke-" + a.stage if stage else "smoke")
+    a.out = a.out or ROOT / "benchmark" / "results" / name
     return a
 
 
@@ -564,6 +646,10 @@ def main(argv=None):
     # every rate fixed by --lr (e.g. another testbed model at the rates the sweep chose on tiny-shapes): no sweep
     sweeping = not all(x in fixed for x in sweep.algorithms)
     state = dict(comps=[sweep, *comps] if sweeping else comps, jobs=[], out=out)
+    if a.stage != "all":
+        state["title"] = (f"RL stage `{a.stage}`: the RL scripts' learning curves at {comps[0].budget} reward "
+                          f"queries, {len(comps[0].seeds)} seeds (`compare.py --stage {a.stage}"
+                          + (" --stage-sweep" if a.stage_sweep else "") + (" --smoke" if a.smoke else "") + "`)")
     if not a.report_only and not a.skip_eval:
         for c in state["comps"]:
             evaluate_base(c, out, a.fresh)
@@ -571,7 +657,8 @@ def main(argv=None):
         print(f"stage 1: learning-rate sweep on the validation split, output in {out}", flush=True)
         chosen = run_sweep(sweep, a, out, prompt_files, state, t_start)
     else:
-        print("stage 1 skipped: every learning rate is fixed by --lr", flush=True)
+        print("stage 1 skipped: every learning rate is fixed by "
+              + ("the RL stages' table STAGE_LR (or --lr)" if a.stage != "all" else "--lr"), flush=True)
         chosen = {x: fixed[x] for x in sweep.algorithms}
     missing = [LABELS[x] for x in sweep.algorithms if x not in chosen]
     if missing:

@@ -15,6 +15,9 @@ import numpy as np
 
 from benchmark import analysis
 
+ROOT = Path(__file__).resolve().parents[1]
+# where an RL stage finds the main comparison's gradient runs: a local benchmark run first, then the published one
+REFERENCE_SUMMARIES = (ROOT / "benchmark" / "results" / "summary.json", ROOT / "docs" / "benchmark" / "summary.json")
 COLORS = dict(ddpo_sf="tab:red", ddpo_is="tab:orange", rwr="tab:brown", draft="tab:blue", draft_lv="tab:green",
               refl="tab:purple", alignprop="tab:cyan", grpo="tab:olive")
 GRID_POINTS = 80
@@ -308,7 +311,89 @@ def _sweep_section(c, runs: dict, scores: dict, base: dict) -> list[str]:
     return lines
 
 
-def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
+def final_deltas(c, runs: dict, base: dict) -> dict[str, list[float]]:
+    """algorithm -> per-seed final Δ of its training reward vs the base model (same sampler), test split, from the
+    runs ({job: Run}) that have a final evaluation; an algorithm without the base model's score is left out."""
+    finals: dict[str, list[tuple[int, float]]] = {}
+    for job, run in runs.items():
+        reward = c.reward(job.algorithm)
+        b = base.get(_eta(job.algorithm), {}).get("scores", {}).get("train", {}).get(reward)
+        if run.final_eval and b is not None:
+            finals.setdefault(job.algorithm, []).append((job.seed, run.final_eval["scores"]["train"][reward] - b))
+    return {algo: [v for _, v in sorted(seeds)] for algo, seeds in finals.items()}
+
+
+def gradient_reference(c) -> tuple[dict[str, analysis.Sample], int, str] | str:
+    """The gradient scripts' final Δ of the stage's reward vs the base model (η = 0) in the main comparison on the
+    same task and model (`c.claims_against`), from the first of REFERENCE_SUMMARIES that has it: ({algorithm:
+    Sample}, its budget, the file); otherwise the reason, for the report."""
+    reward = c.rl_reward
+    for path in REFERENCE_SUMMARIES:
+        comp = (analysis.read_json(path) or {}).get("comparisons", {}).get(c.claims_against)
+        if not comp or comp.get("model") != c.model or "summary" not in comp:
+            continue
+        base = comp.get("base", {}).get("0.0", {}).get("scores", {}).get("train", {}).get(reward)
+        if base is None:
+            continue
+        samples = {}
+        for algo, e in comp["summary"]["algorithms"].items():
+            fe = e.get("final_eval", {}).get("train", {}).get(reward)
+            if algo not in analysis.RL and fe is not None:
+                samples[algo] = analysis.Sample.from_population_std(fe[0] - base, fe[1], len(e["seeds"]))
+        if samples:
+            return samples, comp["budget"], _rel(path)
+    return (f"not in this stage: no summary.json of the main comparison `{c.claims_against}` on `{c.model}` with "
+            f"the gradient scripts' final `{reward}` (looked in "
+            + ", ".join(f"`{_rel(p)}`" for p in REFERENCE_SUMMARIES) + ")")
+
+
+def _rel(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _sample(s: analysis.Sample) -> str:
+    return "–" if s.n == 0 else f"{s.mean:+.3g} ± {s.sd:.2g} ({s.n})" if s.n > 1 else f"{s.mean:+.3g} (1)"
+
+
+def _claims_section(c, finals: dict[str, list[float]]) -> tuple[list[str], list[dict]]:
+    """summary.md's claims table of an RL stage and its rows (for summary.json)."""
+    rows = analysis.rl_claims(finals)
+    ref = gradient_reference(c)
+    if not isinstance(ref, str):
+        samples, budget, where = ref
+        rows += analysis.gradient_claims(finals, samples, c.budget, budget)
+    lines = ["### Claims", "",
+             "| claim | A: final Δ (± sd, seeds) | B: final Δ | A − B | SE | verdict |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        se = "–" if math.isnan(r["se"]) else f"{r['se']:.2g}"
+        lines.append(f"| {r['claim']} | {_label(r['a'])} {_sample(r['sample_a'])} | {_label(r['b'])} "
+                     f"{_sample(r['sample_b'])} | {r['diff']:+.3g} | {se} | {r['verdict']} |")
+    if not rows:
+        lines.append("| (no algorithm pair with evaluated runs yet) | | | | | |")
+    lines += ["", f"Final Δ: the final evaluation's `{c.rl_reward}` on the test half of `{c.prompts}` minus the base "
+              "model's with the same sampler, per seed; A − B the difference of the means over seeds; SE the "
+              "standard error of that difference for independent seeds, √(sd_A²/n_A + sd_B²/n_B) with sd the "
+              f"sample std (ddof 1); **resolved when |A − B| > {analysis.RESOLVE_SE:g} SE** (a rough test: "
+              "with 3 seeds a side Welch's t has about 4 degrees of freedom, at which |t| > 2 happens by chance "
+              "about 12% of the time, not 5%); *agrees* / *contradicts*: resolved "
+              "in the claim's direction / against it; *not resolved*: within the seeds' spread."]
+    if isinstance(ref, str):
+        lines += ["", f"Per reward query against the gradient scripts: {ref}."]
+    else:
+        lines += ["", f"Per reward query against the gradient scripts: their final Δ of `{c.rl_reward}` (η = 0 "
+                  f"base) at {budget} reward queries from the main comparison `{c.claims_against}` "
+                  f"(`{where}`, its own evaluation images and seeds), against the best RL script of this stage at "
+                  f"{c.budget}; choosing the best RL script after the fact favours RL. *Not shown*: the side ahead "
+                  "had more queries, so the figures say nothing per query."]
+    return lines + [""], rows
+
+
+def write(comps, jobs, out: Path, elapsed: float | None, final: bool,
+          title: str = "Benchmark: eight reward fine-tuning algorithms at an equal budget of reward queries") -> dict:
     """Write lr_sweep.csv/.png, runs.csv, the plots, the grids, summary.md and summary.json from what is in the run
     directories. `comps` may start with the sweep (a comparison on the validation split)."""
     runs_of: dict = {}  # job -> Run, finished runs only (bench_run.json is written at the end)
@@ -323,7 +408,7 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
 
     result = dict(generated=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), final=final,
                   invocation_seconds=None if elapsed is None else round(elapsed, 1), comparisons={})
-    md = ["# Benchmark: eight reward fine-tuning algorithms at an equal budget of reward queries", ""]
+    md = [f"# {title}", ""]
     md += [f"Generated {result['generated']} by `python benchmark/compare.py`"
            + ("" if final else " (**partial: the benchmark is still running**)") + ".", ""]
     total_wall = 0.0
@@ -377,6 +462,14 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
         md += [f"{len(runs)} of {expected} runs finished; seeds {c.seeds}; budget {c.budget} reward queries per run; "
                f"T = {c.num_inference_steps}, w = {c.guidance_scale:g}; evaluated on the {c.split} split; wall time "
                f"of its runs and evaluations {wall / 60:.1f} min.", ""]
+        if c.claims_against:
+            swept = any(x.sweep for x in comps)
+            md += ["Learning rates: " + ("chosen by this stage's sweep (stage 1 above: its budget, the validation "
+                                         "split, one seed)." if swept else
+                                         "fixed, not chosen at this budget: the main comparison's sweep's choices at "
+                                         "192 queries (compare.STAGE_LR) unless `--lr` set one; DDPO-SF's and RWR's "
+                                         "1e-5 is that sweep's lower limit, where nothing moved. `--stage-sweep` "
+                                         "chooses them at this budget."), ""]
         md += ["### Configuration", ""] + _config_table(c, jobs) + [""]
         for algo, e in summary["algorithms"].items():
             e["final_delta_vs_base"] = final_delta(c, algo, e, base)
@@ -393,6 +486,14 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool) -> dict:
                "pairwise RMS pixel distance between the two seeds of a prompt) at step 0 and at the end; "
                "*s / update* is the mean `step_seconds` (sampling, reward and update; DDPO-IS, GRPO and RWR average "
                "the updates that sample and those that reuse a batch).", ""]
+        if c.claims_against:  # an RL stage: the papers' claims from the per-seed finals
+            finals = final_deltas(c, runs, base)
+            for algo, values in finals.items():
+                summary["algorithms"][algo]["final_delta_per_seed"] = values
+            claim_lines, claim_rows = _claims_section(c, finals)
+            md += claim_lines
+            info["claims"] = [{k: (v.__dict__ if isinstance(v, analysis.Sample) else v) for k, v in r.items()}
+                              for r in claim_rows]
         md += ["### Final evaluation (test split)", ""] + _eval_table(c, summary, base) + [""]
         md += [f"About {c.eval_images} images per prompt set (the test halves of `{c.prompts}` = train and "
                f"`{c.heldout_prompts}` = held-out attribute combinations; every prompt of a half equally often; "

@@ -449,3 +449,157 @@ def test_plot_eval_draws_every_logged_key_and_refuses_a_non_run(tmp_path, capsys
     with pytest.raises(SystemExit) as e:
         plot_eval.main([str(tmp_path / "nothing"), "--output", str(tmp_path / "x.png")])
     assert "eval.jsonl: no such file" in str(e.value) and not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the RL stages (issue 27): planning, the claims' statistics, the report, and the smoke run end to end
+
+
+def test_rl_stage_plans_the_rl_scripts_at_2048_queries_with_8_grids_and_fixed_rates(tmp_path):
+    a = compare.parse_args(["--stage", "rl-jpeg"])
+    assert a.out == compare.ROOT / "benchmark" / "results" / "rl-jpeg"
+    a = compare.parse_args(["--stage", "rl-jpeg", "--out", str(tmp_path)])
+    sweep, comps = compare.comparisons(a)
+    (c,) = comps
+    assert c.name == "rl-jpeg" and c.split == "test" and c.claims_against == "jpeg" and c.seeds == [0, 1, 2]
+    assert c.algorithms == ("ddpo_sf", "ddpo_is", "rwr", "grpo")
+    # the rates: summary.md's choices at 192 queries, so every rate is fixed and main() runs no sweep
+    assert dict(a.lr) == dict(ddpo_sf=1e-5, ddpo_is=1e-3, rwr=1e-5, grpo=3e-3)
+    c.lr = {x: [r] for x, r in dict(a.lr).items()}
+    jobs = compare.plan(comps, tmp_path, {"shapes": tmp_path / "p.txt"})
+    assert len(jobs) == 12
+    for j in jobs:
+        assert j.steps * j.queries_per_update == 2048
+        flag = lambda name: j.cmd[j.cmd.index(name) + 1]
+        assert flag("--reward") == "jpeg_compressibility" and flag("--model") == "tiny-shapes"
+        assert int(flag("--sample-every")) * j.queries_per_update == 256  # 8 grids after step 0, equally spaced
+        assert j.run_dir == tmp_path / "runs" / "rl-jpeg" / f"{j.algorithm}__s{j.seed}"
+    _, (al,) = compare.comparisons(compare.parse_args(["--stage", "rl-alignment", "--budget", "512"]))
+    assert al.rl_reward == "shapes_alignment" and al.claims_against == "alignment" and al.budget == 512
+    # --lr overrides one entry; --stage-sweep sweeps all four at the stage's budget on the validation split
+    assert dict(compare.parse_args(["--stage", "rl-jpeg", "--lr", "rwr=3e-4"]).lr)["rwr"] == 3e-4
+    a = compare.parse_args(["--stage", "rl-jpeg", "--stage-sweep"])
+    sweep, _ = compare.comparisons(a)
+    assert a.lr == [] and sweep.budget == 2048 and sweep.split == "validation" and sweep.seeds == [100]
+    assert sweep.algorithms == c.algorithms and sweep.lr["ddpo_is"] == list(compare.SWEEP_RATES)
+    # without --stage: the main comparison as before
+    a = compare.parse_args([])
+    assert a.budget == 192 and a.algorithms == list(compare.ALGORITHMS) and a.lr == []
+    assert [c.name for c in compare.comparisons(a)[1]] == ["alignment", "jpeg"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage", "rl-jpeg", "--algorithms", "draft", "grpo"], "RL scripts only"),
+    (["--stage-sweep"], "RL stage only"),
+    (["--stage", "rl-alignment", "--evals-per-run", "0"], "at least 1"),
+])
+def test_rl_stage_refuses_bad_flags(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.parse_args(argv)
+    assert e.value.code != 0 and message in capsys.readouterr().err
+
+
+def test_claim_difference_is_welchs_t_against_two():
+    from scipy import stats
+
+    a, b = [1.0, 2.0, 3.0], [0.0, 0.5, 1.0]
+    d = analysis.difference(analysis.Sample.of(a), analysis.Sample.of(b))
+    t = stats.ttest_ind(a, b, equal_var=False).statistic  # Welch's t = (mean a - mean b) / unpaired SE
+    assert d["diff"] == pytest.approx(1.5) and d["diff"] / d["se"] == pytest.approx(t) and d["resolved"] is True
+    close = [0.0, 1.5, 0.0]
+    d2 = analysis.difference(analysis.Sample.of(close), analysis.Sample.of(b))
+    assert abs(stats.ttest_ind(close, b, equal_var=False).statistic) < 2 and d2["resolved"] is False
+    assert analysis.difference(analysis.Sample.of([1.0]), analysis.Sample.of(b))["resolved"] is None
+    s = analysis.Sample.from_population_std(float(np.mean(a)), float(np.std(a)), 3)  # summary.json's mean_std
+    assert s.sd == pytest.approx(np.std(a, ddof=1))
+    rows = analysis.rl_claims(dict(ddpo_is=a, ddpo_sf=b, grpo=close))
+    verdicts = {(r["a"], r["b"]): r["verdict"] for r in rows}
+    assert verdicts == {("ddpo_is", "ddpo_sf"): "agrees", ("grpo", "ddpo_is"): "not resolved"}
+    rows = analysis.rl_claims(dict(ddpo_is=b, ddpo_sf=a))
+    assert rows[0]["verdict"] == "contradicts (DDPO-SF ahead)"
+
+
+def test_gradient_claim_is_per_query():
+    rl = dict(ddpo_is=[0.0, 0.1, 0.2], rwr=[-1.0, -1.1, -0.9])  # DDPO-IS is the best RL script
+    far, level = analysis.Sample(1.0, 0.1, 3), analysis.Sample(0.1, 0.1, 3)
+    rows = analysis.gradient_claims(rl, dict(draft=far, refl=level), rl_budget=2048, gradient_budget=192)
+    by = {r["a"]: r for r in rows}
+    assert {r["b"] for r in rows} == {"ddpo_is"} and by["draft"]["diff"] == pytest.approx(0.9)
+    assert by["draft"]["verdict"] == "agrees" and by["refl"]["verdict"] == "not resolved"
+    # the RL script ahead beyond the seeds, but with 10.7x the queries: nothing per query
+    behind = analysis.Sample(-0.5, 0.1, 3)
+    (row,) = analysis.gradient_claims(rl, dict(draft=behind), rl_budget=2048, gradient_budget=192)
+    assert row["verdict"].startswith("not shown (DDPO-IS ahead with 10.7×")
+    (row,) = analysis.gradient_claims(rl, dict(draft=far), rl_budget=96, gradient_budget=192)
+    assert row["verdict"].startswith("not shown (DRaFT-1 ahead with 2×")
+
+
+def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from benchmark import report
+
+    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--out", str(tmp_path), "--seeds", "0", "1", "2"])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {x: [r] for x, r in dict(a.lr).items()}
+    jobs = compare.plan([c], tmp_path, {"simple_animals": tmp_path / "p.txt"})
+    reward = c.rl_reward
+    finals = dict(ddpo_sf=[0.0, 0.1, 0.2], ddpo_is=[1.0, 2.0, 3.0], rwr=[0.0, 0.5, 1.0], grpo=[1.0, 2.5, 2.0])
+    for j in jobs:  # base -10: final Δ = finals
+        write_run(j.run_dir, int(j.queries_per_update), [0.0] * j.steps, {0: 0.0, j.steps: 1.0},
+                  final_eval=dict(scores=dict(train={reward: -10 + finals[j.algorithm][j.seed]},
+                                              heldout={reward: -10.0})))
+    base = compare.base_file(tmp_path, c, 1.0)
+    base.parent.mkdir(parents=True)
+    base.write_text(json.dumps(dict(config=dict(eta=1.0, split="test"), seconds=1.0,
+                                    scores=dict(train={reward: -10.0}, heldout={reward: -10.0}))))
+    # the main comparison `jpeg` on the same model: DRaFT-1 +5 ± 0 at 48 queries (η = 0 base -20)
+    ref = tmp_path / "main" / "summary.json"
+    ref.parent.mkdir()
+    ref.write_text(json.dumps(dict(comparisons=dict(jpeg=dict(model="tiny", budget=48, base={"0.0": dict(
+        scores=dict(train={reward: -20.0}))}, summary=dict(algorithms=dict(
+            draft=dict(seeds=[0, 1], final_eval=dict(train={reward: [-15.0, 0.5]})),
+            ddpo_is=dict(seeds=[0, 1], final_eval=dict(train={reward: [0.0, 0.0]})))))))))
+    other = tmp_path / "other" / "summary.json"  # the same on another model: not comparable, skipped
+    other.parent.mkdir()
+    other.write_text(ref.read_text().replace('"model": "tiny"', '"model": "tiny-shapes"').replace("-15.0", "-99.0"))
+    monkeypatch.setattr(report, "REFERENCE_SUMMARIES", (tmp_path / "missing.json", other, ref))
+    result = report.write([c], jobs, tmp_path, elapsed=1.0, final=True, title="RL stage")
+    md = (tmp_path / "summary.md").read_text()
+    assert md.startswith("# RL stage\n")
+    assert all((tmp_path / f"rl-jpeg_reward_vs_{x}.png").is_file() for x in ("queries", "seconds"))
+    rows = {(r["a"], r["b"]): r for r in result["comparisons"]["rl-jpeg"]["claims"]}
+    assert rows[("ddpo_is", "ddpo_sf")]["diff"] == pytest.approx(1.9) and rows[("ddpo_is", "ddpo_sf")]["resolved"]
+    assert rows[("grpo", "ddpo_is")]["verdict"] == "not resolved"
+    # per query: DRaFT-1's +5 (sd 0.5·√2 over 2 seeds) at 48 queries against DDPO-IS's +2 at 32: no more queries
+    draft = rows[("draft", "ddpo_is")]
+    assert draft["diff"] == pytest.approx(3.0) and draft["se"] == pytest.approx(math.sqrt(0.5 / 2 + 1 / 3))
+    assert draft["verdict"] == "not shown (DRaFT-1 ahead with 1.5× the queries)"
+    assert ("ddpo_is", "ddpo_is") not in rows  # the reference's RL scripts are not gradient scripts
+    assert "| DDPO-IS ahead of DDPO-SF (DDPO) | DDPO-IS +2 ± 1 (3) | DDPO-SF +0.1 ± 0.1 (3) | +1.9 |" in md
+    assert "resolved when |A − B| > 2 SE" in md and "(`" in md
+    monkeypatch.setattr(report, "REFERENCE_SUMMARIES", (tmp_path / "missing.json",))
+    report.write([c], jobs, tmp_path, elapsed=1.0, final=True)
+    assert "Per reward query against the gradient scripts: not in this stage" in (tmp_path / "summary.md").read_text()
+
+
+def test_rl_stage_smoke_runs_end_to_end(tmp_path, monkeypatch):
+    """`compare.py --stage rl-jpeg --smoke`, cut to two scripts and one seed so that it takes well under a minute:
+    the stage's command lines run, are evaluated and reported."""
+    pytest.importorskip("matplotlib")
+    import torch
+
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "HF_HUB_OFFLINE", "PYTHONUNBUFFERED"):  # main() sets them
+        monkeypatch.delenv(name, raising=False)  # restored after the test
+    threads = torch.get_num_threads()
+    try:
+        compare.main(["--stage", "rl-jpeg", "--smoke", "--out", str(tmp_path), "--seeds", "0", "--budget", "16",
+                      "--algorithms", "ddpo_is", "grpo", "--no-fork-server"])
+    finally:
+        torch.set_num_threads(threads)  # main() sets one thread for this process too
+    summary = json.loads((tmp_path / "summary.json").read_text())["comparisons"]["rl-jpeg"]
+    assert summary["runs_finished"] == summary["runs_expected"] == 2 and "sweep" not in summary
+    for algo in ("ddpo_is", "grpo"):
+        run = tmp_path / "runs" / "rl-jpeg" / f"{algo}__s0"
+        assert (run / "test_eval.json").is_file()
+        assert [json.loads(x)["step"] for x in (run / "eval.jsonl").read_text().splitlines()] == [0, 2, 4]
+    assert [r["verdict"] for r in summary["claims"]] == ["too few seeds"]
