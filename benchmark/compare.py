@@ -131,6 +131,9 @@ class Comparison:
     # an RL stage: the main comparison (its name) whose gradient runs the stage's claims table compares against per
     # reward query; None: no claims table (the main comparison)
     claims_against: str | None = None
+    # the RL scripts' sampler: DDIM η (1: DDPO's) or, on a flow model, Flow-GRPO's noise level a (0.7, its SD3.5
+    # configs); the base model is evaluated under it too. Passed as --eta only when it is not the scripts' default 1.
+    rl_eta: float = 1.0
 
     def reward(self, algo: str) -> str:
         return self.rl_reward if algo in RL else self.grad_reward
@@ -234,6 +237,7 @@ def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]
                            "--prompt-file", str(prompt_files[c.prompts]),
                            "--num-inference-steps", str(c.num_inference_steps),
                            "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
+                           *(["--eta", f"{c.rl_eta:g}"] if algo in RL and c.rl_eta != 1.0 else []),
                            "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
                            "--save-every", "0", "--output-dir", str(run_dir)]
                     jobs.append(Job(c, algo, seed, lr, run_dir, cmd, steps, per_update, settings))
@@ -373,10 +377,10 @@ def base_file(out: Path, c: Comparison, eta: float) -> Path:
 
 
 def evaluate_base(c: Comparison, out: Path, fresh: bool) -> None:
-    """The base model's scores on the comparison's split, once per sampler it uses (η = 0 gradient, η = 1 RL)."""
+    """The base model's scores on the comparison's split, once per sampler it uses (η = 0 gradient, `rl_eta` RL)."""
     from benchmark import evaluate
 
-    for eta in sorted({1.0 if a in RL else 0.0 for a in c.algorithms}):
+    for eta in sorted({c.rl_eta if a in RL else 0.0 for a in c.algorithms}):
         path = base_file(out, c, eta)
         if fresh or not eval_done(path, c):
             print(f"[{time.strftime('%H:%M:%S')}] evaluate base model ({c.name}, {c.split} split, η = {eta:g})",
@@ -459,6 +463,11 @@ def recommended(model: str) -> dict:
     return shapes.recommended(model)
 
 
+def rl_eta(model: str) -> float:
+    """The RL scripts' sampler noise: DDPO's η = 1 on DDIM; Flow-GRPO's noise level 0.7 on the flow testbed."""
+    return 0.7 if model == "tiny-shapes-flow" else 1.0
+
+
 def comparisons(a) -> tuple[Comparison, list[Comparison]]:
     """The sweep and the two comparisons of the benchmark (or of --smoke), with the command-line overrides applied.
     The comparisons' learning rates are empty until the sweep has chosen them (`--lr` fixes some in advance)."""
@@ -485,7 +494,7 @@ def comparisons(a) -> tuple[Comparison, list[Comparison]]:
     else:
         rec = recommended(a.model)
         common_kw = dict(model=a.model, prompts="shapes", num_inference_steps=rec["num_inference_steps"],
-                         guidance_scale=rec["guidance_scale"], eval_images=a.eval_images)
+                         guidance_scale=rec["guidance_scale"], eval_images=a.eval_images, rl_eta=rl_eta(a.model))
         main = Comparison("alignment", f"{a.model}, shapes_alignment (RL: black box; gradient: backpropagated)",
                           heldout_prompts="shapes_heldout", rl_reward="shapes_alignment",
                           grad_reward="shapes_alignment",

@@ -163,8 +163,9 @@ def _config_table(c, jobs) -> list[str]:
     return lines
 
 
-def _eta(algo: str) -> float:
-    return 1.0 if algo in analysis.RL else 0.0
+def _eta(c, algo: str) -> float:
+    """The sampler `algo` trains and is evaluated with in comparison `c` (its base model's too)."""
+    return getattr(c, "rl_eta", 1.0) if algo in analysis.RL else 0.0
 
 
 def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
@@ -172,7 +173,7 @@ def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
     sampler (mean ± std over seeds); NaN when either is missing."""
     reward = c.reward(algo)
     fe = entry.get("final_eval", {}).get("train", {}).get(reward)
-    b = base.get(_eta(algo))
+    b = base.get(_eta(c, algo))
     if fe is None or b is None or reward not in b["scores"]["train"]:
         return math.nan, math.nan
     return fe[0] - b["scores"]["train"][reward], fe[1]
@@ -215,7 +216,7 @@ def _eval_table(c, summary, base) -> list[str]:
         if e is None:
             continue
         fe = e.get("final_eval", {})
-        cells = [_label(algo), f"η = {_eta(algo):g}"]
+        cells = [_label(algo), f"η = {_eta(c, algo):g}"]
         cells += [_fmt(fe.get("train", {}).get(r, (math.nan, math.nan))) for r in em]
         cells += [_fmt(fe.get("heldout", {}).get(r, (math.nan, math.nan))) for r in em]
         lines.append("| " + " | ".join(cells) + " |")
@@ -252,12 +253,12 @@ def plot_sweep(c, scores: dict[str, dict[float, float]], base: dict, out: Path) 
     if not scores:
         return None
     chosen = analysis.choose_rates(scores)
-    drawn = [algo for algo in c.algorithms if algo in scores and _eta(algo) in base]
+    drawn = [algo for algo in c.algorithms if algo in scores and _eta(c, algo) in base]
     if not drawn:  # the base model's evaluation is needed for the Δ
         return None
     fig, ax = plt.subplots(figsize=(8, 5))
     for algo in drawn:
-        b = base[_eta(algo)]["scores"]["train"][c.reward(algo)]
+        b = base[_eta(c, algo)]["scores"]["train"][c.reward(algo)]
         rates = sorted(scores[algo])
         ax.plot(rates, [scores[algo][lr] - b for lr in rates], marker="o", label=_label(algo), **_style(algo))
         if algo in chosen:
@@ -297,7 +298,7 @@ def _sweep_section(c, runs: dict, scores: dict, base: dict) -> list[str]:
     for algo in c.algorithms:
         if algo not in scores:
             continue
-        b = base.get(_eta(algo), {}).get("scores", {}).get("train", {}).get(c.reward(algo), math.nan)
+        b = base.get(_eta(c, algo), {}).get("scores", {}).get("train", {}).get(c.reward(algo), math.nan)
         cells = []
         for lr in rates:
             if lr not in scores[algo]:
@@ -317,7 +318,7 @@ def final_deltas(c, runs: dict, base: dict) -> dict[str, list[float]]:
     finals: dict[str, list[tuple[int, float]]] = {}
     for job, run in runs.items():
         reward = c.reward(job.algorithm)
-        b = base.get(_eta(job.algorithm), {}).get("scores", {}).get("train", {}).get(reward)
+        b = base.get(_eta(job.comparison, job.algorithm), {}).get("scores", {}).get("train", {}).get(reward)
         if run.final_eval and b is not None:
             finals.setdefault(job.algorithm, []).append((job.seed, run.final_eval["scores"]["train"][reward] - b))
     return {algo: [v for _, v in sorted(seeds)] for algo, seeds in finals.items()}
@@ -498,7 +499,9 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool,
         md += [f"About {c.eval_images} images per prompt set (the test halves of `{c.prompts}` = train and "
                f"`{c.heldout_prompts}` = held-out attribute combinations; every prompt of a half equally often; "
                "fixed seeds 10000+) from the final LoRA with the sampler it trained with: η = 0 for the gradient "
-               "scripts, η = 1 for the RL scripts, and the base model with both. `shapes_exact_match` is the "
+               f"scripts, η = {_eta(c, 'ddpo_sf'):g} for the RL scripts"
+               f"{' (the flow SDE noise level a)' if _eta(c, 'ddpo_sf') != 1.0 else ''}, and the base model with both. "
+               "`shapes_exact_match` is the "
                "fraction of images whose four attributes (shape, colour, background, count) all match the prompt as "
                "the shapes classifier reads them, `shapes_attribute_accuracy` the mean fraction of the four that "
                "match.", ""]
