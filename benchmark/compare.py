@@ -541,7 +541,7 @@ def stage_comparison(a) -> Comparison:
                                                      "shapes_exact_match", "shapes_attribute_accuracy"]
         else:
             reward, evals = "shapes_alignment", ["shapes_exact_match", "shapes_attribute_accuracy", "shapes_alignment"]
-        kw = dict(model=a.model, prompts="shapes", heldout_prompts="shapes_heldout", rl_reward=reward,
+        kw = dict(model=a.model, prompts="shapes", heldout_prompts="shapes_heldout", rl_reward=reward, rl_eta=rl_eta(a.model),
                   eval_rewards=evals, budget=a.budget, seeds=a.seeds or [0, 1, 2], evals_per_run=a.evals_per_run,
                   num_sample_images=a.grid_images, eval_images=a.eval_images,
                   title=f"{a.model}, RL scripts on {reward} (black box), {a.budget} reward queries")

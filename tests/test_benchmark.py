@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmark import analysis, compare
+from benchmark import analysis, compare, report
 
 
 def write_run(run_dir: Path, queries_per_update: int, rewards: list[float], evals: dict[int, float],
@@ -453,6 +453,26 @@ def test_plot_eval_draws_every_logged_key_and_refuses_a_non_run(tmp_path, capsys
 
 # ---------------------------------------------------------------------------------------------------------------
 # the RL stages (issue 27): planning, the claims' statistics, the report, and the smoke run end to end
+
+
+def test_flow_testbed_plans_flow_grpo_noise_for_the_rl_scripts_only(tmp_path):
+    """On tiny-shapes-flow the RL scripts sample Flow-GRPO's noise level 0.7 (--eta 0.7) and the base model is
+    evaluated under it; the gradient scripts get no --eta; on tiny-shapes no command carries --eta (the scripts'
+    default η = 1, the commands of the committed benchmark unchanged)."""
+    rates = [f"{x}=1e-3" for x in compare.ALGORITHMS]
+    for model, eta in (("tiny-shapes-flow", "0.7"), ("tiny-shapes", None)):
+        a = compare.parse_args(["--model", model, "--comparisons", "alignment", "--lr", *rates, "--out", str(tmp_path)])
+        _, comps = compare.comparisons(a)
+        for c in comps:
+            c.lr = {x: [r] for x, r in dict(a.lr).items()}
+        jobs = compare.plan(comps, tmp_path, {"shapes": tmp_path / "p.txt"})
+        assert len(jobs) == 24 and all(j.cmd[j.cmd.index("--model") + 1] == model for j in jobs)
+        for j in jobs:
+            given = j.cmd[j.cmd.index("--eta") + 1] if "--eta" in j.cmd else None
+            assert given == (eta if j.algorithm in compare.RL else None), (model, j.algorithm, j.cmd)
+        assert comps[0].num_inference_steps == 20
+        assert comps[0].guidance_scale == (7.0 if model == "tiny-shapes-flow" else 7.5)
+        assert report._eta(comps[0], "grpo") == float(eta or 1) and report._eta(comps[0], "draft") == 0.0
 
 
 def test_rl_stage_plans_the_rl_scripts_at_2048_queries_with_8_grids_and_fixed_rates(tmp_path):
