@@ -86,6 +86,18 @@ def script_cli(name: str, *flags: str) -> list[str]:
     return [sys.executable, str(ROOT / f"{name}.py"), *script_args(name, *flags)]
 
 
+def tensor_digest(tensors: dict) -> str:
+    """SHA-256 of named tensors (name, dtype, shape and bytes of each, sorted by name): committed weights, bit for bit."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def read_metrics(run_dir):
     """A run's metrics.jsonl as a list of dicts, one per optimizer update."""
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -1,6 +1,5 @@
 """The tiny-shapes testbed: data generator, the committed model folder, the shapes rewards, and a short DRaFT run."""
 
-import hashlib
 import json
 
 import numpy as np
@@ -14,6 +13,7 @@ import rewards
 import shapes
 from shapes import data
 from shapes.classifier import ShapesClassifier
+from conftest import tensor_digest
 
 
 def _pixels(image: torch.Tensor) -> np.ndarray:
@@ -106,20 +106,11 @@ PRETRAINED_DIGESTS = {
 }
 
 
-def _digest(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def test_tiny_shapes_folder_holds_the_pretrained_weights_bit_for_bit():
     from safetensors.torch import load_file
 
     for name, digest in PRETRAINED_DIGESTS.items():
-        assert _digest(load_file(common.models.TINY_SHAPES / name)) == digest, name
+        assert tensor_digest(load_file(common.models.TINY_SHAPES / name)) == digest, name
 
 
 def _built_in_code() -> dict:

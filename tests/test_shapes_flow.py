@@ -5,7 +5,6 @@ modules `shapes.pretrain_flow` builds, with SD3's latent convention measured on 
 runs and writes that folder format; and on it a gradient script and an RL script raise `shapes_alignment`
 (tests/test_learning.py's protocol: an evaluation independent of the scripts, a margin from the measured spread)."""
 
-import hashlib
 import json
 import os
 
@@ -17,6 +16,7 @@ import rewards
 import shapes
 from common.models import TINY_SHAPES_FLOW
 from shapes import data, pretrain_flow
+from conftest import tensor_digest
 
 # SHA-256 of the float16 tensors (name, dtype, shape, bytes; sorted by name) of the committed weight files, as written
 # by `python -m shapes.pretrain_flow` (seed 0, one thread; pretrain.json has its log)
@@ -29,22 +29,13 @@ PRETRAINED_DIGESTS = {
 }
 
 
-def _digest(tensors: dict) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def test_folder_holds_the_pretrained_weights_bit_for_bit():
     from safetensors.torch import load_file
 
     assert sorted(PRETRAINED_DIGESTS) == sorted(str(p.relative_to(TINY_SHAPES_FLOW))
                                                 for p in TINY_SHAPES_FLOW.glob("*/*.safetensors"))
     for name, digest in PRETRAINED_DIGESTS.items():
-        assert _digest(load_file(TINY_SHAPES_FLOW / name)) == digest, name
+        assert tensor_digest(load_file(TINY_SHAPES_FLOW / name)) == digest, name
 
 
 def test_folder_is_the_model_pretrain_flow_builds():
