@@ -27,6 +27,8 @@ def test_one_script_with_common_and_rewards_runs_alone(tmp_path):
 
     for flags, message in ((["--model", "tiny-shapes"], "belongs to the tiny-shapes testbed"),  # its prompts
                            (["--model", "tiny-shapes", "--prompts", "simple_animals"], "is the testbed's folder"),
+                           (["--model", "tiny-shapes-flow", "--prompts", "simple_animals"],
+                            "--model tiny-shapes-flow is the testbed's folder"),
                            (["--reward", "shapes_alignment"], "need the tiny-shapes testbed's shapes/ folder")):
         proc = subprocess.run([*cmd[:-2], "--output-dir", "run2", *flags], capture_output=True, text=True, env=env,
                               timeout=300, cwd=tmp_path)

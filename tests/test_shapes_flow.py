@@ -70,6 +70,7 @@ def test_folder_is_the_model_pretrain_flow_builds():
             reference(prompts, padding="max_length", max_length=77).input_ids
     assert folder.tokenizer_2.pad_token == "!"
 
+    assert common.load_prompts(model="tiny-shapes-flow") == data.TRAIN_PROMPTS  # the scripts' default prompts
     loaded = common.load_pipeline("tiny-shapes-flow", lora_rank=0)
     assert loaded.text_encoder_3 is None and type(loaded.scheduler) is FlowMatchEulerDiscreteScheduler
     rec = shapes.recommended("tiny-shapes-flow")
