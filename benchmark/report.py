@@ -165,7 +165,7 @@ def _config_table(c, jobs) -> list[str]:
 
 def _eta(c, algo: str) -> float:
     """The sampler `algo` trains and is evaluated with in comparison `c` (its base model's too)."""
-    return getattr(c, "rl_eta", 1.0) if algo in analysis.RL else 0.0
+    return c.rl_eta if algo in analysis.RL else 0.0
 
 
 def final_delta(c, algo: str, entry: dict, base: dict) -> tuple[float, float]:
@@ -499,8 +499,8 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool,
         md += [f"About {c.eval_images} images per prompt set (the test halves of `{c.prompts}` = train and "
                f"`{c.heldout_prompts}` = held-out attribute combinations; every prompt of a half equally often; "
                "fixed seeds 10000+) from the final LoRA with the sampler it trained with: η = 0 for the gradient "
-               f"scripts, η = {_eta(c, 'ddpo_sf'):g} for the RL scripts"
-               f"{' (the flow SDE noise level a)' if _eta(c, 'ddpo_sf') != 1.0 else ''}, and the base model with both. "
+               f"scripts, η = {c.rl_eta:g} for the RL scripts{' (the flow SDE noise level a)' if c.rl_eta != 1 else ''}"
+               ", and the base model with both. "
                "`shapes_exact_match` is the "
                "fraction of images whose four attributes (shape, colour, background, count) all match the prompt as "
                "the shapes classifier reads them, `shapes_attribute_accuracy` the mean fraction of the four that "

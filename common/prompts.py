@@ -65,7 +65,9 @@ def default_prompt_set(model: str | None) -> str:
     """The prompt set a script uses when none is named: the testbed's captions for `tiny-shapes` and
     `tiny-shapes-flow` (the only prompts they were trained on and that their `shapes_*` rewards can read), DDPO's 45
     animals otherwise."""
-    return "shapes" if model in ("tiny-shapes", "tiny-shapes-flow") else "simple_animals"
+    from .models import TESTBEDS
+
+    return "shapes" if model in TESTBEDS else "simple_animals"
 
 
 def load_prompts(name: str | None = None, prompt_file: str | None = None, model: str | None = None) -> list[str]:

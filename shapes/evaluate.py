@@ -65,7 +65,7 @@ def evaluate(pipe, prompts: list[str], samples_per_prompt: int, num_steps: int, 
 def main(args: Args) -> None:
     torch.set_num_threads(args.threads)
     rec = shapes.recommended(args.model)
-    steps = args.num_inference_steps or rec["num_inference_steps"]
+    steps = rec["num_inference_steps"] if args.num_inference_steps is None else args.num_inference_steps
     w = rec["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     pipe = common.load_pipeline(args.weights_dir or args.model, lora_rank=0)
     if args.lora_dir:
