@@ -13,6 +13,11 @@ change is measured per image (same prompt, same initial noise): its mean, the st
 differences, the standard error of the mean change (std / √n), and the change on each half of the seeds (0 and 1,
 2 and 3), whose difference is a second, model-free look at the noise. A rise "clearly beyond the noise" is one of
 several standard errors that both seed halves agree on.
+
+An RL run trained on its stochastic sampler and on another reward, e.g. the RL quickstart (DDPO-IS on JPEG
+incompressibility), is scored on what it optimised: `--rewards jpeg_incompressibility --eta 1` draws both models'
+images with DDIM η = 1 from the same seeds (the same initial noise and the same per-step noise), so the change is still
+paired per image.
 """
 
 from __future__ import annotations
@@ -35,12 +40,14 @@ from benchmark.evaluate import per_image  # noqa: E402
 REWARDS = ("shapes_alignment", "shapes_exact_match")
 
 
-def images_scores(pipe, prompts: list[str], seeds: int, num_steps: int, guidance_scale: float) -> dict:
-    """reward -> [seeds, len(prompts)] scores of shapes.evaluate's images (one batch of all prompts per seed)."""
-    fns = {name: rewards.load(name) for name in REWARDS}
-    per_seed = [per_image(pipe, prompts, fns, num_steps, guidance_scale, 0.0, seed, chunk=len(prompts))
+def images_scores(pipe, prompts: list[str], seeds: int, num_steps: int, guidance_scale: float,
+                  reward_names: tuple[str, ...] = REWARDS, eta: float = 0.0) -> dict:
+    """reward -> [seeds, len(prompts)] scores of shapes.evaluate's images (one batch of all prompts per seed; with
+    `eta` > 0 the same seeds also fix the sampler's per-step noise)."""
+    fns = {name: rewards.load(name) for name in reward_names}
+    per_seed = [per_image(pipe, prompts, fns, num_steps, guidance_scale, eta, seed, chunk=len(prompts))
                 for seed in range(seeds)]
-    return {name: torch.stack([s[name] for s in per_seed]).double() for name in REWARDS}
+    return {name: torch.stack([s[name] for s in per_seed]).double() for name in reward_names}
 
 
 def paired(before: torch.Tensor, after: torch.Tensor) -> dict:
@@ -60,7 +67,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-file", type=Path, help="score these captions instead of the 96 training captions")
     p.add_argument("--heldout-samples-per-prompt", type=int, help="seeds per held-out caption (default: as above)")
+    p.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated reward names (default: %(default)s)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η of both models' sampler (default 0, as "
+                   "shapes.evaluate; 1: the RL scripts' sampler)")
     a = p.parse_args(argv)
+    names = tuple(n.strip() for n in a.rewards.split(",") if n.strip())
+    unknown = [n for n in names if n not in rewards.REWARDS]
+    if not names or unknown or a.eta < 0:
+        p.error(f"--rewards: unknown {', '.join(unknown)} (one of {', '.join(rewards.REWARDS)})" if unknown
+                else "--rewards: give at least one reward" if not names else f"--eta {a.eta:g}: must be >= 0")
     torch.set_num_threads(a.threads)
     from shapes import data
 
@@ -69,15 +84,15 @@ def main(argv=None):
     base = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned.load_lora_weights(str(a.run_dir))  # as shapes.evaluate --lora-dir does
-    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, seeds=a.samples_per_prompt,
+    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, eta=a.eta, seeds=a.samples_per_prompt,
                   heldout_seeds=a.heldout_samples_per_prompt or a.samples_per_prompt)
     train = data.TRAIN_PROMPTS if a.prompt_file is None else common.load_prompts(None, str(a.prompt_file), None)
     result["prompts"] = train
     seeds = dict(train=a.samples_per_prompt, heldout=a.heldout_samples_per_prompt or a.samples_per_prompt)
     for split, prompts in (("train", train), ("heldout", data.HELDOUT_PROMPTS)):
-        before = images_scores(base, prompts, seeds[split], T, w)
-        after = images_scores(tuned, prompts, seeds[split], T, w)
-        result[split] = {name: paired(before[name], after[name]) for name in REWARDS}
+        before = images_scores(base, prompts, seeds[split], T, w, names, a.eta)
+        after = images_scores(tuned, prompts, seeds[split], T, w, names, a.eta)
+        result[split] = {name: paired(before[name], after[name]) for name in names}
     (a.run_dir / "paired_eval.json").write_text(json.dumps(result, indent=2))
     for split in ("train", "heldout"):
         for name, r in result[split].items():

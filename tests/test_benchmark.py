@@ -414,9 +414,10 @@ def test_paired_eval_scores_a_prompt_file_and_fewer_heldout_seeds(tmp_path, monk
 
     calls = []
 
-    def scores(pipe, prompts, seeds, num_steps, guidance_scale):
+    def scores(pipe, prompts, seeds, num_steps, guidance_scale, names, eta):
+        assert names == paired_eval.REWARDS and eta == 0.0  # the defaults: shapes.evaluate's figures and sampler
         calls.append((list(prompts), seeds, num_steps, guidance_scale))
-        return {name: torch.zeros(seeds, len(prompts)) for name in paired_eval.REWARDS}
+        return {name: torch.zeros(seeds, len(prompts)) for name in names}
 
     monkeypatch.setattr(common, "load_pipeline", lambda *a, **k: Pipe())
     monkeypatch.setattr(paired_eval, "images_scores", scores)
@@ -431,6 +432,41 @@ def test_paired_eval_scores_a_prompt_file_and_fewer_heldout_seeds(tmp_path, monk
     result = json.loads((run / "paired_eval.json").read_text())
     assert result["prompts"] == file_prompts and result["train"]["shapes_alignment"]["images"] == 10
     assert result["heldout"]["shapes_alignment"]["images"] == 2 * len(data.HELDOUT_PROMPTS)
+
+
+def test_paired_eval_of_an_rl_run_pairs_its_stochastic_sampler(tmp_path, capsys):
+    """--eta 1 --rewards ...: the RL quickstart's evaluation. The same seeds fix the per-step noise too, so a LoRA of
+    zeros (the model unchanged) gives a change of exactly 0 on every image, although η = 1 draws other images than
+    η = 0; a bad reward name or η is one line, not a traceback."""
+    import json
+
+    import torch
+
+    import common
+    from benchmark import paired_eval
+
+    torch.manual_seed(0)
+    pipe = common.load_pipeline("tiny-shapes", 2, "cpu", torch.float32)  # a rank-2 LoRA, B = 0: the model unchanged
+    run = tmp_path / "run"
+    common.save_lora(pipe, run)
+    (run / "args.json").write_text(json.dumps(dict(model="tiny-shapes", num_inference_steps=2, guidance_scale=7.5)))
+    (tmp_path / "p.txt").write_text("a red circle on a blue background\n")
+    paired_eval.main([str(run), "--prompt-file", str(tmp_path / "p.txt"), "--samples-per-prompt", "2",
+                      "--heldout-samples-per-prompt", "1", "--rewards", "jpeg_incompressibility", "--eta", "1"])
+    result = json.loads((run / "paired_eval.json").read_text())
+    assert result["eta"] == 1.0 and set(result["train"]) == {"jpeg_incompressibility"}
+    for split in ("train", "heldout"):
+        r = result[split]["jpeg_incompressibility"]
+        assert r["change"] == 0.0 and r["diff_std"] == 0.0 and r["before"] > 0
+    images = dict(eta1=paired_eval.images_scores(pipe, ["a red circle on a blue background"], 1, 2, 7.5,
+                                                 ("jpeg_incompressibility",), 1.0),
+                  eta0=paired_eval.images_scores(pipe, ["a red circle on a blue background"], 1, 2, 7.5,
+                                                 ("jpeg_incompressibility",), 0.0))
+    assert not torch.equal(images["eta1"]["jpeg_incompressibility"], images["eta0"]["jpeg_incompressibility"])
+    for bad, message in ((["--rewards", "jpeg_size"], "unknown jpeg_size"), (["--eta", "-1"], "must be >= 0")):
+        with pytest.raises(SystemExit) as e:
+            paired_eval.main([str(run), *bad])
+        assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_plot_eval_draws_every_logged_key_and_refuses_a_non_run(tmp_path, capsys):
