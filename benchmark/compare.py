@@ -63,7 +63,8 @@ docs/benchmark). Output in benchmark/results/<stage> (smoke: benchmark/results/s
 
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed} (the sweep: runs/sweep/{algorithm}__lr{rate}__s{seed});
 a run whose directory holds a finished run of the same command is skipped (so a rerun resumes), `--fresh` redoes
-them. Jobs run with OMP_NUM_THREADS=1, `--jobs` at a time (default 1).
+them; an RL stage's runs save a checkpoint with every sample grid, and a run stopped midway continues from its last
+one (`--resume`: the same result, the scripts resume bit-exactly). Jobs run with OMP_NUM_THREADS=1, `--jobs` at a time (default 1).
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class Comparison:
     # the RL scripts' sampler: DDIM η (1: DDPO's) or, on a flow model, Flow-GRPO's noise level a (0.7, its SD3.5
     # configs); the base model is evaluated under it too. Passed as --eta only when it is not the scripts' default 1.
     rl_eta: float = 1.0
+    # an RL stage: each run saves a checkpoint with every sample grid, so that a stopped invocation resumes a run
+    # from its last grid instead of redoing it (a stage's runs take half an hour; the main comparison's, minutes)
+    checkpoints: bool = False
 
     def reward(self, algo: str) -> str:
         return self.rl_reward if algo in RL else self.grad_reward
@@ -233,13 +237,16 @@ def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]
                     name = f"{algo}__lr{lr:g}__s{seed}" if c.sweep else f"{algo}__s{seed}"
                     run_dir = out / "runs" / c.name / name
                     sample_every = max(1, steps // c.evals_per_run) if c.evals_per_run else steps
+                    # checkpoints fall between sampled batches (the RL scripts require it): a whole number of them
+                    per_batch = round(c.rl_batch / per_update) if algo in RL else 1
+                    save_every = max(per_batch, sample_every // per_batch * per_batch) if c.checkpoints else 0
                     cmd = [f"{algo}.py", "--model", c.model, "--reward", c.reward(algo),
                            "--prompt-file", str(prompt_files[c.prompts]),
                            "--num-inference-steps", str(c.num_inference_steps),
                            "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
                            *(["--eta", f"{c.rl_eta:g}"] if algo in RL and c.rl_eta != 1.0 else []),
                            "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
-                           "--save-every", "0", "--output-dir", str(run_dir)]
+                           "--save-every", str(save_every), "--output-dir", str(run_dir)]
                     jobs.append(Job(c, algo, seed, lr, run_dir, cmd, steps, per_update, settings))
     order = {c.name: i for i, c in enumerate(comparisons)}
     return sorted(jobs, key=lambda j: (j.seed, order[j.comparison.name]))  # stable: algorithm order kept
@@ -272,9 +279,34 @@ def _env() -> dict:
     return env
 
 
+def identity(cmd: list[str]) -> list[str]:
+    """A run's command less its --save-every value: checkpoints are bookkeeping, the run's result is the same."""
+    i = cmd.index("--save-every") if "--save-every" in cmd else None
+    return cmd if i is None else cmd[:i] + cmd[i + 2 :]
+
+
 def run_finished(job: Job) -> bool:
     info = analysis.read_json(job.run_dir / "bench_run.json")
-    return bool(info and info.get("cmd") == job.cmd and (job.run_dir / "pytorch_lora_weights.safetensors").is_file())
+    return bool(info and "finished" in info and identity(info.get("cmd", [])) == identity(job.cmd)
+                and (job.run_dir / "pytorch_lora_weights.safetensors").is_file())
+
+
+def resumable(job: Job) -> tuple[int, float] | None:
+    """(step, training seconds) of the checkpoint an unfinished run of this command left, or None: no checkpoint,
+    or a run of another command (bench_run.json is written with the command when a run starts)."""
+    from common import UserError, find_checkpoint
+
+    info = analysis.read_json(job.run_dir / "bench_run.json")
+    if not job.comparison.checkpoints or not info or identity(info.get("cmd", [])) != identity(job.cmd):
+        return None
+    try:
+        step = find_checkpoint(job.run_dir).step
+    except UserError:
+        return None
+    if step >= job.steps:  # stopped after its last update but before it was recorded: nothing left to resume
+        return None
+    seconds = [row["seconds"] for row in analysis.read_jsonl(job.run_dir / "metrics.jsonl") if row["step"] <= step]
+    return step, (seconds[-1] if seconds else 0.0)
 
 
 def eval_done(path: Path, c: Comparison) -> bool:
@@ -335,6 +367,8 @@ def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 4) -> fl
         rc = _run(cmd, log, fork)
         if rc == 0:
             return time.time() - t0
+        if rc == 2:  # the script refused its flags (one line in the log): the same command fails again
+            raise RuntimeError(f"{cmd[0]} refused its flags (exit 2); see {log}")
         print(f"  {cmd[0]} failed (exit {rc}, attempt {attempt}/{attempts}); log: {log}", flush=True)
         time.sleep(30)  # e.g. a script caught mid-edit: give it time
     raise RuntimeError(f"{cmd[0]} failed {attempts} times; see {log}")
@@ -352,14 +386,21 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
     log = out / "logs" / c.name / f"{job.run_dir.name}.log"
     done = []
     if fresh or not run_finished(job):
-        if job.run_dir.exists():
+        resume = None if fresh else resumable(job)
+        if job.run_dir.exists() and resume is None:
             shutil.rmtree(job.run_dir)
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd), indent=2))  # started, not finished
         with lock:
             print(f"[{time.strftime('%H:%M:%S')}] train {c.name}/{job.algorithm} lr {job.lr:g} seed {job.seed}: "
-                  f"{job.steps} updates", flush=True)
-        wall = _call(job.cmd, log, fork)
-        info = dict(cmd=job.cmd, wall_seconds=round(wall, 2),
+                  + (f"resumed at update {resume[0]} of {job.steps}" if resume else f"{job.steps} updates"), flush=True)
+        wall = _call(job.cmd + (["--resume", str(job.run_dir)] if resume else []), log, fork)
+        # a resumed run's wall time: this invocation's plus the training seconds its log holds up to the checkpoint
+        # (the stopped invocation's start-up is not counted)
+        info = dict(cmd=job.cmd, wall_seconds=round(wall + (resume[1] if resume else 0.0), 2),
                     finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        if resume:
+            info["resumed_at_update"] = resume[0]
         (job.run_dir / "bench_run.json").write_text(json.dumps(info, indent=2))
         job.eval_file.unlink(missing_ok=True)
         done.append(f"trained in {wall:.0f} s")
@@ -545,7 +586,7 @@ def stage_comparison(a) -> Comparison:
                   eval_rewards=evals, budget=a.budget, seeds=a.seeds or [0, 1, 2], evals_per_run=a.evals_per_run,
                   num_sample_images=a.grid_images, eval_images=a.eval_images,
                   title=f"{a.model}, RL scripts on {reward} (black box), {a.budget} reward queries")
-    return Comparison(name=a.stage, grad_reward=kw["rl_reward"], lr={}, claims_against=task,
+    return Comparison(name=a.stage, grad_reward=kw["rl_reward"], lr={}, claims_against=task, checkpoints=True,
                       num_inference_steps=rec["num_inference_steps"], guidance_scale=rec["guidance_scale"], **kw)
 
 

@@ -188,8 +188,14 @@ def test_plan_orders_seeds_first_and_skips_finished(tmp_path):
     job.run_dir.mkdir(parents=True)
     (job.run_dir / "pytorch_lora_weights.safetensors").write_bytes(b"")
     (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd)))
+    assert not compare.run_finished(job)  # started (the marker execute() writes first), never finished
+    (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd, finished="2026-12-07T00:00:00Z")))
     assert compare.run_finished(job)
-    (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd + ["--x"])))
+    save = job.cmd.index("--save-every") + 1
+    other_saves = job.cmd[:save] + ["7"] + job.cmd[save + 1 :]
+    (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=other_saves, finished="2026-12-07T00:00:00Z")))
+    assert compare.run_finished(job)  # checkpoints are bookkeeping: the same run
+    (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd + ["--x"], finished="2026-12-07")))
     assert not compare.run_finished(job)  # another configuration: rerun
 
 
@@ -636,6 +642,56 @@ def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, 
     monkeypatch.setattr(report, "REFERENCE_SUMMARIES", (tmp_path / "missing.json",))
     report.write([c], jobs, tmp_path, elapsed=1.0, final=True)
     assert "Per reward query against the gradient scripts: not in this stage" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_stopped_stage_run_resumes_from_its_last_checkpoint_to_the_same_lora(tmp_path, monkeypatch):
+    """An RL stage's run checkpoints with every grid; stopped midway (here: its command cut to the first grid's
+    updates), the next invocation continues it with --resume and ends on the LoRA an uninterrupted run writes, bit
+    for bit. A run left by another command is redone from scratch. (The scripts run in this process, parsed by
+    their own command line parser: the smoke test below runs them as subprocesses.)"""
+    import importlib
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+
+    import common
+
+    def in_process(cmd, log, fork):
+        module = importlib.import_module(cmd[0].removesuffix(".py"))
+        module.main(common.cli(module.Args, cmd[1:]))
+        return 0
+
+    monkeypatch.setattr(compare, "_run", in_process)
+
+    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--seeds", "0", "--algorithms", "ddpo_is",
+                            "--out", str(tmp_path)])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {"ddpo_is": [1e-2]}
+    prompts = compare.training_prompt_file(c.prompts, tmp_path)
+    whole, = compare.plan([c], tmp_path / "whole", {c.prompts: prompts})
+    stopped, = compare.plan([c], tmp_path / "stopped", {c.prompts: prompts})
+    flag = lambda cmd, name: cmd[cmd.index(name) + 1]
+    half = int(flag(stopped.cmd, "--save-every"))
+    assert c.checkpoints and half == stopped.steps // 2 == int(flag(stopped.cmd, "--sample-every"))
+    locks = threading.Lock(), threading.Lock()
+    compare.execute(whole, tmp_path, False, *locks, skip_eval=True, fork=False)
+
+    stopped.run_dir.mkdir(parents=True)
+    (stopped.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=stopped.cmd)))  # what execute() writes first
+    cut = list(stopped.cmd)
+    cut[cut.index("--steps") + 1] = str(half)  # the run as far as its first checkpoint
+    compare._call(cut, tmp_path / "cut.log", fork=False)
+    assert compare.resumable(stopped)[0] == half and not compare.run_finished(stopped)
+    what = compare.execute(stopped, tmp_path, False, *locks, skip_eval=True, fork=False)
+    info = json.loads((stopped.run_dir / "bench_run.json").read_text())
+    assert what.startswith("trained") and info["resumed_at_update"] == half and info["cmd"] == stopped.cmd
+    assert compare.run_finished(stopped)
+    ours, theirs = (load_file(j.run_dir / "pytorch_lora_weights.safetensors") for j in (stopped, whole))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    (stopped.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=stopped.cmd + ["--x"])))
+    assert compare.resumable(stopped) is None  # another command's checkpoint: not continued
 
 
 def test_rl_stage_smoke_runs_end_to_end(tmp_path, monkeypatch):
