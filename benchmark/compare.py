@@ -64,7 +64,8 @@ docs/benchmark). Output in benchmark/results/<stage> (smoke: benchmark/results/s
 Runs go to `--out`/runs/{comparison}/{algorithm}__s{seed} (the sweep: runs/sweep/{algorithm}__lr{rate}__s{seed});
 a run whose directory holds a finished run of the same command is skipped (so a rerun resumes), `--fresh` redoes
 them; an RL stage's runs save a checkpoint with every sample grid, and a run stopped midway continues from its last
-one (`--resume`: the same result, the scripts resume bit-exactly). Jobs run with OMP_NUM_THREADS=1, `--jobs` at a time (default 1).
+one (`--resume`: the same result, the scripts resume bit-exactly). Jobs run with OMP_NUM_THREADS=1, `--jobs` at a
+time (default 1).
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ def main(argv=None):
     base = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned = common.load_pipeline(args["model"], 0, "cpu", torch.float32)
     tuned.load_lora_weights(str(a.run_dir))  # as shapes.evaluate --lora-dir does
-    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, eta=a.eta, seeds=a.samples_per_prompt,
+    result = dict(run_dir=str(a.run_dir), num_inference_steps=T, guidance_scale=w, eta=a.eta,
+                  seeds=a.samples_per_prompt,
                   heldout_seeds=a.heldout_samples_per_prompt or a.samples_per_prompt)
     train = data.TRAIN_PROMPTS if a.prompt_file is None else common.load_prompts(None, str(a.prompt_file), None)
     result["prompts"] = train
