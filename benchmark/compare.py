@@ -5,8 +5,8 @@ rate chosen on a validation split: one command.
     python benchmark/compare.py --smoke         # the whole pipeline on `--model tiny` in a few minutes
     python benchmark/compare.py --report-only   # redraw tables and plots from the runs already there
     python benchmark/compare.py --model tiny-shapes-flow --comparisons alignment --lr ... --out DIR  # flow rows
-    python benchmark/compare.py --stage rl-jpeg --jobs 2        # the RL scripts' learning curves: about 2.5 h
-    python benchmark/compare.py --stage rl-alignment --jobs 2   # (estimates, docs/benchmark/rl.md)
+    python benchmark/compare.py --stage rl-jpeg --jobs 2        # the RL scripts' learning curves: about 2.7 h
+    python benchmark/compare.py --stage rl-alignment --jobs 2   # (measured on rl-jpeg: docs/benchmark/rl.md)
 
 Three stages, in this order:
 
@@ -56,7 +56,7 @@ split. Learning rates: by default the table STAGE_LR, the rates the main compari
 1e-5 is the sweep's lower limit, "chosen" there because nothing moved at any rate, not because it learned. With
 `--stage-sweep` stage 1 runs instead, at the stage's budget on the validation split with one seed, and the stage
 uses its choices: 4 rates × 4 scripts plus any widening, about 3-4 h with `--jobs 2` on an idle machine (0.8 s
-per query at T = 20, RWR about half: estimates), before the stage's own ~2.5 h. `--lr` still fixes single rates. The
+per query at T = 20, RWR about half: estimates), before the stage's own ~2.7 h. `--lr` still fixes single rates. The
 report adds a claims table (DDPO-IS vs DDPO-SF, DDPO vs RWR, GRPO vs DDPO-IS, and per reward query against the
 gradient scripts of the main comparison on the same task when its summary.json is at hand: benchmark/results or
 docs/benchmark). Output in benchmark/results/<stage> (smoke: benchmark/results/smoke-<stage>).
