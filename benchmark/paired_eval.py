@@ -14,10 +14,10 @@ differences, the standard error of the mean change (std / √n), and the change 
 2 and 3), whose difference is a second, model-free look at the noise. A rise "clearly beyond the noise" is one of
 several standard errors that both seed halves agree on.
 
-An RL run trained on its stochastic sampler and on another reward, e.g. the RL quickstart (DDPO-IS on JPEG
-incompressibility), is scored on what it optimised: `--rewards jpeg_incompressibility --eta 1` draws both models'
-images with DDIM η = 1 from the same seeds (the same initial noise and the same per-step noise), so the change is still
-paired per image.
+An RL run trained on its stochastic sampler and on another reward (e.g. docs/benchmark/rl.md section 6's DDPO-IS
+runs on JPEG incompressibility) is scored on what it optimised: `--rewards jpeg_incompressibility shapes_alignment
+--eta 1` draws both models' images with DDIM η = 1 from the same seeds (the same initial noise and the same per-step
+noise), so the change is still paired per image. Each of --rewards is a reward spec as the scripts' --reward takes.
 """
 
 from __future__ import annotations
@@ -67,15 +67,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--prompt-file", type=Path, help="score these captions instead of the 96 training captions")
     p.add_argument("--heldout-samples-per-prompt", type=int, help="seeds per held-out caption (default: as above)")
-    p.add_argument("--rewards", default=",".join(REWARDS), help="comma-separated reward names (default: %(default)s)")
+    p.add_argument("--rewards", nargs="+", default=list(REWARDS), metavar="SPEC",
+                   help="rewards to score, each a spec as the scripts' --reward (default: %(default)s)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η of both models' sampler (default 0, as "
                    "shapes.evaluate; 1: the RL scripts' sampler)")
     a = p.parse_args(argv)
-    names = tuple(n.strip() for n in a.rewards.split(",") if n.strip())
-    unknown = [n for n in names if n not in rewards.REWARDS]
-    if not names or unknown or a.eta < 0:
-        p.error(f"--rewards: unknown {', '.join(unknown)} (one of {', '.join(rewards.REWARDS)})" if unknown
-                else "--rewards: give at least one reward" if not names else f"--eta {a.eta:g}: must be >= 0")
+    for spec in a.rewards:
+        try:
+            rewards.parse(spec)  # loads nothing
+        except rewards.RewardSpecError as e:
+            p.error(f"--rewards {spec}: {e}")
+    if a.eta < 0:
+        p.error(f"--eta {a.eta:g}: must be >= 0")
+    names = tuple(a.rewards)
     torch.set_num_threads(a.threads)
     from shapes import data
 

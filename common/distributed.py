@@ -15,6 +15,7 @@ Backend: NCCL on GPUs, gloo on the CPU.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -44,6 +45,9 @@ def setup_distributed() -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        # torch asks for destroy_process_group() before exit: left to the interpreter's teardown, the group's
+        # threads were sometimes destroyed while running ("terminate called without an active exception", SIGABRT)
+        atexit.register(cleanup)
     return World(dist.get_rank(), dist.get_world_size())
 
 

@@ -469,7 +469,8 @@ def test_paired_eval_of_an_rl_run_pairs_its_stochastic_sampler(tmp_path, capsys)
                   eta0=paired_eval.images_scores(pipe, ["a red circle on a blue background"], 1, 2, 7.5,
                                                  ("jpeg_incompressibility",), 0.0))
     assert not torch.equal(images["eta1"]["jpeg_incompressibility"], images["eta0"]["jpeg_incompressibility"])
-    for bad, message in ((["--rewards", "jpeg_size"], "unknown jpeg_size"), (["--eta", "-1"], "must be >= 0")):
+    for bad, message in ((["--rewards", "jpeg_size"], "--rewards jpeg_size: unknown reward"),
+                         (["--eta", "-1"], "--eta -1: must be >= 0")):
         with pytest.raises(SystemExit) as e:
             paired_eval.main([str(run), *bad])
         assert e.value.code == 2 and message in capsys.readouterr().err
