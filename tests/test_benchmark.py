@@ -441,9 +441,9 @@ def test_paired_eval_scores_a_prompt_file_and_fewer_heldout_seeds(tmp_path, monk
 
 
 def test_paired_eval_of_an_rl_run_pairs_its_stochastic_sampler(tmp_path, capsys):
-    """--eta 1 --rewards ...: the RL quickstart's evaluation. The same seeds fix the per-step noise too, so a LoRA of
-    zeros (the model unchanged) gives a change of exactly 0 on every image, although η = 1 draws other images than
-    η = 0; a bad reward name or η is one line, not a traceback."""
+    """--eta 1 --rewards ...: an RL run scored on its own sampler (rl.md section 6). The same seeds fix the per-step
+    noise too, so a LoRA of zeros (the model unchanged) gives a change of exactly 0 on every image, although η = 1
+    draws other images than η = 0; a bad reward spec or η is one line, not a traceback."""
     import json
 
     import torch
