@@ -74,6 +74,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -139,6 +140,8 @@ class Comparison:
     # an RL stage: each run saves a checkpoint with every sample grid, so that a stopped invocation resumes a run
     # from its last grid instead of redoing it (a stage's runs take half an hour; the main comparison's, minutes)
     checkpoints: bool = False
+    # algorithm -> further flags of its script in every run (--script-flags), e.g. rwr: ["--beta", "20"]
+    script_flags: dict = field(default_factory=dict)
 
     def reward(self, algo: str) -> str:
         return self.rl_reward if algo in RL else self.grad_reward
@@ -235,6 +238,9 @@ def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]
             for algo in c.algorithms:
                 for lr in c.lr.get(algo, []):
                     flags, steps, per_update, settings = script_settings(c, algo, lr)
+                    if c.script_flags.get(algo):
+                        flags = flags + c.script_flags[algo]
+                        settings = settings | dict(flags=" ".join(c.script_flags[algo]))
                     name = f"{algo}__lr{lr:g}__s{seed}" if c.sweep else f"{algo}__s{seed}"
                     run_dir = out / "runs" / c.name / name
                     sample_every = max(1, steps // c.evals_per_run) if c.evals_per_run else steps
@@ -559,6 +565,7 @@ def comparisons(a) -> tuple[Comparison, list[Comparison]]:
                           "num_sample_images": 2, "claims_against": None})
     for c in [sweep, *chosen]:
         c.algorithms = tuple(x for x in ALGORITHMS if x in a.algorithms)
+        c.script_flags = dict(a.script_flags)
     if a.sweep_seed in sweep.seeds and a.sweep_seed in main.seeds:
         raise SystemExit(f"--sweep-seed {a.sweep_seed} is also a seed of the final table: choose another")
     return sweep, chosen
@@ -601,6 +608,30 @@ def _algo_rate(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--lr {text}: expected ALGORITHM=RATE, e.g. draft=1e-3") from None
 
 
+# flags a run's command sets itself (plan, script_settings): --script-flags may not override them
+OWN_FLAGS = {"--model", "--reward", "--prompt-file", "--num-inference-steps", "--guidance-scale", "--batch-size",
+             "--sample-batch-size", "--train-batch-size", "--num-minibatches", "--num-epochs", "--images-per-prompt",
+             "--clip-range", "--group-size", "--k", "--num-copies", "--max-step", "--truncation", "--learning-rate",
+             "--steps", "--seed", "--eta", "--sample-every", "--num-sample-images", "--save-every", "--output-dir",
+             "--resume"}
+
+
+def _algo_flags(text: str) -> tuple[str, list[str]]:
+    algo, sep, flags = text.partition("=")
+    if algo not in ALGORITHMS or not sep:
+        raise argparse.ArgumentTypeError(f"--script-flags {text}: expected ALGORITHM=FLAGS with ALGORITHM one of "
+                                         f"{', '.join(ALGORITHMS)}, e.g. rwr='--beta 20'")
+    try:
+        words = shlex.split(flags)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--script-flags {text}: {e}") from None
+    own = [w.partition("=")[0] for w in words if w.partition("=")[0] in OWN_FLAGS]
+    if own:
+        raise argparse.ArgumentTypeError(f"--script-flags {text}: {', '.join(own)} is set by the benchmark itself "
+                                         "(use --lr for the learning rate)")
+    return algo, words
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmark/results, "
@@ -639,9 +670,13 @@ def parse_args(argv=None):
                    "then chooses nothing)")
     p.add_argument("--no-fork-server", action="store_true", help="start every run in a fresh interpreter instead of "
                    "forking it from a server with torch and diffusers already imported")
+    p.add_argument("--script-flags", type=_algo_flags, nargs="+", default=[], metavar="ALGORITHM=FLAGS",
+                   help="further flags for one script's runs, e.g. rwr='--beta 20' (recorded in each run's command "
+                   "and the report's configuration table; the flags the benchmark sets are refused)")
     p.add_argument("--comparisons", nargs="+", default=["alignment", "jpeg"], choices=["alignment", "jpeg"])
     p.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=ALGORITHMS)
     a = p.parse_args(argv)
+    a.script_flags = dict(a.script_flags)  # later entries for one algorithm win
     stage = a.stage != "all"
     if stage:
         if a.algorithms == p.get_default("algorithms"):

@@ -157,7 +157,8 @@ def _config_table(c, jobs) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for algo, j in seen.items():
         e = j.extra
-        batch = e["batch"] + (f"; clip range {e['clip_range']:.3g}" if "clip_range" in e else "")
+        batch = e["batch"] + (f"; clip range {e['clip_range']:.3g}" if "clip_range" in e else "") \
+            + (f"; `{e['flags']}`" if "flags" in e else "")
         lines.append(f"| {_label(algo)} | `{algo}.py` | `{e['reward']}` | {batch} | {e['steps']} | {e['lr']:g} | "
                      f"{e['T']} | {e['w']:g} | {e['budget']} |")
     return lines

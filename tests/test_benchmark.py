@@ -551,7 +551,31 @@ def test_rl_stage_plans_the_rl_scripts_at_2048_queries_with_8_grids_and_fixed_ra
     assert [c.name for c in compare.comparisons(a)[1]] == ["alignment", "jpeg"]
 
 
+def test_script_flags_reach_one_scripts_runs_and_the_configuration_table(tmp_path):
+    (tmp_path / "p.txt").write_text("a red circle on a blue background\n")
+    a = compare.parse_args(["--stage", "rl-jpeg", "--algorithms", "ddpo_sf", "rwr", "--lr", "ddpo_sf=3e-3",
+                            "--script-flags", "rwr=--beta 20 --sparse", "--seeds", "0", "--out", str(tmp_path)])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {x: [r] for x, r in dict(a.lr).items()}
+    jobs = {j.algorithm: j for j in compare.plan([c], tmp_path, {"shapes": tmp_path / "p.txt"})}
+    rwr, sf = jobs["rwr"].cmd, jobs["ddpo_sf"].cmd
+    i = rwr.index("--beta")
+    assert rwr[i : i + 3] == ["--beta", "20", "--sparse"] and "--beta" not in sf
+    assert sf[sf.index("--learning-rate") + 1] == "0.003"
+    assert any("`--beta 20 --sparse`" in line for line in report._config_table(c, list(jobs.values())))
+    # the script itself accepts what the benchmark passes (its own parser, not a copy of it)
+    import common
+    import rwr as rwr_script
+
+    args = common.cli(rwr_script.Args, rwr[1:])
+    assert args.beta == 20 and args.sparse and args.learning_rate == 1e-5
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--script-flags", "rwr=--learning-rate 1"], "--learning-rate is set by the benchmark itself"),
+    (["--script-flags", "rwr=--output-dir=/tmp/x"], "--output-dir is set by the benchmark itself"),
+    (["--script-flags", "dpo=--beta 1"], "expected ALGORITHM=FLAGS"),
+    (["--script-flags", "rwr=--beta '2"], "No closing quotation"),
     (["--stage", "rl-jpeg", "--algorithms", "draft", "grpo"], "RL scripts only"),
     (["--stage-sweep"], "RL stage only"),
     (["--stage", "rl-alignment", "--evals-per-run", "0"], "at least 1"),
