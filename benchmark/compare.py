@@ -56,7 +56,8 @@ split. Learning rates: by default the table STAGE_LR, the rates the main compari
 1e-5 is the sweep's lower limit, "chosen" there because nothing moved at any rate, not because it learned. With
 `--stage-sweep` stage 1 runs instead, at the stage's budget on the validation split with one seed, and the stage
 uses its choices: 4 rates × 4 scripts plus any widening, about 3-4 h with `--jobs 2` on an idle machine (0.8 s
-per query at T = 20, RWR about half: estimates), before the stage's own ~2.7 h. `--lr` still fixes single rates. The
+per query at T = 20, RWR about half: estimates), before the stage's own ~2.7 h. `--lr` still fixes single rates;
+`--script-flags ALGO=FLAGS` passes a script further flags (e.g. rwr='--beta 20'), recorded in its command. The
 report adds a claims table (DDPO-IS vs DDPO-SF, DDPO vs RWR, GRPO vs DDPO-IS, and per reward query against the
 gradient scripts of the main comparison on the same task when its summary.json is at hand: benchmark/results or
 docs/benchmark). Output in benchmark/results/<stage> (smoke: benchmark/results/smoke-<stage>).
