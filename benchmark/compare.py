@@ -239,22 +239,29 @@ def plan(comparisons: list[Comparison], out: Path, prompt_files: dict[str, Path]
             for algo in c.algorithms:
                 for lr in c.lr.get(algo, []):
                     flags, steps, per_update, settings = script_settings(c, algo, lr)
-                    if c.script_flags.get(algo):
-                        flags = flags + c.script_flags[algo]
-                        settings = settings | dict(flags=" ".join(c.script_flags[algo]))
                     name = f"{algo}__lr{lr:g}__s{seed}" if c.sweep else f"{algo}__s{seed}"
                     run_dir = out / "runs" / c.name / name
                     sample_every = max(1, steps // c.evals_per_run) if c.evals_per_run else steps
                     # checkpoints fall between sampled batches (the RL scripts require it): a whole number of them
                     per_batch = round(c.rl_batch / per_update) if algo in RL else 1
                     save_every = max(per_batch, sample_every // per_batch * per_batch) if c.checkpoints else 0
+                    extra = c.script_flags.get(algo, [])
                     cmd = [f"{algo}.py", "--model", c.model, "--reward", c.reward(algo),
                            "--prompt-file", str(prompt_files[c.prompts]),
                            "--num-inference-steps", str(c.num_inference_steps),
-                           "--guidance-scale", f"{c.guidance_scale:g}", *flags, "--seed", str(seed),
+                           "--guidance-scale", f"{c.guidance_scale:g}", *flags, *extra, "--seed", str(seed),
                            *(["--eta", f"{c.rl_eta:g}"] if algo in RL and c.rl_eta != 1.0 else []),
                            "--sample-every", str(sample_every), "--num-sample-images", str(c.num_sample_images),
                            "--save-every", str(save_every), "--output-dir", str(run_dir)]
+                    # --script-flags: never over a flag the run's own command sets (or --resume)
+                    names = [w.partition("=")[0] for w in extra if w.startswith("--")]
+                    given = [w.partition("=")[0] for w in cmd if w.startswith("--")]
+                    clash = sorted({n for n in names if n == "--resume" or given.count(n) > names.count(n)})
+                    if clash:
+                        raise SystemExit(f"--script-flags {algo}: {', '.join(clash)} is set by the benchmark "
+                                         "itself (use --lr for the learning rate)")
+                    if extra:
+                        settings = settings | dict(flags=" ".join(extra))
                     jobs.append(Job(c, algo, seed, lr, run_dir, cmd, steps, per_update, settings))
     order = {c.name: i for i, c in enumerate(comparisons)}
     return sorted(jobs, key=lambda j: (j.seed, order[j.comparison.name]))  # stable: algorithm order kept
@@ -609,14 +616,6 @@ def _algo_rate(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"--lr {text}: expected ALGORITHM=RATE, e.g. draft=1e-3") from None
 
 
-# flags a run's command sets itself (plan, script_settings): --script-flags may not override them
-OWN_FLAGS = {"--model", "--reward", "--prompt-file", "--num-inference-steps", "--guidance-scale", "--batch-size",
-             "--sample-batch-size", "--train-batch-size", "--num-minibatches", "--num-epochs", "--images-per-prompt",
-             "--clip-range", "--group-size", "--k", "--num-copies", "--max-step", "--truncation", "--learning-rate",
-             "--steps", "--seed", "--eta", "--sample-every", "--num-sample-images", "--save-every", "--output-dir",
-             "--resume"}
-
-
 def _algo_flags(text: str) -> tuple[str, list[str]]:
     algo, sep, flags = text.partition("=")
     if algo not in ALGORITHMS or not sep:
@@ -626,10 +625,6 @@ def _algo_flags(text: str) -> tuple[str, list[str]]:
         words = shlex.split(flags)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"--script-flags {text}: {e}") from None
-    own = [w.partition("=")[0] for w in words if w.partition("=")[0] in OWN_FLAGS]
-    if own:
-        raise argparse.ArgumentTypeError(f"--script-flags {text}: {', '.join(own)} is set by the benchmark itself "
-                                         "(use --lr for the learning rate)")
     return algo, words
 
 

@@ -571,9 +571,21 @@ def test_script_flags_reach_one_scripts_runs_and_the_configuration_table(tmp_pat
     assert args.beta == 20 and args.sparse and args.learning_rate == 1e-5
 
 
+@pytest.mark.parametrize("flags, message", [
+    ("rwr=--learning-rate 1", "--learning-rate is set by the benchmark itself"),
+    ("rwr=--output-dir=/tmp/x", "--output-dir is set by the benchmark itself"),
+    ("rwr=--resume /tmp/x", "--resume is set by the benchmark itself"),
+])
+def test_script_flags_never_override_the_runs_own_flags(flags, message, tmp_path):
+    a = compare.parse_args(["--stage", "rl-jpeg", "--script-flags", flags, "--out", str(tmp_path)])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {x: [r] for x, r in dict(a.lr).items()}
+    with pytest.raises(SystemExit) as e:
+        compare.plan([c], tmp_path, {"shapes": tmp_path / "p.txt"})
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--script-flags", "rwr=--learning-rate 1"], "--learning-rate is set by the benchmark itself"),
-    (["--script-flags", "rwr=--output-dir=/tmp/x"], "--output-dir is set by the benchmark itself"),
     (["--script-flags", "dpo=--beta 1"], "expected ALGORITHM=FLAGS"),
     (["--script-flags", "rwr=--beta '2"], "No closing quotation"),
     (["--stage", "rl-jpeg", "--algorithms", "draft", "grpo"], "RL scripts only"),
