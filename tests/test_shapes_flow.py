@@ -108,6 +108,8 @@ def alignment():
 # rises); the margin is half the smallest gain, rounded down:
 #     draft  +2.81  +2.44  +0.43   (before −4.12)   margin 0.2    ~15 s of CPU each
 #     grpo   +0.37  +0.39  +0.30                     margin 0.15   ~60 s
+# GRPO trained on the reversed reward (shapes_alignment:-1), seeds 0, 1, 2: −0.30, −1.74, +0.13, below its margin: the
+# test fails when GRPO's reward is reversed (on `tiny` it did not: tests/test_learning.py's docstring).
 # 10 steps (Flow-GRPO's training count): at 6 the base model's ODE draws blobs of the wrong colours (−15.0; 10 steps
 # −4.12, 20 steps −3.70). Tried before these (seeds 0, 1, 2): DRaFT-1 lr 3e-3 batch 2, +1.71 / −2.19 / −10.83 (too
 # fast); lr 1e-3 batch 2, +0.19 / +0.54 / +2.37. GRPO with Flow-GRPO's noise level a = 0.7, lr 1e-3: +0.99 / −0.07 /
