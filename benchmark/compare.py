@@ -369,13 +369,16 @@ def _run(cmd: list[str], log: Path, fork: bool) -> int:
         return subprocess.call([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
 
 
-def _call(cmd: list[str], log: Path, fork: bool = True, attempts: int = 4) -> float:
-    """Run the script command `cmd` (["draft.py", "--flag", ...]) as `python *cmd` would, from the repository root,
-    output appended to `log`; retried on failure (the scripts may be edited while the benchmark runs). With
-    `fork`, in a process forked from a server that has the third-party libraries imported (saves 10-20 s of
-    imports per run here); otherwise in a fresh interpreter. Returns the wall time of the successful attempt."""
+def _call(command, log: Path, fork: bool = True, attempts: int = 4) -> float:
+    """Run the script command (["draft.py", "--flag", ...]) as `python *cmd` would, from the repository root, output
+    appended to `log`; retried on failure (the scripts may be edited while the benchmark runs). `command` is the
+    command or a function that returns it, called before every attempt (a retry then continues from what the failed
+    attempt left). With `fork`, in a process forked from a server that has the third-party libraries imported (saves
+    10-20 s of imports per run here); otherwise in a fresh interpreter. Returns the wall time of the successful
+    attempt."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
+        cmd = command() if callable(command) else command
         t0 = time.time()
         with open(log, "a") as f:
             f.write(f"\n$ python {' '.join(cmd)}   # attempt {attempt}\n")
@@ -401,15 +404,26 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
     log = out / "logs" / c.name / f"{job.run_dir.name}.log"
     done = []
     if fresh or not run_finished(job):
-        resume = None if fresh else resumable(job)
-        if job.run_dir.exists() and resume is None:
-            shutil.rmtree(job.run_dir)
-        job.run_dir.mkdir(parents=True, exist_ok=True)
-        (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd), indent=2))  # started, not finished
-        with lock:
-            print(f"[{time.strftime('%H:%M:%S')}] train {c.name}/{job.algorithm} lr {job.lr:g} seed {job.seed}: "
-                  + (f"resumed at update {resume[0]} of {job.steps}" if resume else f"{job.steps} updates"), flush=True)
-        wall = _call(job.cmd + (["--resume", str(job.run_dir)] if resume else []), log, fork)
+        resume, tries = None, 0
+
+        def start() -> list[str]:
+            """Before every attempt: continue from this command's newest checkpoint (on the first attempt unless
+            --fresh; on a retry, the one the failed attempt left), else start in an emptied run directory (a failed
+            attempt's metrics would make the script refuse it)."""
+            nonlocal resume, tries
+            resume = None if fresh and tries == 0 else resumable(job)
+            tries += 1
+            if job.run_dir.exists() and resume is None:
+                shutil.rmtree(job.run_dir)
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            (job.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=job.cmd), indent=2))  # started
+            with lock:
+                print(f"[{time.strftime('%H:%M:%S')}] train {c.name}/{job.algorithm} lr {job.lr:g} seed {job.seed}: "
+                      + (f"resumed at update {resume[0]} of {job.steps}" if resume else f"{job.steps} updates"),
+                      flush=True)
+            return job.cmd + (["--resume", str(job.run_dir)] if resume else [])
+
+        wall = _call(start, log, fork)
         # a resumed run's wall time: this invocation's plus the training seconds its log holds up to the checkpoint
         # (the stopped invocation's start-up is not counted)
         info = dict(cmd=job.cmd, wall_seconds=round(wall + (resume[1] if resume else 0.0), 2),

@@ -731,6 +731,59 @@ def test_a_stopped_stage_run_resumes_from_its_last_checkpoint_to_the_same_lora(t
     assert compare.resumable(stopped) is None  # another command's checkpoint: not continued
 
 
+def test_a_failed_attempt_is_retried_from_what_it_left(tmp_path, monkeypatch):
+    """A stage run whose process dies is retried: before its first checkpoint in an emptied run directory (the failed
+    attempt's metrics.jsonl made the script refuse the directory, exit 2, when a GRPO run was killed at update 55 of
+    512), after it from that checkpoint with --resume; either way the LoRA equals an uninterrupted run's, bit for
+    bit."""
+    import importlib
+    import threading
+
+    import torch
+    from safetensors.torch import load_file
+
+    import common
+
+    calls = []
+
+    def in_process(cmd, log, fork):  # the first attempt of a run dies as `die` says; the rest run
+        calls.append(cmd)
+        run_dir = Path(cmd[cmd.index("--output-dir") + 1])
+        if die and len(calls) == 1:
+            if die == "before the first checkpoint":  # what a process killed before it leaves
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "metrics.jsonl").write_text(json.dumps(dict(step=1)) + "\n")
+                return 143
+            cmd = list(cmd)
+            cmd[cmd.index("--steps") + 1] = cmd[cmd.index("--save-every") + 1]  # dies after its first checkpoint
+            module = importlib.import_module(cmd[0].removesuffix(".py"))
+            module.main(common.cli(module.Args, cmd[1:]))
+            return 143
+        module = importlib.import_module(cmd[0].removesuffix(".py"))
+        module.main(common.cli(module.Args, cmd[1:]))
+        return 0
+
+    monkeypatch.setattr(compare, "_run", in_process)
+    monkeypatch.setattr(compare.time, "sleep", lambda seconds: None)
+    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--seeds", "0", "--algorithms", "ddpo_is",
+                            "--out", str(tmp_path)])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {"ddpo_is": [1e-2]}
+    prompts = {c.prompts: compare.training_prompt_file(c.prompts, tmp_path)}
+    locks = threading.Lock(), threading.Lock()
+    loras = {}
+    for die in (None, "before the first checkpoint", "after the first checkpoint"):
+        calls.clear()
+        job, = compare.plan([c], tmp_path / str(die), prompts)
+        assert compare.execute(job, tmp_path, False, *locks, skip_eval=True, fork=False).startswith("trained")
+        assert len(calls) == (1 if die is None else 2) and compare.run_finished(job)
+        assert ("--resume" in calls[-1]) == (die == "after the first checkpoint"), calls[-1]
+        loras[die] = load_file(job.run_dir / "pytorch_lora_weights.safetensors")
+    whole = loras.pop(None)
+    for lora in loras.values():
+        assert lora.keys() == whole.keys() and all(torch.equal(lora[k], whole[k]) for k in whole)
+
+
 def test_rl_stage_smoke_runs_end_to_end(tmp_path, monkeypatch):
     """`compare.py --stage rl-jpeg --smoke`, cut to two scripts and one seed so that it takes well under a minute:
     the stage's command lines run, are evaluated and reported."""
