@@ -81,6 +81,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,16 +370,15 @@ def _run(cmd: list[str], log: Path, fork: bool) -> int:
         return subprocess.call([sys.executable, *cmd], cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
 
 
-def _call(command, log: Path, fork: bool = True, attempts: int = 4) -> float:
-    """Run the script command (["draft.py", "--flag", ...]) as `python *cmd` would, from the repository root, output
-    appended to `log`; retried on failure (the scripts may be edited while the benchmark runs). `command` is the
-    command or a function that returns it, called before every attempt (a retry then continues from what the failed
-    attempt left). With `fork`, in a process forked from a server that has the third-party libraries imported (saves
-    10-20 s of imports per run here); otherwise in a fresh interpreter. Returns the wall time of the successful
-    attempt."""
+def _call(command: Callable[[], list[str]], log: Path, fork: bool = True, attempts: int = 4) -> float:
+    """Run the script command that `command()` returns (["draft.py", "--flag", ...]) as `python *cmd` would, from the
+    repository root, output appended to `log`; retried on failure (the scripts may be edited while the benchmark
+    runs), `command()` called again before every attempt so that a retry continues from what the failed one left.
+    With `fork`, in a process forked from a server that has the third-party libraries imported (saves 10-20 s of
+    imports per run here); otherwise in a fresh interpreter. Returns the wall time of the successful attempt."""
     log.parent.mkdir(parents=True, exist_ok=True)
     for attempt in range(1, attempts + 1):
-        cmd = command() if callable(command) else command
+        cmd = command()
         t0 = time.time()
         with open(log, "a") as f:
             f.write(f"\n$ python {' '.join(cmd)}   # attempt {attempt}\n")
@@ -404,15 +404,16 @@ def execute(job: Job, out: Path, fresh: bool, lock: threading.Lock, eval_lock: t
     log = out / "logs" / c.name / f"{job.run_dir.name}.log"
     done = []
     if fresh or not run_finished(job):
-        resume, tries = None, 0
+        if fresh and job.run_dir.exists():
+            shutil.rmtree(job.run_dir)
+        resume = None
 
         def start() -> list[str]:
-            """Before every attempt: continue from this command's newest checkpoint (on the first attempt unless
-            --fresh; on a retry, the one the failed attempt left), else start in an emptied run directory (a failed
-            attempt's metrics would make the script refuse it)."""
-            nonlocal resume, tries
-            resume = None if fresh and tries == 0 else resumable(job)
-            tries += 1
+            """Before every attempt: continue from this command's newest checkpoint (on a retry, the one the failed
+            attempt left), else start in an emptied run directory (a failed attempt's metrics would make the script
+            refuse it)."""
+            nonlocal resume
+            resume = resumable(job)
             if job.run_dir.exists() and resume is None:
                 shutil.rmtree(job.run_dir)
             job.run_dir.mkdir(parents=True, exist_ok=True)

@@ -681,33 +681,40 @@ def test_rl_stage_report_has_curves_claims_and_the_gradient_reference(tmp_path, 
     assert "Per reward query against the gradient scripts: not in this stage" in (tmp_path / "summary.md").read_text()
 
 
+def script_in_process(cmd: list[str]) -> int:
+    """`compare._run` for the stage tests: the script command run in this process, parsed by the script's own
+    command line parser (the smoke test below runs the scripts as subprocesses)."""
+    import importlib
+
+    import common
+
+    module = importlib.import_module(cmd[0].removesuffix(".py"))
+    module.main(common.cli(module.Args, cmd[1:]))
+    return 0
+
+
+def smoke_stage_of_ddpo_is(tmp_path):
+    """The rl-jpeg stage's smoke comparison cut to DDPO-IS at 1e-2 and seed 0, and its prompt files."""
+    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--seeds", "0", "--algorithms", "ddpo_is",
+                            "--out", str(tmp_path)])
+    _, (c,) = compare.comparisons(a)
+    c.lr = {"ddpo_is": [1e-2]}
+    return c, {c.prompts: compare.training_prompt_file(c.prompts, tmp_path)}
+
+
 def test_a_stopped_stage_run_resumes_from_its_last_checkpoint_to_the_same_lora(tmp_path, monkeypatch):
     """An RL stage's run checkpoints with every grid; stopped midway (here: its command cut to the first grid's
     updates), the next invocation continues it with --resume and ends on the LoRA an uninterrupted run writes, bit
-    for bit. A run left by another command is redone from scratch. (The scripts run in this process, parsed by
-    their own command line parser: the smoke test below runs them as subprocesses.)"""
-    import importlib
+    for bit. A run left by another command is redone from scratch."""
     import threading
 
     import torch
     from safetensors.torch import load_file
 
-    import common
-
-    def in_process(cmd, log, fork):
-        module = importlib.import_module(cmd[0].removesuffix(".py"))
-        module.main(common.cli(module.Args, cmd[1:]))
-        return 0
-
-    monkeypatch.setattr(compare, "_run", in_process)
-
-    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--seeds", "0", "--algorithms", "ddpo_is",
-                            "--out", str(tmp_path)])
-    _, (c,) = compare.comparisons(a)
-    c.lr = {"ddpo_is": [1e-2]}
-    prompts = compare.training_prompt_file(c.prompts, tmp_path)
-    whole, = compare.plan([c], tmp_path / "whole", {c.prompts: prompts})
-    stopped, = compare.plan([c], tmp_path / "stopped", {c.prompts: prompts})
+    monkeypatch.setattr(compare, "_run", lambda cmd, log, fork: script_in_process(cmd))
+    c, prompts = smoke_stage_of_ddpo_is(tmp_path)
+    whole, = compare.plan([c], tmp_path / "whole", prompts)
+    stopped, = compare.plan([c], tmp_path / "stopped", prompts)
     flag = lambda cmd, name: cmd[cmd.index(name) + 1]
     half = int(flag(stopped.cmd, "--save-every"))
     assert c.checkpoints and half == stopped.steps // 2 == int(flag(stopped.cmd, "--sample-every"))
@@ -718,7 +725,7 @@ def test_a_stopped_stage_run_resumes_from_its_last_checkpoint_to_the_same_lora(t
     (stopped.run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=stopped.cmd)))  # what execute() writes first
     cut = list(stopped.cmd)
     cut[cut.index("--steps") + 1] = str(half)  # the run as far as its first checkpoint
-    compare._call(cut, tmp_path / "cut.log", fork=False)
+    compare._call(lambda: cut, tmp_path / "cut.log", fork=False)
     assert compare.resumable(stopped)[0] == half and not compare.run_finished(stopped)
     what = compare.execute(stopped, tmp_path, False, *locks, skip_eval=True, fork=False)
     info = json.loads((stopped.run_dir / "bench_run.json").read_text())
@@ -736,40 +743,30 @@ def test_a_failed_attempt_is_retried_from_what_it_left(tmp_path, monkeypatch):
     attempt's metrics.jsonl made the script refuse the directory, exit 2, when a GRPO run was killed at update 55 of
     512), after it from that checkpoint with --resume; either way the LoRA equals an uninterrupted run's, bit for
     bit."""
-    import importlib
     import threading
 
     import torch
     from safetensors.torch import load_file
 
-    import common
-
     calls = []
 
     def in_process(cmd, log, fork):  # the first attempt of a run dies as `die` says; the rest run
         calls.append(cmd)
-        run_dir = Path(cmd[cmd.index("--output-dir") + 1])
-        if die and len(calls) == 1:
-            if die == "before the first checkpoint":  # what a process killed before it leaves
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "metrics.jsonl").write_text(json.dumps(dict(step=1)) + "\n")
-                return 143
-            cmd = list(cmd)
-            cmd[cmd.index("--steps") + 1] = cmd[cmd.index("--save-every") + 1]  # dies after its first checkpoint
-            module = importlib.import_module(cmd[0].removesuffix(".py"))
-            module.main(common.cli(module.Args, cmd[1:]))
+        if not die or len(calls) > 1:
+            return script_in_process(cmd)
+        if die == "before the first checkpoint":  # what a process killed before it leaves
+            run_dir = Path(cmd[cmd.index("--output-dir") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "metrics.jsonl").write_text(json.dumps(dict(step=1)) + "\n")
             return 143
-        module = importlib.import_module(cmd[0].removesuffix(".py"))
-        module.main(common.cli(module.Args, cmd[1:]))
-        return 0
+        cut = list(cmd)
+        cut[cut.index("--steps") + 1] = cut[cut.index("--save-every") + 1]  # dies after its first checkpoint
+        script_in_process(cut)
+        return 143
 
     monkeypatch.setattr(compare, "_run", in_process)
     monkeypatch.setattr(compare.time, "sleep", lambda seconds: None)
-    a = compare.parse_args(["--stage", "rl-jpeg", "--smoke", "--seeds", "0", "--algorithms", "ddpo_is",
-                            "--out", str(tmp_path)])
-    _, (c,) = compare.comparisons(a)
-    c.lr = {"ddpo_is": [1e-2]}
-    prompts = {c.prompts: compare.training_prompt_file(c.prompts, tmp_path)}
+    c, prompts = smoke_stage_of_ddpo_is(tmp_path)
     locks = threading.Lock(), threading.Lock()
     loras = {}
     for die in (None, "before the first checkpoint", "after the first checkpoint"):
