@@ -398,12 +398,12 @@ def write(comps, jobs, out: Path, elapsed: float | None, final: bool,
           title: str = "Benchmark: eight reward fine-tuning algorithms at an equal budget of reward queries") -> dict:
     """Write lr_sweep.csv/.png, runs.csv, the plots, the grids, summary.md and summary.json from what is in the run
     directories. `comps` may start with the sweep (a comparison on the validation split)."""
-    runs_of: dict = {}  # job -> Run, finished runs only (bench_run.json is written at the end)
+    runs_of: dict = {}  # job -> Run, finished runs only (compare.py stamps bench_run.json "finished" at the end)
     rows = []
     for j in jobs:
         if (j.run_dir / "metrics.jsonl").is_file():
             run = analysis.load_run(j.run_dir, j.comparison.name, j.algorithm, j.seed, j.comparison.split)
-            if run.metrics and run.info:
+            if run.metrics and "finished" in (run.info or {}):
                 runs_of[j] = run
                 rows += analysis.csv_rows(run, j.lr)
     analysis.write_csv(rows, out / "runs.csv")

@@ -16,9 +16,9 @@ from benchmark import analysis, compare, report
 
 def write_run(run_dir: Path, queries_per_update: int, rewards: list[float], evals: dict[int, float],
               step_seconds: float = 1.0, wall: float = 10.0, final_eval: dict | None = None,
-              split: str = "test") -> Path:
-    """A run directory as a script and compare.py leave it: metrics.jsonl, eval.jsonl, bench_run.json, and the final
-    evaluation `final_eval` of `split` ({split}_eval.json)."""
+              split: str = "test", finished: bool = True) -> Path:
+    """A run directory as a script and compare.py leave it: metrics.jsonl, eval.jsonl, bench_run.json (stamped
+    "finished" unless the run was stopped), and the final evaluation `final_eval` of `split` ({split}_eval.json)."""
     run_dir.mkdir(parents=True)
     with open(run_dir / "metrics.jsonl", "w") as f:
         for i, r in enumerate(rewards, 1):
@@ -27,7 +27,8 @@ def write_run(run_dir: Path, queries_per_update: int, rewards: list[float], eval
     with open(run_dir / "eval.jsonl", "w") as f:
         for step, value in evals.items():
             f.write(json.dumps(dict(step=step, eval_reward=value, scores=[value])) + "\n")
-    (run_dir / "bench_run.json").write_text(json.dumps(dict(cmd=["x.py"], wall_seconds=wall)))
+    info = dict(cmd=["x.py"], wall_seconds=wall, finished="2026-12-07T00:00:00Z") if finished else dict(cmd=["x.py"])
+    (run_dir / "bench_run.json").write_text(json.dumps(info))
     if final_eval is not None:
         write_eval(run_dir, split, final_eval)
     return run_dir
@@ -210,6 +211,8 @@ def test_report_writes_outputs_for_partial_results(tmp_path):
         write_run(j.run_dir, int(j.queries_per_update), list(np.linspace(0, 1, j.steps)), {0: 0.0, j.steps: 1.0},
                   final_eval=dict(scores=dict(train={"jpeg_compressibility_diff": -1.0},
                                               heldout={"jpeg_compressibility_diff": -2.0}), seconds=1.0))
+    # the 4th was started and stopped: its metrics and its bench_run.json (the command only) are there, not its end
+    write_run(jobs[3].run_dir, int(jobs[3].queries_per_update), [0.0, 0.5], {0: 0.0}, finished=False)
     from benchmark import report
 
     result = report.write(comps, jobs, tmp_path, elapsed=1.0, final=False)
