@@ -93,17 +93,23 @@ SEEDS = [int(s) for s in os.environ.get("LEARNING_SEEDS", "0").split(",")]
 EVAL_PROMPTS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird"] * 2
 
 
-def evaluate(run_dir, num_steps, guidance_scale, eta):
-    """Mean reward of 16 images from fixed prompts and latents, sampled by diffusers' own pipeline."""
-    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+def mean_reward(pipe, run_dir, prompts, reward, num_steps, guidance_scale, eta=0.0):
+    """Mean `reward` of one image per prompt from fixed latents, sampled by diffusers' own pipeline `pipe` with the
+    run's LoRA loaded (run_dir None: the base model)."""
     pipe.set_progress_bar_config(disable=True)
     if run_dir is not None:
         pipe.load_lora_weights(str(run_dir))
-    latents = torch.randn(16, 4, 16, 16, generator=torch.Generator().manual_seed(1234))
-    images = pipe(EVAL_PROMPTS, latents=latents, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
+    latents = torch.randn(len(prompts), 4, 16, 16, generator=torch.Generator().manual_seed(1234))
+    images = pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=eta,
                   generator=torch.Generator().manual_seed(99), output_type="pt").images
-    return rewards.load(REWARD)(images.float(), EVAL_PROMPTS).mean().item()
+    return rewards.load(reward)(images.float(), prompts).mean().item()
+
+
+def evaluate(run_dir, num_steps, guidance_scale, eta):
+    """Mean reward of 16 images from fixed prompts and latents, on the random tiny model."""
+    pipe = StableDiffusionPipeline(**tiny_components(0), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return mean_reward(pipe, run_dir, EVAL_PROMPTS, REWARD, num_steps, guidance_scale, eta)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -134,18 +140,11 @@ RWR_MARGIN = 0.24  # see the docstring
 
 
 def alignment_on_the_testbed(run_dir, num_steps, guidance_scale):
-    """Mean shapes_alignment of 32 images of RWR_PROMPTS from fixed latents, sampled by diffusers' own pipeline with
-    the deterministic DDIM (η = 0) from the committed testbed with the run's LoRA."""
+    """Mean shapes_alignment of 32 images of RWR_PROMPTS from fixed latents, with the deterministic DDIM (η = 0),
+    from the committed testbed with the run's LoRA."""
     pipe = StableDiffusionPipeline.from_pretrained(TINY_SHAPES, safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.load_lora_weights(str(run_dir))
-    prompts = RWR_PROMPTS * 16
-    latents = torch.randn(32, 4, 16, 16, generator=torch.Generator().manual_seed(1234))
-    with torch.no_grad():
-        images = pipe(prompts, latents=latents, num_inference_steps=num_steps, guidance_scale=guidance_scale, eta=0.0,
-                      output_type="pt").images
-    return rewards.load("shapes_alignment")(images.float(), prompts).mean().item()
+    return mean_reward(pipe, run_dir, RWR_PROMPTS * 16, "shapes_alignment", num_steps, guidance_scale)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
